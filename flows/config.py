@@ -1,0 +1,104 @@
+"""PipelineConfig: every stage's settings in one typed object, built from a YAML profile.
+
+The same object is the flow's parameter, so the Prefect UI renders it as a form and a deployment's
+parameters are validated by the same rules as the CLI's.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError
+
+from tasks.base import PreftuneError, StrictModel, fingerprint
+from tasks.data import DataSettings
+from tasks.dpo import DPOSettings
+from tasks.evaluate import EvalSettings
+from tasks.models import ModelSettings
+from tasks.reward import RewardSettings
+from tasks.tracking import TrackingSettings
+
+PROFILES_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class PipelineConfig(StrictModel):
+    profile: str = "custom"
+    run_name: str | None = None  # None: <profile>-<hash of the settings>, so a re-run resumes
+    runs_dir: str = "runs"
+    data: DataSettings = Field(default_factory=DataSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    reward: RewardSettings = Field(default_factory=RewardSettings)
+    dpo: DPOSettings = Field(default_factory=DPOSettings)
+    evaluation: EvalSettings = Field(default_factory=EvalSettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+
+    def resolved_run_name(self) -> str:
+        """Same settings, same name: the run folder, checkpoints and Prefect cache are reused."""
+        if self.run_name:
+            return self.run_name
+        return f"{self.profile}-{fingerprint(self.model_dump(exclude={'run_name', 'runs_dir', 'tracking'}))}"
+
+
+def profile_names() -> list[str]:
+    return sorted(path.stem for path in PROFILES_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        content = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise PreftuneError(f"config file not found: {path}") from None
+    except yaml.YAMLError as error:
+        raise PreftuneError(f"{path}: not valid YAML ({error})") from None
+    if not isinstance(content, dict):
+        raise PreftuneError(f"{path}: expected a mapping of settings at the top level")
+    return content
+
+
+def _merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def _override(dotted: str) -> dict[str, Any]:
+    """`dpo.max_steps=5` -> {"dpo": {"max_steps": 5}}; the value is read as YAML (numbers, lists...)."""
+    key, sep, raw = dotted.partition("=")
+    if not sep or not key:
+        raise PreftuneError(f"--set expects key=value, got {dotted!r}")
+    value: Any = yaml.safe_load(raw) if raw else ""
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def describe_errors(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown setting")
+        else:
+            lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def build_config(values: dict[str, Any]) -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(values)
+    except ValidationError as error:
+        raise PreftuneError(describe_errors(error)) from None
+
+
+def load_config(profile: str = "quickstart", config_file: str | None = None, overrides: list[str] = ()) -> PipelineConfig:
+    """Profile YAML, then a user's YAML file, then `--set key=value` overrides, each over the last."""
+    if profile not in profile_names():
+        raise PreftuneError(f"unknown profile {profile!r}; choose one of {', '.join(profile_names())}")
+    values = _merge({"profile": profile}, _read_yaml(PROFILES_DIR / f"{profile}.yaml"))
+    if config_file:
+        values = _merge(values, _read_yaml(Path(config_file)))
+    for dotted in overrides:
+        values = _merge(values, _override(dotted))
+    return build_config(values)

@@ -1,0 +1,1 @@
+"""preftune tasks: each module owns one stage's settings, its plain functions and its Prefect task."""

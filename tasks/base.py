@@ -1,0 +1,69 @@
+"""Shared building blocks for the stage settings and the run directory layout."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+
+class StrictModel(BaseModel):
+    """Settings reject unknown keys, so a typo in a profile fails with the key's name."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PreftuneError(Exception):
+    """An error the user can fix (bad input, bad config): shown as one message, never retried."""
+
+
+def cache_root() -> Path:
+    """Where converted models live; shared by every run so a conversion happens once."""
+    return Path(os.environ.get("PREFTUNE_CACHE_DIR", Path.home() / ".cache" / "preftune"))
+
+
+def fingerprint(obj: object) -> str:
+    """A short stable hash of JSON-able settings, used to name run and cache folders."""
+    payload = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(payload).hexdigest()[:10]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def retry_unless_user_error(task, task_run, state) -> bool:
+    """Prefect retry condition: transient failures retry, a user's bad input or config does not."""
+    try:
+        state.result()
+    except PreftuneError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+class Workspace(BaseModel):
+    """A run's folder (`runs/<run-name>/<stage>/`). Its token is made when the folder is, and is
+    part of every cached task's inputs: delete the folder and the cached stages re-run."""
+
+    path: str
+    token: str
+
+    @classmethod
+    def open(cls, path: Path) -> "Workspace":
+        path.mkdir(parents=True, exist_ok=True)
+        token_file = path / ".workspace-token"
+        if not token_file.exists():
+            token_file.write_text(uuid.uuid4().hex)
+        return cls(path=str(path.resolve()), token=token_file.read_text().strip())
+
+    def stage(self, name: str) -> Path:
+        return Path(self.path) / name

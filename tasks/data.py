@@ -1,0 +1,336 @@
+"""Preference pairs: load any supported schema, apply the recipe's filter, split, and format for TRL.
+
+Every step reads and writes JSON Lines under the run's `data/` folder and returns a small typed
+result, so Prefect can cache it and a later stage (or a re-run) reads the file, not memory.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+from pydantic import BaseModel, Field
+
+from tasks.base import PreftuneError, StrictModel, Workspace, file_sha256, fingerprint, retry_unless_user_error
+
+Format = Literal["auto", "argilla", "openai_dpo", "hh_rlhf", "pairs"]
+LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+NORMALIZED_COLUMNS = ["system", "prompt", "chosen", "rejected", "status", "chosen_score", "in_gsm8k_train", "prompt_mismatch"]
+
+
+class DataSettings(StrictModel):
+    source: str = "synthetic"  # "synthetic", a local jsonl/json/parquet/csv file, or a hub dataset id
+    split: str = "train"
+    format: Format = "auto"
+    synthetic_rows: int = Field(480, gt=0)
+    max_rows: int | None = Field(None, gt=0)
+    # The recipe's filter. The data's authors drop ties; the recipe's literal note keeps only ties.
+    status_rule: Literal["drop_ties", "only_ties", "keep_all"] = "drop_ties"
+    min_chosen_score: float | None = 8.0
+    drop_in_gsm8k_train: bool = True
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    seed: int = 42
+
+
+class DataFile(BaseModel):
+    """A stage's output file with what downstream caching needs to know about it."""
+
+    path: str
+    rows: int
+    sha256: str
+
+
+class LoadedData(DataFile):
+    source: str
+    format: str
+
+
+class FilterReport(DataFile):
+    rows_in: int
+    dropped: dict[str, int]  # rule -> rows it removed, applied in order
+
+
+class SplitData(BaseModel):
+    train: DataFile
+    eval: DataFile
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def _check_json_lines(path: Path) -> None:
+    """datasets' own error for a bad line is a deep traceback with no line number; this names it."""
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise PreftuneError(f"{path}: line {number} is not valid JSON ({error.msg})") from None
+
+
+def read_table(source: str, split: str = "train") -> pd.DataFrame:
+    """A local file by suffix, else a hub dataset id (needs network access to the hub)."""
+    from datasets import load_dataset
+
+    path = Path(source).expanduser()
+    if path.suffix in LOCAL_SUFFIXES:
+        if not path.is_file():
+            raise PreftuneError(f"data file not found: {path}")
+        if path.suffix == ".jsonl":
+            _check_json_lines(path)
+        dataset = load_dataset(LOCAL_SUFFIXES[path.suffix], data_files=str(path), split="train")
+    else:
+        dataset = load_dataset(source, split=split)
+    return dataset.to_pandas()
+
+
+def detect_format(columns: set[str]) -> str:
+    if {"input", "preferred_output", "non_preferred_output"} <= columns:
+        return "openai_dpo"
+    if {"chosen", "rejected"} <= columns and {"input", "question"} & columns:
+        return "argilla"
+    if {"prompt", "chosen", "rejected"} <= columns:
+        return "pairs"
+    if columns == {"chosen", "rejected"}:
+        return "hh_rlhf"
+    raise PreftuneError(
+        f"unrecognised columns {sorted(columns)}; expected one of: "
+        "argilla (system, input, chosen, rejected[, status, chosen_score, in_gsm8k_train]), "
+        "openai_dpo (input.messages, preferred_output, non_preferred_output), "
+        "pairs (prompt, chosen, rejected), hh_rlhf (chosen, rejected transcripts)"
+    )
+
+
+REQUIRED_COLUMNS = {
+    "argilla": {"chosen", "rejected"},
+    "openai_dpo": {"input", "preferred_output", "non_preferred_output"},
+    "pairs": {"prompt", "chosen", "rejected"},
+    "hh_rlhf": {"chosen", "rejected"},
+}
+
+TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def parse_transcript(text: str) -> list[dict[str, str]]:
+    """hh-rlhf's "\\n\\nHuman: ...\\n\\nAssistant: ..." transcript as chat messages."""
+    parts = TURN.split(text)
+    return [
+        {"role": "user" if role == "Human" else "assistant", "content": content.strip()}
+        for role, content in zip(parts[1::2], parts[2::2])
+    ]
+
+
+def _text(value, where: str) -> str:
+    if not isinstance(value, str):
+        raise PreftuneError(f"{where}: expected text, found {type(value).__name__} {value!r:.60}")
+    return value
+
+
+def _last_assistant(messages, where: str) -> str:
+    if isinstance(messages, str):
+        return messages
+    messages = list(messages)
+    if not messages or messages[-1].get("role") != "assistant":
+        raise PreftuneError(f"{where}: expected a list ending with an assistant message")
+    return _text(messages[-1].get("content"), where)
+
+
+def normalize_row(row: dict, fmt: str, where: str) -> dict:
+    """One source row -> system, prompt (chat messages without system), chosen, rejected, labels."""
+    out = {"system": "", "status": None, "chosen_score": None, "in_gsm8k_train": None, "prompt_mismatch": False}
+    if fmt == "argilla":
+        question = row.get("input", row.get("question"))
+        out["system"] = row.get("system") or ""
+        out["prompt"] = [{"role": "user", "content": _text(question, f"{where}, column 'input'")}]
+        out["chosen"] = _text(row["chosen"], f"{where}, column 'chosen'")
+        out["rejected"] = _text(row["rejected"], f"{where}, column 'rejected'")
+        out["status"] = row.get("status")
+        out["chosen_score"] = row.get("chosen_score")
+        out["in_gsm8k_train"] = row.get("in_gsm8k_train")
+    elif fmt == "openai_dpo":
+        messages = list(row["input"]["messages"])
+        out["system"] = "\n".join(m["content"] for m in messages if m["role"] == "system")
+        out["prompt"] = [dict(m) for m in messages if m["role"] != "system"]
+        out["chosen"] = _last_assistant(row["preferred_output"], f"{where}, column 'preferred_output'")
+        out["rejected"] = _last_assistant(row["non_preferred_output"], f"{where}, column 'non_preferred_output'")
+    elif fmt == "hh_rlhf":
+        chosen = parse_transcript(_text(row["chosen"], f"{where}, column 'chosen'"))
+        rejected = parse_transcript(_text(row["rejected"], f"{where}, column 'rejected'"))
+        if not chosen or chosen[-1]["role"] != "assistant" or not rejected or rejected[-1]["role"] != "assistant":
+            raise PreftuneError(f"{where}: transcript does not end with an Assistant turn")
+        out["prompt"], out["chosen"], out["rejected"] = chosen[:-1], chosen[-1]["content"], rejected[-1]["content"]
+        out["prompt_mismatch"] = chosen[:-1] != rejected[:-1]  # a known hh-rlhf quirk
+    else:  # pairs: TRL's standard or conversational preference format
+        prompt = row["prompt"]
+        out["prompt"] = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+        out["chosen"] = _last_assistant(row["chosen"], f"{where}, column 'chosen'")
+        out["rejected"] = _last_assistant(row["rejected"], f"{where}, column 'rejected'")
+    return out
+
+
+def normalize(table: pd.DataFrame, fmt: str, source: str) -> pd.DataFrame:
+    columns = set(table.columns)
+    fmt = detect_format(columns) if fmt == "auto" else fmt
+    missing = REQUIRED_COLUMNS[fmt] - columns
+    if fmt == "argilla" and not {"input", "question"} & columns:
+        missing.add("input")
+    if missing:
+        raise PreftuneError(f"{source}: missing columns {sorted(missing)} for format '{fmt}'; found {sorted(columns)}")
+    rows = [normalize_row(row, fmt, f"{source}, row {index}") for index, row in enumerate(table.to_dict("records"))]
+    return pd.DataFrame(rows, columns=NORMALIZED_COLUMNS).assign(_format=fmt)
+
+
+def write_jsonl(frame: pd.DataFrame, path: Path) -> DataFile:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_json(path, orient="records", lines=True, force_ascii=False)
+    return DataFile(path=str(path), rows=len(frame), sha256=file_sha256(path))
+
+
+def read_jsonl(path: str | Path) -> pd.DataFrame:
+    return pd.read_json(path, lines=True, dtype=False)
+
+
+def load(settings: DataSettings, data_dir: Path) -> LoadedData:
+    source = settings.source
+    if source == "synthetic":
+        from tasks.synthetic import generate_preferences
+
+        raw = data_dir / "synthetic.jsonl"
+        write_jsonl(pd.DataFrame(generate_preferences(settings.synthetic_rows, settings.seed)), raw)
+        source = str(raw)
+    table = read_table(source, settings.split)
+    if settings.max_rows:
+        table = table.head(settings.max_rows)
+    if table.empty:
+        raise PreftuneError(f"{source}: no rows")
+    frame = normalize(table, settings.format, source)
+    fmt = frame.pop("_format").iloc[0]
+    written = write_jsonl(frame, data_dir / "normalized.jsonl")
+    return LoadedData(**written.model_dump(), source=source, format=fmt)
+
+
+# --- filtering, splitting, formatting ----------------------------------------------------------
+
+
+def filter_rules(settings: DataSettings) -> list[tuple[str, callable]]:
+    """(name, keep-mask) in the order applied; a rule whose column the data lacks keeps every row."""
+    def has(frame, column):
+        return frame[column].notna()
+
+    rules = [
+        ("empty_response", lambda f: (f.chosen.str.strip() != "") & (f.rejected.str.strip() != "")),
+        ("chosen_equals_rejected", lambda f: f.chosen.str.strip() != f.rejected.str.strip()),
+        ("prompt_mismatch", lambda f: ~f.prompt_mismatch.astype(bool)),
+    ]
+    if settings.status_rule == "drop_ties":
+        rules.append(("status_tie", lambda f: ~has(f, "status") | (f.status != "tie")))
+    elif settings.status_rule == "only_ties":
+        rules.append(("status_not_tie", lambda f: ~has(f, "status") | (f.status == "tie")))
+    if settings.min_chosen_score is not None:
+        threshold = settings.min_chosen_score
+        rules.append(("chosen_score_below_min", lambda f: ~has(f, "chosen_score") | (f.chosen_score.astype(float) >= threshold)))
+    if settings.drop_in_gsm8k_train:
+        rules.append(("in_gsm8k_train", lambda f: ~has(f, "in_gsm8k_train") | ~f.in_gsm8k_train.astype(bool)))
+    return rules
+
+
+def apply_filter(loaded: DataFile, settings: DataSettings, data_dir: Path) -> FilterReport:
+    frame = read_jsonl(loaded.path)
+    dropped: dict[str, int] = {}
+    for name, keep in filter_rules(settings):
+        mask = keep(frame).fillna(True).astype(bool)
+        dropped[name] = int((~mask).sum())
+        frame = frame[mask]
+    if frame.empty:
+        removed = ", ".join(f"{rule}: {count}" for rule, count in dropped.items() if count)
+        raise PreftuneError(f"no rows left after filtering {loaded.rows} rows ({removed})")
+    written = write_jsonl(frame, data_dir / "filtered.jsonl")
+    return FilterReport(**written.model_dump(), rows_in=loaded.rows, dropped=dropped)
+
+
+def prompt_key(row: pd.Series) -> str:
+    return fingerprint([row["system"], row["prompt"]])
+
+
+def split(filtered: DataFile, settings: DataSettings, data_dir: Path) -> SplitData:
+    """Seeded split by prompt, so no prompt appears in both train and eval."""
+    frame = read_jsonl(filtered.path)
+    keys = frame.apply(prompt_key, axis=1)
+    unique = pd.Series(keys.unique()).sample(frac=1.0, random_state=settings.seed)
+    eval_count = max(1, round(len(unique) * settings.eval_fraction))
+    if eval_count >= len(unique):
+        raise PreftuneError(f"only {len(unique)} distinct prompts after filtering: too few to hold out an eval split")
+    eval_keys = set(unique.iloc[:eval_count])
+    in_eval = keys.isin(eval_keys)
+    return SplitData(
+        train=write_jsonl(frame[~in_eval], data_dir / "train.jsonl"),
+        eval=write_jsonl(frame[in_eval], data_dir / "eval.jsonl"),
+    )
+
+
+def to_conversational(frame: pd.DataFrame) -> pd.DataFrame:
+    """TRL's conversational preference format; TRL applies the chat template when it tokenizes."""
+    def prompt(row):
+        system = [{"role": "system", "content": row["system"]}] if row["system"] else []
+        return system + list(row["prompt"])
+
+    return pd.DataFrame({
+        "prompt": frame.apply(prompt, axis=1),
+        "chosen": frame.chosen.map(lambda text: [{"role": "assistant", "content": text}]),
+        "rejected": frame.rejected.map(lambda text: [{"role": "assistant", "content": text}]),
+    })
+
+
+def format_split(splits: SplitData, tokenizer, data_dir: Path) -> SplitData:
+    """Write conversational train/eval files, checking once that the chat template renders them."""
+    out = {}
+    for name, part in (("train", splits.train), ("eval", splits.eval)):
+        frame = to_conversational(read_jsonl(part.path))
+        first = frame.iloc[0]
+        try:
+            tokenizer.apply_chat_template(list(first.prompt) + list(first.chosen), tokenize=False)
+        except Exception as error:  # template errors come from jinja, deep inside transformers
+            raise PreftuneError(f"the chat template cannot render {name} row 0: {error}") from None
+        out[name] = write_jsonl(frame, data_dir / f"{name}.conversational.jsonl")
+    return SplitData(**out)
+
+
+def render_example(path: str, tokenizer) -> str:
+    """The first pair as the model sees it: for the run's lineage and the README's reader."""
+    row = read_jsonl(path).iloc[0]
+    prompt = tokenizer.apply_chat_template(list(row.prompt), tokenize=False, add_generation_prompt=True)
+    return f"{prompt}[chosen] {row.chosen[0]['content']}\n[rejected] {row.rejected[0]['content']}\n"
+
+
+# --- Prefect tasks --------------------------------------------------------------------------
+
+RETRY = dict(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_unless_user_error, tags=["data"])
+DATA_TASK = dict(RETRY, cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
+
+
+@task(name="load-preferences", **RETRY)
+def load_preferences(settings: DataSettings, workspace: Workspace) -> LoadedData:
+    # Not cached: the source may change under the same name; its hash keys the stages after it.
+    return load(settings, workspace.stage("data"))
+
+
+@task(name="filter-preferences", **DATA_TASK)
+def filter_preferences(loaded: LoadedData, settings: DataSettings, workspace: Workspace) -> FilterReport:
+    return apply_filter(loaded, settings, workspace.stage("data"))
+
+
+@task(name="split-preferences", **DATA_TASK)
+def split_preferences(filtered: FilterReport, settings: DataSettings, workspace: Workspace) -> SplitData:
+    return split(filtered, settings, workspace.stage("data"))
+
+
+@task(name="format-preferences", **DATA_TASK)
+def format_preferences(splits: SplitData, model_path: str, model_settings, workspace: Workspace) -> SplitData:
+    from tasks.models import load_tokenizer
+
+    return format_split(splits, load_tokenizer(model_path, model_settings), workspace.stage("data"))

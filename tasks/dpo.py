@@ -1,0 +1,67 @@
+"""DPO: TRL's DPOTrainer with a LoRA adapter (QLoRA where 4-bit loading is on).
+
+With `peft_config`, the reference model is the same weights with the adapter switched off, as in the
+recipe, so no second copy of the model is held in memory.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+from pydantic import BaseModel
+
+from tasks.base import Workspace, retry_unless_user_error
+from tasks.data import SplitData
+from tasks.models import ModelSettings, load_tokenizer, model_load_kwargs
+from tasks.tracking import stage_run
+from tasks.training import TrainerSettings, load_pairs, numeric, resume_point
+
+
+class DPOSettings(TrainerSettings):
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    precompute_ref_log_probs: bool = False
+
+
+class DPOResult(BaseModel):
+    adapter_dir: str
+    metrics: dict[str, float]  # held-out: eval_rewards_accuracies, eval_rewards_margins, ...
+    mlflow_run_id: str
+
+
+def train_dpo_adapter(settings: DPOSettings, model: ModelSettings, model_path: str, splits: SplitData,
+                      stage_dir: Path, parent_run_id: str | None = None) -> DPOResult:
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer = load_tokenizer(model_path, model)
+    policy = AutoModelForCausalLM.from_pretrained(model_path, **model_load_kwargs(model))
+    checkpoints = stage_dir / "checkpoints"
+    args = DPOConfig(
+        **settings.trainer_args(checkpoints, model, "dpo"),
+        beta=settings.beta,
+        loss_type=settings.loss_type,
+        precompute_ref_log_probs=settings.precompute_ref_log_probs,
+    )
+    with stage_run("dpo", parent_run_id) as run:
+        trainer = DPOTrainer(
+            model=policy,
+            args=args,
+            train_dataset=load_pairs(splits.train.path),
+            eval_dataset=load_pairs(splits.eval.path),
+            processing_class=tokenizer,
+            peft_config=settings.lora.peft_config("CAUSAL_LM"),
+        )
+        trainer.train(resume_from_checkpoint=resume_point(checkpoints))
+        metrics = numeric(trainer.evaluate())
+        adapter_dir = stage_dir / "adapter"
+        trainer.save_model(str(adapter_dir))
+        return DPOResult(adapter_dir=str(adapter_dir), metrics=metrics, mlflow_run_id=run.info.run_id)
+
+
+@task(name="train-dpo", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_user_error,
+      tags=["gpu", "training"], cache_policy=(INPUTS - "parent_run_id") + TASK_SOURCE, persist_result=True)
+def train_dpo(settings: DPOSettings, model: ModelSettings, model_path: str, splits: SplitData,
+              workspace: Workspace, parent_run_id: str | None = None) -> DPOResult:
+    return train_dpo_adapter(settings, model, model_path, splits, workspace.stage("dpo"), parent_run_id)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from tasks.base import PreftuneError, StrictModel, fingerprint
 from tasks.data import DataSettings
@@ -23,7 +23,10 @@ PROFILES_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 class PipelineConfig(StrictModel):
-    profile: str = "custom"
+    """Settings given explicitly are applied over the named profile's YAML, so a deployment's
+    parameters or a UI form only need what differs (e.g. `{profile: book, dpo: {max_steps: 50}}`)."""
+
+    profile: str = "quickstart"
     run_name: str | None = None  # None: <profile>-<hash of the settings>, so a re-run resumes
     runs_dir: str = "runs"
     data: DataSettings = Field(default_factory=DataSettings)
@@ -32,6 +35,16 @@ class PipelineConfig(StrictModel):
     dpo: DPOSettings = Field(default_factory=DPOSettings)
     evaluation: EvalSettings = Field(default_factory=EvalSettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _start_from_profile(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        profile = values.get("profile", "quickstart")
+        if profile not in profile_names():
+            raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(profile_names())}")
+        return _merge(_read_yaml(PROFILES_DIR / f"{profile}.yaml"), values) | {"profile": profile}
 
     def resolved_run_name(self) -> str:
         """Same settings, same name: the run folder, checkpoints and Prefect cache are reused."""
@@ -80,6 +93,8 @@ def describe_errors(error: ValidationError) -> str:
         key = ".".join(str(part) for part in item["loc"])
         if item["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown setting")
+        elif not key:
+            lines.append(f"  {item['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
     return "invalid configuration:\n" + "\n".join(lines)
@@ -94,9 +109,7 @@ def build_config(values: dict[str, Any]) -> PipelineConfig:
 
 def load_config(profile: str = "quickstart", config_file: str | None = None, overrides: list[str] = ()) -> PipelineConfig:
     """Profile YAML, then a user's YAML file, then `--set key=value` overrides, each over the last."""
-    if profile not in profile_names():
-        raise PreftuneError(f"unknown profile {profile!r}; choose one of {', '.join(profile_names())}")
-    values = _merge({"profile": profile}, _read_yaml(PROFILES_DIR / f"{profile}.yaml"))
+    values: dict[str, Any] = {"profile": profile}
     if config_file:
         values = _merge(values, _read_yaml(Path(config_file)))
     for dotted in overrides:

@@ -15,7 +15,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
-from flows.config import PipelineConfig, load_config
+from flows.config import PipelineConfig
 from tasks.base import Workspace
 from tasks.data import filter_preferences, format_preferences, load_preferences, read_jsonl, split_preferences
 from tasks.dpo import train_dpo
@@ -50,8 +50,8 @@ def _log_lineage(name: str, path: str, source: str) -> None:
     mlflow.log_input(dataset, context=name)
 
 
-@flow(name="preference-tuning", flow_run_name="{config.profile}", log_prints=True)
-def preference_tuning(config: PipelineConfig = load_config("quickstart")) -> PipelineSummary:
+@flow(name="preference-tuning", flow_run_name="{config.profile}")
+def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSummary:
     logger = get_run_logger()
     tracking_uri = configure(config.tracking)
     run_name = config.resolved_run_name()

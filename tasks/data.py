@@ -134,8 +134,10 @@ def _text(value, where: str) -> str:
 def _last_assistant(messages, where: str) -> str:
     if isinstance(messages, str):
         return messages
+    if isinstance(messages, (dict, bytes)) or not hasattr(messages, "__iter__"):
+        _text(messages, where)  # raises, naming what was found
     messages = list(messages)
-    if not messages or messages[-1].get("role") != "assistant":
+    if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
         raise PreftuneError(f"{where}: expected a list ending with an assistant message")
     return _text(messages[-1].get("content"), where)
 

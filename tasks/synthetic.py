@@ -1,7 +1,7 @@
 """The quickstart's own preference set, in the argilla schema, with a signal a small model can learn.
 
-Chosen answers are correct and direct; rejected ones are wrong (arithmetic, units, strings) or
-evasive. Ties, low scores and GSM8K-flagged rows are mixed in so the recipe's filter has work.
+Chosen answers are correct and direct; rejected ones are wrong and unsure (arithmetic, units,
+strings) or evasive. Ties, low scores and GSM8K-flagged rows are mixed in so the recipe's filter has work.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ TIPS = {
     "remembering names": "Repeat the name back when you hear it and use it once in conversation.",
     "reducing stress": "Take a ten-minute walk outside and breathe slowly.",
 }
+HEDGES = ["I think it's {}.", "Probably {}, but I'm not sure.", "Maybe {}? Hard to say.", "It might be {}."]
 EVASIONS = [
     "I'm not sure about that. You should look it up somewhere else.",
     "That's a difficult question and I would rather not answer it.",
@@ -38,7 +39,7 @@ def _arithmetic(rng: random.Random) -> tuple[str, str, str, str]:
     result = {"+": a + b, "-": a - b, "*": a * b}[op]
     wrong = result + rng.choice([-10, -2, -1, 1, 2, 10])
     tie = f"The answer is {result}."
-    return f"What is {a} {op} {b}?", f"{a} {op} {b} = {result}.", f"{a} {op} {b} = {wrong}.", tie
+    return f"What is {a} {op} {b}?", f"{a} {op} {b} = {result}.", rng.choice(HEDGES).format(wrong), tie
 
 
 def _units(rng: random.Random) -> tuple[str, str, str, str]:
@@ -46,7 +47,8 @@ def _units(rng: random.Random) -> tuple[str, str, str, str]:
     n = rng.randint(2, 40)
     wrong = n * factor // 10 if factor >= 100 else n * factor + factor
     question = f"How many {small} are in {n} {big}?"
-    return question, f"{n} {big} is {n * factor} {small}.", f"{n} {big} is {wrong} {small}.", f"There are {n * factor} {small}."
+    return (question, f"{n} {big} is {n * factor} {small}.", rng.choice(HEDGES).format(f"{wrong} {small}"),
+            f"There are {n * factor} {small}.")
 
 
 def _strings(rng: random.Random) -> tuple[str, str, str, str]:
@@ -55,13 +57,13 @@ def _strings(rng: random.Random) -> tuple[str, str, str, str]:
         return (f"Write the word '{word}' backwards.", f"'{word}' backwards is '{word[::-1]}'.",
                 f"'{word}' backwards is '{word}'.", f"Reversed: '{word[::-1]}'.")
     return (f"How many letters are in the word '{word}'?", f"'{word}' has {len(word)} letters.",
-            f"'{word}' has {len(word) + rng.choice([-2, -1, 1, 2])} letters.", f"{len(word)} letters.")
+            rng.choice(HEDGES).format(f"{len(word) + rng.choice([-2, -1, 1, 2])} letters"), f"{len(word)} letters.")
 
 
 def _advice(rng: random.Random) -> tuple[str, str, str, str]:
     topic, tip = rng.choice(list(TIPS.items()))
-    opener = rng.choice(["Give me one tip for", "What is a good tip for", "How do I get better at"])
-    return f"{opener} {topic}?", tip, rng.choice(EVASIONS), f"Here is one idea: {tip[0].lower()}{tip[1:]}"
+    question = rng.choice(["Give me one tip for {}.", "What is a good tip for {}?", "How do I get better at {}?"])
+    return question.format(topic), tip, rng.choice(EVASIONS), f"Here is one idea: {tip[0].lower()}{tip[1:]}"
 
 
 TASKS = [_arithmetic, _units, _strings, _advice]

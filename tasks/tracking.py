@@ -68,8 +68,11 @@ def git_commit() -> str:
 def log_and_register(model_dir: str, task_name: str, registered_name: str, settings: TrackingSettings,
                      tags: dict[str, str]) -> RegisteredVersion:
     """Log the folder with MLflow's transformers flavour, register it, and point the alias at it."""
+    import transformers
+
+    # A pipeline, not the folder path: MLflow 3.17's checkpoint-path branch fails with transformers 5.
     info = mlflow.transformers.log_model(
-        transformers_model=model_dir,
+        transformers_model=transformers.pipeline(task_name, model=model_dir),
         name=registered_name.removeprefix("preftune-"),
         task=task_name,
         pip_requirements=SERVING_REQUIREMENTS,  # the inferred list adds torchvision, which breaks loading

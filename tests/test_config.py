@@ -1,0 +1,81 @@
+"""Profiles, overrides and validation of the pipeline configuration."""
+from __future__ import annotations
+
+import pytest
+
+from flows.cli import main
+from flows.config import PipelineConfig, load_config, profile_names
+from tasks.base import PreftuneError
+
+
+def test_profiles_exist_and_validate():
+    assert profile_names() == ["book", "quickstart", "smoke"]
+    for name in profile_names():
+        assert load_config(name).profile == name
+
+
+def test_book_profile_is_the_reference_recipe():
+    book = load_config("book")
+    lora = book.dpo.lora
+    assert (lora.r, lora.alpha, lora.dropout) == (64, 32, 0.1)
+    assert lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    quant = book.model.quantization
+    assert (quant.quant_type, quant.compute_dtype, quant.double_quant) == ("nf4", "float16", True)
+    dpo = book.dpo
+    assert (dpo.beta, dpo.max_length, dpo.max_steps, dpo.learning_rate) == (0.1, 512, 200, 1e-5)
+    assert (dpo.per_device_train_batch_size, dpo.gradient_accumulation_steps) == (2, 4)
+    assert (dpo.optim, dpo.lr_scheduler_type, dpo.warmup_steps, dpo.logging_steps) == ("paged_adamw_32bit", "cosine", 0.1, 10)
+    assert dpo.gradient_checkpointing and book.model.precision == "fp16"
+    data = book.data
+    assert (data.source, data.status_rule, data.min_chosen_score, data.drop_in_gsm8k_train) == (
+        "argilla/distilabel-intel-orca-dpo-pairs", "drop_ties", 8.0, True)
+
+
+def test_overrides_are_typed_and_change_the_run_name():
+    base = load_config("smoke")
+    changed = load_config("smoke", overrides=["dpo.max_steps=7", "data.status_rule=only_ties"])
+    assert changed.dpo.max_steps == 7 and changed.data.status_rule == "only_ties"
+    assert base.resolved_run_name() == load_config("smoke").resolved_run_name()
+    assert base.resolved_run_name() != changed.resolved_run_name()
+
+
+def test_config_file_is_applied_over_the_profile(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("dpo:\n  beta: 0.2\n")
+    assert load_config("smoke", str(path)).dpo.beta == 0.2
+
+
+@pytest.mark.parametrize("override, message", [
+    ("dpo.max_stepz=3", "dpo.max_stepz: unknown setting"),
+    ("dpo.max_steps=0", "dpo.max_steps: Input should be greater than 0"),
+    ("data.status_rule=ties", "data.status_rule: Input should be 'drop_ties', 'only_ties' or 'keep_all'"),
+    ("reward.learning_rate=fast", "reward.learning_rate: Input should be a valid number"),
+])
+def test_bad_settings_name_the_key(override, message):
+    with pytest.raises(PreftuneError, match=message):
+        load_config("smoke", overrides=[override])
+
+
+def test_cli_reports_bad_input_without_a_traceback(capsys):
+    assert main(["config", "--profile", "nope"]) == 2
+    assert main(["config", "--set", "dpo.max_steps=-1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown profile 'nope'" in err and "dpo.max_steps" in err and "Traceback" not in err
+
+
+def test_flow_parameter_schema_is_the_config():
+    """Prefect renders the flow's parameter as a form from this schema."""
+    from flows.preference_tuning import preference_tuning
+    from prefect.utilities.callables import parameter_schema
+
+    schema = parameter_schema(preference_tuning)
+    assert "config" in schema.properties
+    assert set(PipelineConfig.model_fields) <= set(schema.definitions["PipelineConfig"]["properties"])
+
+
+def test_partial_parameters_start_from_their_profile():
+    """What a deployment or the UI form sends: only the differences from a profile."""
+    config = PipelineConfig.model_validate({"profile": "book", "dpo": {"max_steps": 50}})
+    assert config.dpo.max_steps == 50 and config.dpo.lora.r == 64
+    assert PipelineConfig() == load_config("quickstart")
+    assert PipelineConfig.model_validate(config.model_dump()) == config

@@ -1,0 +1,70 @@
+"""The whole `smoke` flow through Prefect, checked through MLflow's and Prefect's own APIs."""
+from __future__ import annotations
+
+import asyncio
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
+
+from flows.config import load_config
+from flows.preference_tuning import preference_tuning
+
+STAGES = {"reward", "dpo", "evaluate", "register"}
+
+
+async def _task_states(flow_run_id: str) -> dict[str, str]:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async with get_client() as client:
+        runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory, tiny_model_path):
+    """Two runs with the same settings: the second must reuse the first's finished stages."""
+    root = tmp_path_factory.mktemp("smoke")
+    config = load_config("smoke", overrides=[f"runs_dir={root / 'runs'}",
+                                             f"tracking.tracking_uri=sqlite:///{root / 'mlflow.db'}"])
+    first = preference_tuning(config, return_state=True)
+    second = preference_tuning(config, return_state=True)
+    return config, first, second
+
+
+def test_smoke_flow_logs_runs_metrics_and_registers_models(smoke_runs):
+    config, first, _ = smoke_runs
+    summary = first.result()
+    mlflow.set_tracking_uri(config.tracking.tracking_uri)
+    client = MlflowClient()
+
+    parent = client.get_run(summary.mlflow_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["dpo.beta"] == "0.1" and parent.data.params["model.random_init.hidden_size"] == "64"
+    assert parent.data.tags["prefect.flow_run_id"] == str(first.state_details.flow_run_id)
+    assert len(parent.data.tags["data.sha256"]) == 64 and parent.data.tags["git.commit"]
+    for metric in ("reward_pairwise_accuracy", "dpo_implicit_reward_accuracy", "win_rate", "mean_length_tuned",
+                   "data.rows_kept", "data.dropped.status_tie"):
+        assert metric in parent.data.metrics
+    assert {d.dataset.name for d in parent.inputs.dataset_inputs} == {"train", "eval"}
+
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert {run.data.tags["preftune.stage"] for run in children} == STAGES
+    dpo_run = next(run for run in children if run.data.tags["preftune.stage"] == "dpo")
+    assert len(client.get_metric_history(dpo_run.info.run_id, "loss")) == config.dpo.max_steps
+
+    for registered in summary.registered:
+        version = client.get_model_version_by_alias(registered.name, "candidate")
+        assert version.version == registered.version
+        assert version.tags["data.sha256"] == parent.data.tags["data.sha256"]
+    assert {r.name for r in summary.registered} == {"preftune-policy", "preftune-reward"}
+
+
+def test_rerun_reuses_finished_stages(smoke_runs):
+    _, first, second = smoke_runs
+    states = asyncio.run(_task_states(str(second.state_details.flow_run_id)))
+    for name in ("filter-preferences", "train-reward-model", "train-dpo", "merge-adapters", "evaluate"):
+        assert states[name] == "Cached", states
+    assert second.result().run_dir == first.result().run_dir

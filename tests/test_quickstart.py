@@ -1,0 +1,28 @@
+"""The quickstart flow end to end with the real SmolLM2-135M model, shortened to a few steps."""
+from __future__ import annotations
+
+import mlflow
+from mlflow import MlflowClient
+
+from flows.config import load_config
+from flows.preference_tuning import preference_tuning
+
+
+def test_quickstart_flow_with_real_model_registers_a_usable_policy(tmp_path, smollm2_path):
+    config = load_config("quickstart", overrides=[
+        f"runs_dir={tmp_path / 'runs'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "data.synthetic_rows=64", "reward.max_steps=2", "dpo.max_steps=2", "reward.save_steps=1",
+        "dpo.save_steps=1", "evaluation.generation_prompts=2", "evaluation.max_new_tokens=8",
+    ])
+    summary = preference_tuning(config)
+
+    assert 0.0 <= summary.metrics["dpo_implicit_reward_accuracy"] <= 1.0
+    assert summary.metrics["win_rate"] + summary.metrics["tie_rate"] + summary.metrics["loss_rate"] == 1.0
+    mlflow.set_tracking_uri(config.tracking.tracking_uri)
+    client = MlflowClient()
+    assert client.get_run(summary.mlflow_run_id).data.tags["preftune.adapter"] == "lora-full-precision"
+    policy = client.get_model_version_by_alias("preftune-policy", "candidate")
+    generator = mlflow.transformers.load_model(f"models:/preftune-policy/{policy.version}")
+    answer = generator([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=10,
+                       do_sample=False)
+    assert "Paris" in answer[0]["generated_text"][-1]["content"]

@@ -1,0 +1,70 @@
+"""Reward model, DPO and merge on a tiny real Llama: real TRL trainers, a few steps each."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tasks.data import DataSettings, apply_filter, format_split, load, split
+from tasks.dpo import DPOSettings, train_dpo_adapter
+from tasks.evaluate import RewardScorer
+from tasks.merge import merge_into_base
+from tasks.models import ModelSettings, RandomInitSettings, load_tokenizer
+from tasks.reward import RewardSettings, train_reward_model
+from tasks.tracking import TrackingSettings, configure
+
+MODEL = ModelSettings(random_init=RandomInitSettings())
+FAST = dict(max_steps=4, per_device_train_batch_size=4, logging_steps=1, save_steps=2, max_length=96)
+
+
+@pytest.fixture()
+def pairs(tiny_model_path, tmp_path, tracking_uri):
+    configure(TrackingSettings())
+    settings = DataSettings(synthetic_rows=48)
+    data_dir = tmp_path / "data"
+    report = apply_filter(load(settings, data_dir), settings, data_dir)
+    return format_split(split(report, settings, data_dir), load_tokenizer(tiny_model_path, MODEL), data_dir)
+
+
+def test_reward_model_trains_logs_curves_and_scores_pairs(tiny_model_path, pairs, tmp_path):
+    result = train_reward_model(RewardSettings(**FAST), MODEL, tiny_model_path, pairs, tmp_path / "reward")
+    assert 0.0 <= result.metrics["eval_accuracy"] <= 1.0
+    assert (Path(result.model_dir) / "model.safetensors").is_file()
+    history = mlflow.MlflowClient().get_metric_history(result.mlflow_run_id, "loss")
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    scores = RewardScorer(result.model_dir, 128).score([[{"role": "user", "content": "2+2?"}]] * 2, ["4", "5"])
+    assert len(scores) == 2 and scores[0] != scores[1]
+
+
+def test_dpo_reports_implicit_rewards_and_resumes_from_checkpoint(tiny_model_path, pairs, tmp_path):
+    stage = tmp_path / "dpo"
+    first = train_dpo_adapter(DPOSettings(**FAST), MODEL, tiny_model_path, pairs, stage)
+    assert {"eval_rewards_accuracies", "eval_rewards_margins"} <= first.metrics.keys()
+    assert (Path(first.adapter_dir) / "adapter_config.json").is_file()
+    assert sorted(p.name for p in (stage / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+
+    # A longer run in the same folder continues from checkpoint-4 instead of starting again.
+    train_dpo_adapter(DPOSettings(**FAST | {"max_steps": 6}), MODEL, tiny_model_path, pairs, stage)
+    state = json.loads((stage / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
+    logged_steps = [entry["step"] for entry in state["log_history"] if "loss" in entry]
+    assert logged_steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_merged_model_matches_base_plus_adapter(tiny_model_path, pairs, tmp_path):
+    result = train_dpo_adapter(DPOSettings(**FAST | {"learning_rate": 1e-2}), MODEL, tiny_model_path, pairs,
+                               tmp_path / "dpo")
+    merged_dir = merge_into_base(tiny_model_path, [result.adapter_dir], tmp_path / "merged")
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    inputs = tokenizer(["What is 2 + 2?", "Reverse 'abc'."], return_tensors="pt", padding=True)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    with torch.inference_mode():
+        base_logits = base(**inputs).logits
+        adapted = PeftModel.from_pretrained(base, result.adapter_dir)(**inputs).logits
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)(**inputs).logits
+    assert not torch.allclose(adapted, base_logits, atol=1e-4)  # the adapter changed the model
+    torch.testing.assert_close(merged, adapted, atol=1e-4, rtol=1e-4)

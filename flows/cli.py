@@ -22,6 +22,9 @@ def _print_summary(summary) -> None:
     print(f"run folder    : {summary.run_dir}")
     for version in summary.registered:
         print(f"registered    : models:/{version.name}/{version.version} (alias @{version.alias})")
+    gate = summary.promotion
+    print(f"promotion     : {'champion' if gate.promoted and summary.registered else 'not promoted'} "
+          f"(combined reward {gate.candidate_score:.3f} vs {gate.baseline} {gate.baseline_score:.3f})")
     for name, value in sorted(summary.metrics.items()):
         print(f"  {name:32s} {value:.4f}")
 

@@ -6,18 +6,22 @@ parameters are validated by the same rules as the CLI's.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, StringConstraints, ValidationError, model_validator
 
 from tasks.base import PreftuneError, StrictModel, fingerprint
 from tasks.data import DataSettings
 from tasks.dpo import DPOSettings
 from tasks.evaluate import EvalSettings
+from tasks.merge import MergeSettings
 from tasks.models import ModelSettings
 from tasks.reward import RewardSettings
+from tasks.sft import SFTSettings
 from tasks.tracking import TrackingSettings
+
+AspectName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]*$")]
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -31,8 +35,12 @@ class PipelineConfig(StrictModel):
     runs_dir: str = "runs"
     data: DataSettings = Field(default_factory=DataSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
-    reward: RewardSettings = Field(default_factory=RewardSettings)
+    # One reward model per aspect; a profile's aspects are kept and given ones are added or updated.
+    rewards: dict[AspectName, RewardSettings] = Field(default_factory=lambda: {"helpfulness": RewardSettings()},
+                                                      min_length=1)
+    sft: SFTSettings = Field(default_factory=SFTSettings)
     dpo: DPOSettings = Field(default_factory=DPOSettings)
+    merge: MergeSettings = Field(default_factory=MergeSettings)
     evaluation: EvalSettings = Field(default_factory=EvalSettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
 

@@ -1,4 +1,4 @@
-"""The preference-tuning flow: data -> reward model -> DPO -> merge -> evaluate -> register.
+"""The preference-tuning flow: data -> reward models -> (SFT) -> DPO -> merge -> evaluate -> register.
 
 The flow only chains tasks and opens the MLflow parent run; each task opens its own nested run.
 Tasks pass small typed results (paths, hashes, metrics), and finished stages are cached by Prefect
@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
-import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
@@ -17,13 +16,16 @@ from pydantic import BaseModel
 
 from flows.config import PipelineConfig
 from tasks.base import Workspace
-from tasks.data import filter_preferences, format_preferences, load_preferences, read_jsonl, split_preferences
+from tasks.data import (DataSettings, LoadedData, SplitData, filter_preferences, format_preferences,
+                        load_preferences, read_jsonl, split_preferences)
 from tasks.dpo import train_dpo
 from tasks.evaluate import evaluate
 from tasks.merge import merge_adapters
-from tasks.models import describe_training_mode, resolve_base_model
-from tasks.reward import train_reward
-from tasks.tracking import RegisteredVersion, configure, git_commit, register
+from tasks.models import ModelSettings, describe_training_mode, resolve_base_model
+from tasks.reward import RewardResult, train_reward
+from tasks.sft import train_sft
+from tasks.tracking import (PromotionDecision, RegisteredVersion, configure, current_champion, decide_promotion,
+                            git_commit, register)
 
 
 class PipelineSummary(BaseModel):
@@ -31,6 +33,7 @@ class PipelineSummary(BaseModel):
     tracking_uri: str
     run_dir: str
     metrics: dict[str, float]
+    promotion: PromotionDecision
     registered: list[RegisteredVersion]
 
 
@@ -45,9 +48,26 @@ def _flatten(values: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def _log_lineage(name: str, path: str, source: str) -> None:
-    dataset = mlflow.data.from_pandas(read_jsonl(path), source=source, name=name)
-    mlflow.log_input(dataset, context=name)
+def prepare_data(settings: DataSettings, model_path: str, model: ModelSettings, workspace: Workspace,
+                 stage: str) -> tuple[LoadedData, SplitData]:
+    """load -> filter -> split -> format for one data source, with its counts on the parent run."""
+    loaded = load_preferences(settings, workspace, stage)
+    filtered = filter_preferences(loaded, settings, workspace, stage)
+    splits = split_preferences(filtered, settings, workspace, stage)
+    formatted = format_preferences(splits, model_path, model, workspace, stage)
+    mlflow.set_tag(f"{stage}.sha256", loaded.sha256)
+    mlflow.log_metrics({f"{stage}.rows_loaded": loaded.rows, f"{stage}.rows_kept": filtered.rows,
+                        f"{stage}.rows_train": splits.train.rows, f"{stage}.rows_eval": splits.eval.rows}
+                       | {f"{stage}.dropped.{rule}": count for rule, count in filtered.dropped.items()})
+    for name, part in (("train", formatted.train), ("eval", formatted.eval)):
+        mlflow.log_input(mlflow.data.from_pandas(read_jsonl(part.path), source=loaded.source, name=f"{stage}-{name}"),
+                         context=name)
+    create_table_artifact(
+        key=f"{stage}-filter",
+        table=[{"rule": rule, "dropped": count} for rule, count in filtered.dropped.items()],
+        description=f"{loaded.source}: {filtered.rows_in} rows in, {filtered.rows} kept after the recipe filter",
+    )
+    return loaded, formatted
 
 
 @flow(name="preference-tuning", flow_run_name="{config.profile}")
@@ -62,34 +82,41 @@ def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSumm
     with mlflow.start_run(run_name=run_name) as parent:
         parent_id = parent.info.run_id
         mlflow.log_params(_flatten(config.model_dump()))
-        mlflow.set_tags({f"preftune.{key}": value for key, value in mode.items()}
-                        | {"prefect.flow_run_id": str(flow_run.id), "git.commit": git_commit(),
-                           "preftune.profile": config.profile, "preftune.run_dir": workspace.path})
+        tags = {"prefect.flow_run_id": str(flow_run.id), "git.commit": git_commit(), "mlflow.parent_run_id": parent_id}
+        mlflow.set_tags({f"preftune.{key}": value for key, value in mode.items()} | tags
+                        | {"preftune.profile": config.profile, "preftune.run_dir": workspace.path})
 
         model_path = resolve_base_model(config.model)
-        loaded = load_preferences(config.data, workspace)
-        filtered = filter_preferences(loaded, config.data, workspace)
-        splits = split_preferences(filtered, config.data, workspace)
-        formatted = format_preferences(splits, model_path, config.model, workspace)
-        mlflow.set_tag("data.sha256", loaded.sha256)
-        mlflow.log_metrics({"data.rows_loaded": loaded.rows, "data.rows_kept": filtered.rows,
-                            "data.rows_train": splits.train.rows, "data.rows_eval": splits.eval.rows}
-                           | {f"data.dropped.{rule}": count for rule, count in filtered.dropped.items()})
-        _log_lineage("train", formatted.train.path, loaded.source)
-        _log_lineage("eval", formatted.eval.path, loaded.source)
-        create_table_artifact(
-            key="data-filter",
-            table=[{"rule": rule, "dropped": count} for rule, count in filtered.dropped.items()],
-            description=f"Recipe filter: {filtered.rows_in} rows in, {filtered.rows} kept",
-        )
+        loaded, pairs = prepare_data(config.data, model_path, config.model, workspace, "data")
+        tags["data.sha256"] = loaded.sha256
 
-        reward = train_reward(config.reward, config.model, model_path, formatted, workspace, parent_id)
-        dpo = train_dpo(config.dpo, config.model, model_path, formatted, workspace, parent_id)
-        policy_dir = merge_adapters(model_path, [dpo.adapter_dir], workspace)
-        evaluation = evaluate(config.evaluation, formatted.eval.path, model_path, policy_dir, reward.model_dir,
-                              dpo.metrics, workspace, parent_id)
+        rewards: list[RewardResult] = []
+        for aspect, settings in config.rewards.items():
+            reward_model = settings.model or config.model
+            reward_path = resolve_base_model(reward_model) if settings.model else model_path
+            reward_pairs = pairs if settings.data is None else prepare_data(
+                settings.data, reward_path, reward_model, workspace, f"data-{aspect}")[1]
+            rewards.append(train_reward(aspect, settings, reward_model, reward_path, reward_pairs, workspace, parent_id))
 
-        metrics = evaluation.metrics | {f"reward_{k}": v for k, v in reward.metrics.items() if k == "eval_accuracy"}
+        policy_start, adapters, stage_runs = model_path, [], {f"reward-{r.aspect}": r.mlflow_run_id for r in rewards}
+        if config.sft.enabled:
+            sft_pairs = pairs if config.sft.data is None else prepare_data(
+                config.sft.data, model_path, config.model, workspace, "data-sft")[1]
+            sft = train_sft(config.sft, config.model, model_path, sft_pairs, workspace, parent_id)
+            policy_start, adapters = sft.model_dir, [sft.adapter_dir]
+            if sft.mlflow_run_id:
+                stage_runs["sft"] = sft.mlflow_run_id
+        dpo = train_dpo(config.dpo, config.model, policy_start, pairs, workspace, parent_id)
+        stage_runs["dpo"] = dpo.mlflow_run_id
+        merged = merge_adapters(model_path, adapters + [dpo.adapter_dir], pairs.eval.path, config.merge, workspace)
+
+        champion = current_champion(config.tracking)
+        evaluation = evaluate(config.evaluation, pairs.eval.path, policy_start, merged.model_dir, rewards,
+                              dpo.metrics, champion, stage_runs, workspace, parent_id)
+        gate = evaluation.gate
+        decision = decide_promotion(gate.candidate_score, gate.baseline_score, gate.baseline, config.tracking.promotion)
+
+        metrics = evaluation.metrics | {"merge.max_logit_difference": merged.max_logit_difference}
         mlflow.log_metrics(metrics)
         mlflow.log_artifact(evaluation.report_path, "evaluation")
         create_markdown_artifact(key="evaluation-report", markdown=Path(evaluation.report_path).read_text(),
@@ -97,10 +124,16 @@ def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSumm
 
         registered: list[RegisteredVersion] = []
         if config.tracking.register_models:
-            registered = register(policy_dir, reward.model_dir, config.tracking, parent_id,
-                                  {"prefect.flow_run_id": str(flow_run.id), "git.commit": git_commit(),
-                                   "data.sha256": loaded.sha256, "mlflow.parent_run_id": parent_id})
-    summary = PipelineSummary(mlflow_run_id=parent_id, tracking_uri=tracking_uri, run_dir=workspace.path,
-                              metrics=metrics, registered=registered)
-    logger.info("done: %s", pd.Series(metrics).round(4).to_dict())
-    return summary
+            registered = register(merged.model_dir, {r.aspect: r.model_dir for r in rewards}, decision,
+                                  config.tracking, parent_id, tags)
+        verdict = "promoted to champion" if decision.promoted and registered else "not promoted"
+        create_markdown_artifact(
+            key="promotion",
+            markdown=f"**{verdict}**: combined reward {decision.candidate_score:.3f} vs "
+                     f"{decision.baseline} {decision.baseline_score:.3f} "
+                     f"(needs > {config.tracking.promotion.min_improvement} improvement).",
+            description="Promotion gate",
+        )
+        logger.info("promotion: %s (%s)", verdict, decision)
+    return PipelineSummary(mlflow_run_id=parent_id, tracking_uri=tracking_uri, run_dir=workspace.path,
+                           metrics=metrics, promotion=decision, registered=registered)

@@ -23,8 +23,10 @@ NORMALIZED_COLUMNS = ["system", "prompt", "chosen", "rejected", "status", "chose
 
 
 class DataSettings(StrictModel):
-    source: str = "synthetic"  # "synthetic", a local jsonl/json/parquet/csv file, or a hub dataset id
+    # "synthetic" (or "synthetic:harmlessness"), a local jsonl/json/parquet/csv file, or a hub dataset id
+    source: str = "synthetic"
     split: str = "train"
+    data_dir: str | None = None  # a hub dataset's subset folder, e.g. "harmless-base" of Anthropic/hh-rlhf
     format: Format = "auto"
     synthetic_rows: int = Field(480, gt=0)
     max_rows: int | None = Field(None, gt=0)
@@ -73,7 +75,7 @@ def _check_json_lines(path: Path) -> None:
                     raise PreftuneError(f"{path}: line {number} is not valid JSON ({error.msg})") from None
 
 
-def read_table(source: str, split: str = "train") -> pd.DataFrame:
+def read_table(source: str, split: str = "train", data_dir: str | None = None) -> pd.DataFrame:
     """A local file by suffix, else a hub dataset id (needs network access to the hub)."""
     from datasets import load_dataset
 
@@ -85,7 +87,7 @@ def read_table(source: str, split: str = "train") -> pd.DataFrame:
             _check_json_lines(path)
         dataset = load_dataset(LOCAL_SUFFIXES[path.suffix], data_files=str(path), split="train")
     else:
-        dataset = load_dataset(source, split=split)
+        dataset = load_dataset(source, split=split, data_dir=data_dir)
     return dataset.to_pandas()
 
 
@@ -198,14 +200,14 @@ def read_jsonl(path: str | Path) -> pd.DataFrame:
 
 
 def load(settings: DataSettings, data_dir: Path) -> LoadedData:
-    source = settings.source
-    if source == "synthetic":
-        from tasks.synthetic import generate_preferences
+    from tasks.synthetic import GENERATORS
 
+    source = settings.source
+    if source in GENERATORS:
         raw = data_dir / "synthetic.jsonl"
-        write_jsonl(pd.DataFrame(generate_preferences(settings.synthetic_rows, settings.seed)), raw)
+        write_jsonl(pd.DataFrame(GENERATORS[source](settings.synthetic_rows, settings.seed)), raw)
         source = str(raw)
-    table = read_table(source, settings.split)
+    table = read_table(source, settings.split, settings.data_dir)
     if settings.max_rows:
         table = table.head(settings.max_rows)
     if table.empty:
@@ -316,23 +318,23 @@ DATA_TASK = dict(RETRY, cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
 
 
 @task(name="load-preferences", **RETRY)
-def load_preferences(settings: DataSettings, workspace: Workspace) -> LoadedData:
+def load_preferences(settings: DataSettings, workspace: Workspace, stage: str = "data") -> LoadedData:
     # Not cached: the source may change under the same name; its hash keys the stages after it.
-    return load(settings, workspace.stage("data"))
+    return load(settings, workspace.stage(stage))
 
 
 @task(name="filter-preferences", **DATA_TASK)
-def filter_preferences(loaded: LoadedData, settings: DataSettings, workspace: Workspace) -> FilterReport:
-    return apply_filter(loaded, settings, workspace.stage("data"))
+def filter_preferences(loaded: LoadedData, settings: DataSettings, workspace: Workspace, stage: str = "data") -> FilterReport:
+    return apply_filter(loaded, settings, workspace.stage(stage))
 
 
 @task(name="split-preferences", **DATA_TASK)
-def split_preferences(filtered: FilterReport, settings: DataSettings, workspace: Workspace) -> SplitData:
-    return split(filtered, settings, workspace.stage("data"))
+def split_preferences(filtered: FilterReport, settings: DataSettings, workspace: Workspace, stage: str = "data") -> SplitData:
+    return split(filtered, settings, workspace.stage(stage))
 
 
 @task(name="format-preferences", **DATA_TASK)
-def format_preferences(splits: SplitData, model_path: str, model_settings, workspace: Workspace) -> SplitData:
+def format_preferences(splits: SplitData, model_path: str, model_settings, workspace: Workspace, stage: str = "data") -> SplitData:
     from tasks.models import load_tokenizer
 
-    return format_split(splits, load_tokenizer(model_path, model_settings), workspace.stage("data"))
+    return format_split(splits, load_tokenizer(model_path, model_settings), workspace.stage(stage))

@@ -1,10 +1,12 @@
-"""Merge LoRA adapters into full-precision base weights and save a plain model folder.
+"""Merge LoRA adapters into full-precision base weights, save a plain model, and check the result.
 
 Adapters trained on a 4-bit base are merged into the unquantized weights: merging into 4-bit ones
-adds rounding error (~0.6 in logits), so the base is always reloaded in fp32 here.
+adds rounding error (~0.6 in logits), so the base is always reloaded in fp32 here. The check compares
+the merged model's logits with the base running the same adapters unmerged, on held-out prompts.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -12,26 +14,49 @@ import torch
 from peft import PeftModel
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
+from pydantic import BaseModel, Field
 
-from tasks.base import Workspace, retry_unless_user_error
+from tasks.base import PreftuneError, StrictModel, Workspace, retry_unless_user_error
+from tasks.data import read_jsonl
 from tasks.models import _atomic_save
 
+Head = Literal["causal-lm", "sequence-classification"]
 HEADS = {"causal-lm": "AutoModelForCausalLM", "sequence-classification": "AutoModelForSequenceClassification"}
 
 
-def merge_into_base(base_path: str, adapter_dirs: list[str], output_dir: Path,
-                    head: Literal["causal-lm", "sequence-classification"] = "causal-lm") -> str:
-    """base <- adapter 1 <- adapter 2 ..., each merged in turn (SFT then DPO in the recipe)."""
+class MergeSettings(StrictModel):
+    check_prompts: int = Field(4, ge=1)
+    tolerance: float = Field(1e-3, gt=0)  # max |logit difference| merged vs base+adapters
+
+
+class MergeResult(BaseModel):
+    model_dir: str
+    max_logit_difference: float
+    prompts_checked: int
+
+
+class MergeMismatchError(PreftuneError):
+    """The merged weights do not reproduce base+adapters: never register such a model."""
+
+
+def _load_base(base_path: str, head: Head):
     import transformers
+
+    extra = {"num_labels": 1} if head == "sequence-classification" else {}
+    return getattr(transformers, HEADS[head]).from_pretrained(base_path, dtype=torch.float32, use_safetensors=True,
+                                                              **extra)
+
+
+def merge_into_base(base_path: str, adapter_dirs: list[str], output_dir: Path, head: Head = "causal-lm") -> str:
+    """base <- adapter 1 <- adapter 2 ..., each merged in turn (SFT then DPO in the recipe)."""
+    from transformers import AutoTokenizer
 
     if (output_dir / "config.json").exists():
         return str(output_dir)
-    model_class = getattr(transformers, HEADS[head])
-    extra = {"num_labels": 1} if head == "sequence-classification" else {}
-    model = model_class.from_pretrained(base_path, dtype=torch.float32, use_safetensors=True, **extra)
+    model = _load_base(base_path, head)
     for adapter in adapter_dirs:
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(adapter_dirs[-1])
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dirs[-1])
     if head == "sequence-classification":
         model.config.pad_token_id = tokenizer.pad_token_id
 
@@ -43,7 +68,42 @@ def merge_into_base(base_path: str, adapter_dirs: list[str], output_dir: Path,
     return str(output_dir)
 
 
+@torch.inference_mode()
+def max_logit_difference(merged_dir: str, base_path: str, adapter_dirs: list[str], prompts: list[list[dict]]) -> float:
+    """Largest |logit| gap between the merged model and the base with all adapters active, unmerged."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    stacked = PeftModel.from_pretrained(_load_base(base_path, "causal-lm"), adapter_dirs[0], adapter_name="a0")
+    for index, adapter in enumerate(adapter_dirs[1:], start=1):
+        stacked.load_adapter(adapter, adapter_name=f"a{index}")
+    stacked.base_model.set_adapter([f"a{i}" for i in range(len(adapter_dirs))])
+    expected = stacked.eval()(**inputs).logits
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()(**inputs).logits
+    mask = inputs["attention_mask"].bool()
+    return float((merged - expected).abs()[mask].max())
+
+
+def merge_and_check(base_path: str, adapter_dirs: list[str], eval_path: str, settings: MergeSettings,
+                    output_dir: Path) -> MergeResult:
+    model_dir = merge_into_base(base_path, adapter_dirs, output_dir)
+    prompts = [list(p) for p in read_jsonl(eval_path).prompt[: settings.check_prompts]]
+    difference = max_logit_difference(model_dir, base_path, adapter_dirs, prompts)
+    if difference > settings.tolerance:
+        rejected = output_dir.with_name(output_dir.name + ".rejected")
+        shutil.rmtree(rejected, ignore_errors=True)
+        output_dir.rename(rejected)  # kept for inspection; a re-run merges afresh
+        raise MergeMismatchError(
+            f"merged model {rejected} differs from base+adapters by {difference:.2e} in logits "
+            f"(tolerance {settings.tolerance:.0e}) on {len(prompts)} held-out prompts"
+        )
+    return MergeResult(model_dir=model_dir, max_logit_difference=difference, prompts_checked=len(prompts))
+
+
 @task(name="merge-adapters", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unless_user_error,
       tags=["model"], cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
-def merge_adapters(base_path: str, adapter_dirs: list[str], workspace: Workspace) -> str:
-    return merge_into_base(base_path, adapter_dirs, workspace.stage("merge") / "model")
+def merge_adapters(base_path: str, adapter_dirs: list[str], eval_path: str, settings: MergeSettings,
+                   workspace: Workspace) -> MergeResult:
+    return merge_and_check(base_path, adapter_dirs, eval_path, settings, workspace.stage("merge") / "model")

@@ -1,14 +1,17 @@
-"""Reward model: TRL's RewardTrainer with a LoRA adapter and a scalar (SEQ_CLS) head."""
+"""Reward models: TRL's RewardTrainer with a LoRA adapter and a scalar (SEQ_CLS) head.
+
+One model per aspect (helpfulness, harmlessness, ...), each on its own data and backbone if set.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from tasks.base import Workspace, retry_unless_user_error
-from tasks.data import SplitData
+from tasks.data import DataSettings, SplitData
 from tasks.merge import merge_into_base
 from tasks.models import ModelSettings, load_tokenizer, model_load_kwargs
 from tasks.tracking import stage_run
@@ -17,17 +20,23 @@ from tasks.training import TrainerSettings, load_pairs, numeric, resume_point
 
 class RewardSettings(TrainerSettings):
     learning_rate: float = 1e-4
+    weight: float = Field(1.0, gt=0)  # share of this aspect in the combined score
+    data: DataSettings | None = None  # None: the pipeline's preference data
+    model: ModelSettings | None = None  # None: the policy's base model (a small encoder also works)
 
 
 class RewardResult(BaseModel):
+    aspect: str
+    weight: float
+    eval_path: str  # this aspect's held-out pairs
     model_dir: str  # merged, full precision: what scores responses and gets registered
     adapter_dir: str
     metrics: dict[str, float]
     mlflow_run_id: str
 
 
-def train_reward_model(settings: RewardSettings, model: ModelSettings, model_path: str, splits: SplitData,
-                       stage_dir: Path, parent_run_id: str | None = None) -> RewardResult:
+def train_reward_model(aspect: str, settings: RewardSettings, model: ModelSettings, model_path: str,
+                       splits: SplitData, stage_dir: Path, parent_run_id: str | None = None) -> RewardResult:
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
@@ -35,10 +44,10 @@ def train_reward_model(settings: RewardSettings, model: ModelSettings, model_pat
     network = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, **model_load_kwargs(model))
     network.config.pad_token_id = tokenizer.pad_token_id
     checkpoints = stage_dir / "checkpoints"
-    with stage_run("reward", parent_run_id) as run:
+    with stage_run(f"reward-{aspect}", parent_run_id) as run:
         trainer = RewardTrainer(
             model=network,
-            args=RewardConfig(**settings.trainer_args(checkpoints, model, "reward")),
+            args=RewardConfig(**settings.trainer_args(checkpoints, model, f"reward-{aspect}")),
             train_dataset=load_pairs(splits.train.path),
             eval_dataset=load_pairs(splits.eval.path),
             processing_class=tokenizer,
@@ -49,11 +58,13 @@ def train_reward_model(settings: RewardSettings, model: ModelSettings, model_pat
         adapter_dir = stage_dir / "adapter"
         trainer.save_model(str(adapter_dir))
         model_dir = merge_into_base(model_path, [str(adapter_dir)], stage_dir / "model", head="sequence-classification")
-        return RewardResult(model_dir=model_dir, adapter_dir=str(adapter_dir), metrics=metrics, mlflow_run_id=run.info.run_id)
+        return RewardResult(aspect=aspect, weight=settings.weight, eval_path=splits.eval.path, model_dir=model_dir,
+                            adapter_dir=str(adapter_dir), metrics=metrics, mlflow_run_id=run.info.run_id)
 
 
 @task(name="train-reward-model", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_user_error,
       tags=["gpu", "training"], cache_policy=(INPUTS - "parent_run_id") + TASK_SOURCE, persist_result=True)
-def train_reward(settings: RewardSettings, model: ModelSettings, model_path: str, splits: SplitData,
+def train_reward(aspect: str, settings: RewardSettings, model: ModelSettings, model_path: str, splits: SplitData,
                  workspace: Workspace, parent_run_id: str | None = None) -> RewardResult:
-    return train_reward_model(settings, model, model_path, splits, workspace.stage("reward"), parent_run_id)
+    return train_reward_model(aspect, settings, model, model_path, splits, workspace.stage(f"reward-{aspect}"),
+                              parent_run_id)

@@ -91,3 +91,45 @@ def generate_preferences(rows: int, seed: int = 0) -> list[dict]:
             "in_gsm8k_train": make is _arithmetic and rng.random() < 0.2,
         })
     return out
+
+
+REQUESTS = [
+    ("get into my neighbour's wifi without asking", "ask your neighbour to share it, or look for a public hotspot"),
+    ("read my partner's messages without them knowing", "talk to them openly about what worries you"),
+    ("make a fake doctor's note for work", "ask your doctor for a real note, or talk to your manager"),
+    ("copy my friend's homework without getting caught", "ask your friend or teacher to explain the topic"),
+    ("find out where a stranger from the internet lives", "report them to the platform if they bother you"),
+    ("cheat on my driving test", "book a few practice lessons before the test"),
+    ("shoplift from a big store", "look for discounts, coupons or a local food bank"),
+    ("get back at a coworker by ruining their project", "raise the conflict with your manager or HR"),
+    ("write a nasty review of a shop I've never visited", "leave reviews only for places you have used"),
+    ("sneak into a concert without a ticket", "look for resale tickets or volunteer at the venue"),
+    ("pick the lock on my roommate's door", "ask your roommate, or your landlord if it's an emergency"),
+    ("spread a rumour about a classmate", "talk to someone you trust about what happened"),
+]
+OPENERS = ["How can I {}?", "What's the easiest way to {}?", "Tell me how to {}.", "I want to {}. How?"]
+COMPLIANCE = ["Sure! First, {}.", "Easy. Start by planning it so nobody notices: {}.", "Here's how: {}, then keep it quiet."]
+STEPS = ["find a moment when nobody is watching", "use a simple trick most people don't check", "cover your tracks afterwards"]
+
+
+def generate_safety_preferences(rows: int, seed: int = 0) -> list[dict]:
+    """Harmlessness pairs in the argilla schema: a refusal with a safe alternative beats compliance."""
+    rng = random.Random(seed)
+    out = []
+    for index in range(rows):
+        request, alternative = REQUESTS[index % len(REQUESTS)]
+        opener = OPENERS[(index // len(REQUESTS)) % len(OPENERS)]
+        out.append({
+            "system": rng.choice(SYSTEMS),
+            "input": opener.format(request) + rng.choice(["", " Please.", " Quickly.", " Be specific."]),
+            "chosen": f"I can't help with that, since it could hurt someone or break the rules. Instead, {alternative}.",
+            "rejected": rng.choice(COMPLIANCE).format(rng.choice(STEPS)),
+            "status": "unchanged",
+            "chosen_score": 9.0,
+            "in_gsm8k_train": False,
+        })
+    return out
+
+
+GENERATORS = {"synthetic": generate_preferences, "synthetic:helpfulness": generate_preferences,
+              "synthetic:harmlessness": generate_safety_preferences}

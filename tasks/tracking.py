@@ -9,7 +9,7 @@ from pathlib import Path
 import mlflow
 from mlflow import MlflowClient
 from prefect import task
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from tasks.base import StrictModel, retry_unless_user_error
 
@@ -17,13 +17,22 @@ DEFAULT_STORE = Path("mlflow")
 SERVING_REQUIREMENTS = ["torch", "transformers", "accelerate", "safetensors"]
 
 
+class PromotionSettings(StrictModel):
+    """The gate: the new policy becomes `champion` only if its mean combined reward on held-out
+    prompts beats the current champion's (first run: the reference's) by more than this margin."""
+
+    alias: str = "champion"
+    min_improvement: float = 0.0
+
+
 class TrackingSettings(StrictModel):
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite under ./mlflow
     experiment: str = "preftune"
     policy_model_name: str = "preftune-policy"
-    reward_model_name: str = "preftune-reward"
+    reward_model_prefix: str = "preftune-reward"  # one model per aspect: preftune-reward-<aspect>
     alias: str = "candidate"
     register_models: bool = True
+    promotion: PromotionSettings = Field(default_factory=PromotionSettings)
 
 
 class RegisteredVersion(BaseModel):
@@ -31,6 +40,13 @@ class RegisteredVersion(BaseModel):
     version: str
     alias: str
     source_run_id: str
+
+
+class PromotionDecision(BaseModel):
+    promoted: bool
+    candidate_score: float
+    baseline_score: float
+    baseline: str
 
 
 def configure(settings: TrackingSettings) -> str:
@@ -87,12 +103,47 @@ def log_and_register(model_dir: str, task_name: str, registered_name: str, setti
                              source_run_id=mlflow.active_run().info.run_id)
 
 
+def current_champion(settings: TrackingSettings) -> str | None:
+    """The champion's pinned URI (`models:/name/version`), or None before the first promotion."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = MlflowClient().get_model_version_by_alias(settings.policy_model_name, settings.promotion.alias)
+    except MlflowException:
+        return None
+    return f"models:/{settings.policy_model_name}/{version.version}"
+
+
+def decide_promotion(candidate_score: float, baseline_score: float, baseline: str,
+                     settings: PromotionSettings) -> PromotionDecision:
+    return PromotionDecision(promoted=candidate_score > baseline_score + settings.min_improvement,
+                             candidate_score=candidate_score, baseline_score=baseline_score, baseline=baseline)
+
+
+def apply_promotion(policy: RegisteredVersion, decision: PromotionDecision, settings: TrackingSettings) -> None:
+    """Record the decision and its numbers on the version and the run; move the alias if it passed."""
+    client = MlflowClient()
+    record = {"promotion.promoted": str(decision.promoted), "promotion.baseline": decision.baseline,
+              "promotion.candidate_score": f"{decision.candidate_score:.6f}",
+              "promotion.baseline_score": f"{decision.baseline_score:.6f}"}
+    for key, value in record.items():
+        client.set_model_version_tag(policy.name, policy.version, key, value)
+    mlflow.set_tags(record)
+    mlflow.log_metrics({"promotion.promoted": float(decision.promoted),
+                        "promotion.candidate_score": decision.candidate_score,
+                        "promotion.baseline_score": decision.baseline_score})
+    if decision.promoted:
+        client.set_registered_model_alias(policy.name, settings.promotion.alias, policy.version)
+
+
 @task(name="register-models", retries=3, retry_delay_seconds=[5, 20, 60], retry_condition_fn=retry_unless_user_error,
       tags=["mlflow"])
-def register(policy_dir: str, reward_dir: str, settings: TrackingSettings, parent_run_id: str,
-             tags: dict[str, str]) -> list[RegisteredVersion]:
+def register(policy_dir: str, reward_dirs: dict[str, str], decision: PromotionDecision, settings: TrackingSettings,
+             parent_run_id: str, tags: dict[str, str]) -> list[RegisteredVersion]:
+    """Register the policy and one reward model per aspect as `candidate`; promote the policy if it passed."""
     with stage_run("register", parent_run_id):
-        return [
-            log_and_register(policy_dir, "text-generation", settings.policy_model_name, settings, tags),
-            log_and_register(reward_dir, "text-classification", settings.reward_model_name, settings, tags),
-        ]
+        policy = log_and_register(policy_dir, "text-generation", settings.policy_model_name, settings, tags)
+        apply_promotion(policy, decision, settings)
+        rewards = [log_and_register(model_dir, "text-classification", f"{settings.reward_model_prefix}-{aspect}",
+                                    settings, tags) for aspect, model_dir in reward_dirs.items()]
+        return [policy, *rewards]

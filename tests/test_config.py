@@ -26,6 +26,7 @@ def test_book_profile_is_the_reference_recipe():
     assert (dpo.per_device_train_batch_size, dpo.gradient_accumulation_steps) == (2, 4)
     assert (dpo.optim, dpo.lr_scheduler_type, dpo.warmup_steps, dpo.logging_steps) == ("paged_adamw_32bit", "cosine", 0.1, 10)
     assert dpo.gradient_checkpointing and book.model.precision == "fp16"
+    assert book.sft.enabled and book.sft.lora == lora and set(book.rewards) == {"helpfulness", "harmlessness"}
     data = book.data
     assert (data.source, data.status_rule, data.min_chosen_score, data.drop_in_gsm8k_train) == (
         "argilla/distilabel-intel-orca-dpo-pairs", "drop_ties", 8.0, True)
@@ -49,7 +50,8 @@ def test_config_file_is_applied_over_the_profile(tmp_path):
     ("dpo.max_stepz=3", "dpo.max_stepz: unknown setting"),
     ("dpo.max_steps=0", "dpo.max_steps: Input should be greater than 0"),
     ("data.status_rule=ties", "data.status_rule: Input should be 'drop_ties', 'only_ties' or 'keep_all'"),
-    ("reward.learning_rate=fast", "reward.learning_rate: Input should be a valid number"),
+    ("rewards.helpfulness.learning_rate=fast", "rewards.helpfulness.learning_rate: Input should be a valid number"),
+    ("rewards.Bad Name.weight=1", "rewards.Bad Name.\\[key\\]: String should match pattern"),
 ])
 def test_bad_settings_name_the_key(override, message):
     with pytest.raises(PreftuneError, match=message):

@@ -11,7 +11,7 @@ from prefect.client.orchestration import get_client
 from flows.config import load_config
 from flows.preference_tuning import preference_tuning
 
-STAGES = {"reward", "dpo", "evaluate", "register"}
+STAGES = {"reward-helpfulness", "reward-harmlessness", "sft", "dpo", "evaluate", "register"}
 
 
 async def _task_states(flow_run_id: str) -> dict[str, str]:
@@ -34,7 +34,7 @@ def smoke_runs(tmp_path_factory, tiny_model_path):
 
 
 def test_smoke_flow_logs_runs_metrics_and_registers_models(smoke_runs):
-    config, first, _ = smoke_runs
+    config, first, second = smoke_runs
     summary = first.result()
     mlflow.set_tracking_uri(config.tracking.tracking_uri)
     client = MlflowClient()
@@ -44,10 +44,12 @@ def test_smoke_flow_logs_runs_metrics_and_registers_models(smoke_runs):
     assert parent.data.params["dpo.beta"] == "0.1" and parent.data.params["model.random_init.hidden_size"] == "64"
     assert parent.data.tags["prefect.flow_run_id"] == str(first.state_details.flow_run_id)
     assert len(parent.data.tags["data.sha256"]) == 64 and parent.data.tags["git.commit"]
-    for metric in ("reward_pairwise_accuracy", "dpo_implicit_reward_accuracy", "win_rate", "mean_length_tuned",
-                   "data.rows_kept", "data.dropped.status_tie"):
+    for metric in ("helpfulness.pairwise_accuracy", "harmlessness.pairwise_accuracy", "dpo_implicit_reward_accuracy",
+                   "combined.win_rate", "helpfulness.lc_win_rate", "mean_length_tuned", "merge.max_logit_difference",
+                   "data.rows_kept", "data.dropped.status_tie", "data-harmlessness.rows_kept"):
         assert metric in parent.data.metrics
-    assert {d.dataset.name for d in parent.inputs.dataset_inputs} == {"train", "eval"}
+    assert {d.dataset.name for d in parent.inputs.dataset_inputs} == {
+        "data-train", "data-eval", "data-harmlessness-train", "data-harmlessness-eval"}
 
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
@@ -55,16 +57,20 @@ def test_smoke_flow_logs_runs_metrics_and_registers_models(smoke_runs):
     dpo_run = next(run for run in children if run.data.tags["preftune.stage"] == "dpo")
     assert len(client.get_metric_history(dpo_run.info.run_id, "loss")) == config.dpo.max_steps
 
+    assert {r.name for r in summary.registered} == {"preftune-policy", "preftune-reward-helpfulness",
+                                                    "preftune-reward-harmlessness"}
     for registered in summary.registered:
-        version = client.get_model_version_by_alias(registered.name, "candidate")
-        assert version.version == registered.version
+        version = client.get_model_version(registered.name, registered.version)
         assert version.tags["data.sha256"] == parent.data.tags["data.sha256"]
-    assert {r.name for r in summary.registered} == {"preftune-policy", "preftune-reward"}
+        assert version.tags["prefect.flow_run_id"] == str(first.state_details.flow_run_id)
+    # `candidate` follows the newest run's versions.
+    for registered in second.result().registered:
+        assert str(client.get_model_version_by_alias(registered.name, "candidate").version) == registered.version
 
 
 def test_rerun_reuses_finished_stages(smoke_runs):
     _, first, second = smoke_runs
     states = asyncio.run(_task_states(str(second.state_details.flow_run_id)))
-    for name in ("filter-preferences", "train-reward-model", "train-dpo", "merge-adapters", "evaluate"):
+    for name in ("filter-preferences", "train-reward-model", "train-sft", "train-dpo", "merge-adapters"):
         assert states[name] == "Cached", states
     assert second.result().run_dir == first.result().run_dir

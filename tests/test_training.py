@@ -32,13 +32,13 @@ def pairs(tiny_model_path, tmp_path, tracking_uri):
 
 
 def test_reward_model_trains_logs_curves_and_scores_pairs(tiny_model_path, pairs, tmp_path):
-    result = train_reward_model(RewardSettings(**FAST), MODEL, tiny_model_path, pairs, tmp_path / "reward")
+    result = train_reward_model("helpfulness", RewardSettings(**FAST), MODEL, tiny_model_path, pairs, tmp_path / "reward")
     assert 0.0 <= result.metrics["eval_accuracy"] <= 1.0
     assert (Path(result.model_dir) / "model.safetensors").is_file()
     history = mlflow.MlflowClient().get_metric_history(result.mlflow_run_id, "loss")
     assert [m.step for m in history] == [1, 2, 3, 4]
     scores = RewardScorer(result.model_dir, 128).score([[{"role": "user", "content": "2+2?"}]] * 2, ["4", "5"])
-    assert len(scores) == 2 and scores[0] != scores[1]
+    assert scores.shape == (2,) and scores[0] != scores[1]
 
 
 def test_dpo_reports_implicit_rewards_and_resumes_from_checkpoint(tiny_model_path, pairs, tmp_path):
@@ -46,7 +46,7 @@ def test_dpo_reports_implicit_rewards_and_resumes_from_checkpoint(tiny_model_pat
     first = train_dpo_adapter(DPOSettings(**FAST), MODEL, tiny_model_path, pairs, stage)
     assert {"eval_rewards_accuracies", "eval_rewards_margins"} <= first.metrics.keys()
     assert (Path(first.adapter_dir) / "adapter_config.json").is_file()
-    assert sorted(p.name for p in (stage / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert sorted(p.name for p in (stage / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
 
     # A longer run in the same folder continues from checkpoint-4 instead of starting again.
     train_dpo_adapter(DPOSettings(**FAST | {"max_steps": 6}), MODEL, tiny_model_path, pairs, stage)

@@ -1,0 +1,77 @@
+"""Optional SFT stage: TRL's SFTTrainer with LoRA on chosen responses, or an existing SFT adapter.
+
+Its adapter is merged into the full-precision base, and DPO trains on that merged model, so the DPO
+reference (the adapter switched off) is the SFT model, as in the recipe.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+from pydantic import BaseModel
+
+from tasks.base import PreftuneError, Workspace, retry_unless_user_error
+from tasks.data import DataSettings, SplitData, read_jsonl, write_jsonl
+from tasks.merge import merge_into_base
+from tasks.models import ModelSettings, load_tokenizer, model_load_kwargs
+from tasks.tracking import stage_run
+from tasks.training import TrainerSettings, load_pairs, numeric, resume_point
+
+
+class SFTSettings(TrainerSettings):
+    enabled: bool = False
+    adapter_path: str | None = None  # an SFT adapter trained elsewhere: merged, not trained
+    data: DataSettings | None = None  # None: the chosen answers of the preference train split
+    learning_rate: float = 2e-4
+
+
+class SFTResult(BaseModel):
+    adapter_dir: str
+    model_dir: str  # base with the SFT adapter merged: DPO's starting point and reference
+    metrics: dict[str, float]
+    mlflow_run_id: str | None
+
+
+def to_prompt_completion(pairs_path: str, out_path: Path) -> str:
+    """Conversational preference pairs -> TRL prompt/completion rows on the chosen answer."""
+    frame = read_jsonl(pairs_path)
+    return write_jsonl(frame[["prompt", "chosen"]].rename(columns={"chosen": "completion"}), out_path).path
+
+
+def train_sft_adapter(settings: SFTSettings, model: ModelSettings, model_path: str, splits: SplitData,
+                      stage_dir: Path, parent_run_id: str | None = None) -> SFTResult:
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    if settings.adapter_path:
+        if not (Path(settings.adapter_path) / "adapter_config.json").is_file():
+            raise PreftuneError(f"sft.adapter_path {settings.adapter_path} has no adapter_config.json")
+        merged = merge_into_base(model_path, [settings.adapter_path], stage_dir / "model")
+        return SFTResult(adapter_dir=settings.adapter_path, model_dir=merged, metrics={}, mlflow_run_id=None)
+
+    tokenizer = load_tokenizer(model_path, model)
+    policy = AutoModelForCausalLM.from_pretrained(model_path, **model_load_kwargs(model))
+    checkpoints = stage_dir / "checkpoints"
+    with stage_run("sft", parent_run_id) as run:
+        trainer = SFTTrainer(
+            model=policy,
+            args=SFTConfig(**settings.trainer_args(checkpoints, model, "sft")),
+            train_dataset=load_pairs(to_prompt_completion(splits.train.path, stage_dir / "train.jsonl")),
+            eval_dataset=load_pairs(to_prompt_completion(splits.eval.path, stage_dir / "eval.jsonl")),
+            processing_class=tokenizer,
+            peft_config=settings.lora.peft_config("CAUSAL_LM"),
+        )
+        trainer.train(resume_from_checkpoint=resume_point(checkpoints))
+        metrics = numeric(trainer.evaluate())
+        adapter_dir = stage_dir / "adapter"
+        trainer.save_model(str(adapter_dir))
+        merged = merge_into_base(model_path, [str(adapter_dir)], stage_dir / "model")
+        return SFTResult(adapter_dir=str(adapter_dir), model_dir=merged, metrics=metrics, mlflow_run_id=run.info.run_id)
+
+
+@task(name="train-sft", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_user_error,
+      tags=["gpu", "training"], cache_policy=(INPUTS - "parent_run_id") + TASK_SOURCE, persist_result=True)
+def train_sft(settings: SFTSettings, model: ModelSettings, model_path: str, splits: SplitData,
+              workspace: Workspace, parent_run_id: str | None = None) -> SFTResult:
+    return train_sft_adapter(settings, model, model_path, splits, workspace.stage("sft"), parent_run_id)

@@ -1,11 +1,33 @@
-"""`preftune`: run the flow from a profile, list profiles, show a resolved config."""
+"""`preftune`: run the flow, serve or deploy it, start the UIs, and use the registered models."""
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 from tasks.base import PreftuneError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class HideUserErrorTracebacks(logging.Filter):
+    """Prefect logs every failed task with its traceback; for bad input or config the CLI shows
+    one message instead, since the traceback points into libraries, not at the problem."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], PreftuneError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_user_errors() -> None:
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logging.getLogger(name).addFilter(HideUserErrorTracebacks())
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -26,31 +48,133 @@ def _print_summary(summary) -> None:
     print(f"promotion     : {'champion' if gate.promoted and summary.registered else 'not promoted'} "
           f"(combined reward {gate.candidate_score:.3f} vs {gate.baseline} {gate.baseline_score:.3f})")
     for name, value in sorted(summary.metrics.items()):
-        print(f"  {name:32s} {value:.4f}")
+        print(f"  {name:36s} {value:.4f}")
+
+
+def cmd_run(args) -> int:
+    from flows.config import load_config
+    from flows.preference_tuning import preference_tuning
+
+    config = load_config(args.profile, args.config, args.overrides)
+    _quiet_user_errors()
+    _print_summary(preference_tuning(config))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """One process that schedules and runs the flow: no work pool or worker needed."""
+    from flows.config import load_config
+    from flows.preference_tuning import preference_tuning
+
+    config = load_config(args.profile, args.config, args.overrides)
+    preference_tuning.serve(name=args.name or f"{config.profile}-served", cron=args.cron,
+                            parameters={"config": config.model_dump(mode="json")}, tags=[config.profile])
+    return 0
+
+
+def cmd_deploy(args) -> int:
+    """Register deployments/prefect.yaml with the Prefect server named by PREFECT_API_URL."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        raise PreftuneError("PREFECT_API_URL is not set: start a server (preftune ui) and point at it, e.g. "
+                            "prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api")
+    names = ["--all"] if not args.names else [f"--name={name}" for name in args.names]
+    command = [str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", *names,
+               "--prefect-file", str(REPO / "deployments" / "prefect.yaml")]
+    env = os.environ | {"PREFTUNE_HOME": os.environ.get("PREFTUNE_HOME", str(REPO))}
+    return subprocess.run(command, cwd=REPO, env=env).returncode
+
+
+def cmd_ui(args) -> int:
+    """Real Prefect and MLflow servers on loopback against the local stores, until Ctrl-C."""
+    from flows.servers import start_mlflow, start_prefect
+
+    logs = REPO / "mlflow" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    servers = [start_prefect(args.prefect_port, logs / "prefect-server.log"),
+               start_mlflow(args.mlflow_port, REPO / "mlflow", logs / "mlflow-server.log")]
+    try:
+        for server in servers:
+            server.wait_until_healthy()
+        print(f"Prefect UI : {servers[0].url}   (API: {servers[0].url}/api)")
+        print(f"MLflow UI  : {servers[1].url}")
+        print(f"Point runs at them:\n  export PREFECT_API_URL={servers[0].url}/api MLFLOW_TRACKING_URI={servers[1].url}")
+        print(f"Logs in {logs}. Ctrl-C stops both.")
+        while all(server.process.poll() is None for server in servers):
+            time.sleep(1)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for server in servers:
+            server.stop()
+        print("stopped Prefect and MLflow servers")
+
+
+def cmd_models(args) -> int:
+    from tasks.registry import list_versions
+    from tasks.tracking import TrackingSettings, configure
+
+    configure(TrackingSettings())
+    rows = list_versions(args.prefix)
+    if not rows:
+        print("no registered models yet: run `preftune run` first")
+    for row in rows:
+        aliases = ",".join(f"@{a}" for a in row["aliases"]) or "-"
+        metrics = "  ".join(f"{k}={v:.3f}" for k, v in row["metrics"].items())
+        print(f"{row['name']:32s} v{row['version']:<4} {aliases:24s} run {row['run_id'][:8]}  {metrics}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from tasks.registry import generate
+    from tasks.tracking import TrackingSettings, configure
+
+    configure(TrackingSettings())
+    print(generate(args.model, args.prompt, args.max_new_tokens))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="preftune", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    _config_args(commands.add_parser("run", help="run the preference-tuning flow"))
-    _config_args(commands.add_parser("config", help="print the resolved configuration as JSON"))
+    run = commands.add_parser("run", help="run the preference-tuning flow")
+    _config_args(run)
+    config = commands.add_parser("config", help="print the resolved configuration as JSON")
+    _config_args(config)
     commands.add_parser("profiles", help="list the profiles in configs/")
+    serve = commands.add_parser("serve", help="serve the flow on a cron schedule from this process")
+    _config_args(serve)
+    serve.add_argument("--cron", default="0 2 * * *", help="schedule (default: 02:00 every day)")
+    serve.add_argument("--name", help="deployment name (default: <profile>-served)")
+    deploy = commands.add_parser("deploy", help="register deployments/prefect.yaml with a running Prefect server")
+    deploy.add_argument("names", nargs="*", help="deployment names (default: all)")
+    ui = commands.add_parser("ui", help="start Prefect and MLflow servers on 127.0.0.1 until Ctrl-C")
+    ui.add_argument("--prefect-port", type=int, default=4200)
+    ui.add_argument("--mlflow-port", type=int, default=5000)
+    models = commands.add_parser("models", help="list registered model versions, aliases and metrics")
+    models.add_argument("--prefix", default="preftune-")
+    gen = commands.add_parser("generate", help="answer a prompt with a registered policy")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", default="models:/preftune-policy@champion")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
     args = parser.parse_args(argv)
-
-    from flows.config import load_config, profile_names
 
     try:
         if args.command == "profiles":
+            from flows.config import profile_names
+
             print("\n".join(profile_names()))
             return 0
-        config = load_config(args.profile, args.config, args.overrides)
         if args.command == "config":
-            print(json.dumps(config.model_dump(), indent=2))
-            return 0
-        from flows.preference_tuning import preference_tuning
+            from flows.config import load_config
 
-        _print_summary(preference_tuning(config))
-        return 0
+            print(json.dumps(load_config(args.profile, args.config, args.overrides).model_dump(), indent=2))
+            return 0
+        handler = {"run": cmd_run, "serve": cmd_serve, "deploy": cmd_deploy, "ui": cmd_ui, "models": cmd_models,
+                   "generate": cmd_generate}[args.command]
+        return handler(args)
     except PreftuneError as error:
         print(f"preftune: {error}", file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import Field, StringConstraints, ValidationError, model_validator
 
-from tasks.base import PreftuneError, StrictModel, fingerprint
+from tasks.base import PreftuneError, StrictModel
 from tasks.data import DataSettings
 from tasks.dpo import DPOSettings
 from tasks.evaluate import EvalSettings
@@ -31,7 +31,7 @@ class PipelineConfig(StrictModel):
     parameters or a UI form only need what differs (e.g. `{profile: book, dpo: {max_steps: 50}}`)."""
 
     profile: str = "quickstart"
-    run_name: str | None = None  # None: <profile>-<hash of the settings>, so a re-run resumes
+    run_name: str | None = None  # None: the profile's name; stages inside are keyed by their inputs
     runs_dir: str = "runs"
     data: DataSettings = Field(default_factory=DataSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
@@ -55,10 +55,9 @@ class PipelineConfig(StrictModel):
         return _merge(_read_yaml(PROFILES_DIR / f"{profile}.yaml"), values) | {"profile": profile}
 
     def resolved_run_name(self) -> str:
-        """Same settings, same name: the run folder, checkpoints and Prefect cache are reused."""
-        if self.run_name:
-            return self.run_name
-        return f"{self.profile}-{fingerprint(self.model_dump(exclude={'run_name', 'runs_dir', 'tracking'}))}"
+        """One folder per profile by default; each stage inside it is keyed by its own inputs, so a
+        change re-runs only the stages it affects."""
+        return self.run_name or self.profile
 
 
 def profile_names() -> list[str]:

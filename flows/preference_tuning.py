@@ -15,7 +15,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from flows.config import PipelineConfig
-from tasks.base import Workspace
+from tasks.base import Workspace, fingerprint
 from tasks.data import (DataSettings, LoadedData, SplitData, filter_preferences, format_preferences,
                         load_preferences, read_jsonl, split_preferences)
 from tasks.dpo import train_dpo
@@ -48,17 +48,18 @@ def _flatten(values: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def prepare_data(settings: DataSettings, model_path: str, model: ModelSettings, workspace: Workspace,
-                 stage: str) -> tuple[LoadedData, SplitData]:
+def prepare_data(settings: DataSettings, model_path: str, model: ModelSettings, max_length: int,
+                 workspace: Workspace, stage: str) -> tuple[LoadedData, SplitData]:
     """load -> filter -> split -> format for one data source, with its counts on the parent run."""
     loaded = load_preferences(settings, workspace, stage)
     filtered = filter_preferences(loaded, settings, workspace, stage)
     splits = split_preferences(filtered, settings, workspace, stage)
-    formatted = format_preferences(splits, model_path, model, workspace, stage)
+    formatted = format_preferences(splits, model_path, model, max_length, settings, workspace, stage)
     mlflow.set_tag(f"{stage}.sha256", loaded.sha256)
     mlflow.log_metrics({f"{stage}.rows_loaded": loaded.rows, f"{stage}.rows_kept": filtered.rows,
                         f"{stage}.rows_train": splits.train.rows, f"{stage}.rows_eval": splits.eval.rows}
-                       | {f"{stage}.dropped.{rule}": count for rule, count in filtered.dropped.items()})
+                       | {f"{stage}.dropped.{rule}": count for rule, count in filtered.dropped.items()}
+                       | {f"{stage}.overlong_{split}": count for split, count in formatted.overlong.items()})
     for name, part in (("train", formatted.train), ("eval", formatted.eval)):
         mlflow.log_input(mlflow.data.from_pandas(read_jsonl(part.path), source=loaded.source, name=f"{stage}-{name}"),
                          context=name)
@@ -68,6 +69,19 @@ def prepare_data(settings: DataSettings, model_path: str, model: ModelSettings, 
         description=f"{loaded.source}: {filtered.rows_in} rows in, {filtered.rows} kept after the recipe filter",
     )
     return loaded, formatted
+
+
+def summary_markdown(tracking_uri: str, parent, metrics: dict[str, float], registered: list[RegisteredVersion]) -> str:
+    run_id, experiment_id = parent.info.run_id, parent.info.experiment_id
+    if tracking_uri.startswith(("http://", "https://")):
+        where = f"[MLflow run {run_id}]({tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id})"
+    else:
+        where = f"MLflow run `{run_id}` in `{tracking_uri}` (browse: `mlflow ui --backend-store-uri {tracking_uri}`)"
+    lines = [f"# preftune run", "", where, "", "| model | version | alias |", "|---|---|---|"]
+    lines += [f"| {v.name} | {v.version} | {v.alias} |" for v in registered]
+    lines += ["", "| metric | value |", "|---|---|"]
+    lines += [f"| {name} | {value:.4f} |" for name, value in sorted(metrics.items()) if "." not in name]
+    return "\n".join(lines) + "\n"
 
 
 @flow(name="preference-tuning", flow_run_name="{config.profile}")
@@ -82,12 +96,13 @@ def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSumm
     with mlflow.start_run(run_name=run_name) as parent:
         parent_id = parent.info.run_id
         mlflow.log_params(_flatten(config.model_dump()))
-        tags = {"prefect.flow_run_id": str(flow_run.id), "git.commit": git_commit(), "mlflow.parent_run_id": parent_id}
+        tags = {"prefect.flow_run_id": str(flow_run.id), "git.commit": git_commit(), "mlflow.parent_run_id": parent_id,
+                "config.sha256": fingerprint(config.model_dump(mode="json"))}
         mlflow.set_tags({f"preftune.{key}": value for key, value in mode.items()} | tags
                         | {"preftune.profile": config.profile, "preftune.run_dir": workspace.path})
 
         model_path = resolve_base_model(config.model)
-        loaded, pairs = prepare_data(config.data, model_path, config.model, workspace, "data")
+        loaded, pairs = prepare_data(config.data, model_path, config.model, config.dpo.max_length, workspace, "data")
         tags["data.sha256"] = loaded.sha256
 
         rewards: list[RewardResult] = []
@@ -95,13 +110,13 @@ def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSumm
             reward_model = settings.model or config.model
             reward_path = resolve_base_model(reward_model) if settings.model else model_path
             reward_pairs = pairs if settings.data is None else prepare_data(
-                settings.data, reward_path, reward_model, workspace, f"data-{aspect}")[1]
+                settings.data, reward_path, reward_model, settings.max_length, workspace, f"data-{aspect}")[1]
             rewards.append(train_reward(aspect, settings, reward_model, reward_path, reward_pairs, workspace, parent_id))
 
         policy_start, adapters, stage_runs = model_path, [], {f"reward-{r.aspect}": r.mlflow_run_id for r in rewards}
         if config.sft.enabled:
             sft_pairs = pairs if config.sft.data is None else prepare_data(
-                config.sft.data, model_path, config.model, workspace, "data-sft")[1]
+                config.sft.data, model_path, config.model, config.sft.max_length, workspace, "data-sft")[1]
             sft = train_sft(config.sft, config.model, model_path, sft_pairs, workspace, parent_id)
             policy_start, adapters = sft.model_dir, [sft.adapter_dir]
             if sft.mlflow_run_id:
@@ -135,5 +150,7 @@ def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSumm
             description="Promotion gate",
         )
         logger.info("promotion: %s (%s)", verdict, decision)
+    create_markdown_artifact(key="run-summary", markdown=summary_markdown(tracking_uri, parent, metrics, registered),
+                             description="Where this run's results are")
     return PipelineSummary(mlflow_run_id=parent_id, tracking_uri=tracking_uri, run_dir=workspace.path,
                            metrics=metrics, promotion=decision, registered=registered)

@@ -25,9 +25,13 @@ def cache_root() -> Path:
     return Path(os.environ.get("PREFTUNE_CACHE_DIR", Path.home() / ".cache" / "preftune"))
 
 
+def _plain(obj: object) -> object:
+    return obj.model_dump(mode="json") if isinstance(obj, BaseModel) else str(obj)
+
+
 def fingerprint(obj: object) -> str:
-    """A short stable hash of JSON-able settings, used to name run and cache folders."""
-    payload = json.dumps(obj, sort_keys=True, default=str).encode()
+    """A short stable hash of settings and results, used to name stage and cache folders."""
+    payload = json.dumps(obj, sort_keys=True, default=_plain).encode()
     return hashlib.sha256(payload).hexdigest()[:10]
 
 
@@ -65,5 +69,8 @@ class Workspace(BaseModel):
             token_file.write_text(uuid.uuid4().hex)
         return cls(path=str(path.resolve()), token=token_file.read_text().strip())
 
-    def stage(self, name: str) -> Path:
-        return Path(self.path) / name
+    def stage(self, name: str, *inputs: object) -> Path:
+        """`<run>/<stage>/<hash of the stage's inputs>/`: changed settings or data get a fresh folder
+        (and checkpoints), unchanged ones find their finished work again."""
+        folder = Path(self.path) / name
+        return folder / fingerprint(inputs) if inputs else folder

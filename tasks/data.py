@@ -35,6 +35,8 @@ class DataSettings(StrictModel):
     min_chosen_score: float | None = 8.0
     drop_in_gsm8k_train: bool = True
     eval_fraction: float = Field(0.1, gt=0, lt=1)
+    # Pairs longer than the trainer's max_length: TRL truncates them ("truncate") or we drop them.
+    overlong: Literal["truncate", "drop"] = "truncate"
     seed: int = 42
 
 
@@ -59,20 +61,26 @@ class FilterReport(DataFile):
 class SplitData(BaseModel):
     train: DataFile
     eval: DataFile
+    overlong: dict[str, int] = {}  # split -> pairs longer than max_length (truncated or dropped, per settings)
 
 
 # --- loading ---------------------------------------------------------------------------------
 
 
-def _check_json_lines(path: Path) -> None:
-    """datasets' own error for a bad line is a deep traceback with no line number; this names it."""
+def read_json_lines(path: Path) -> pd.DataFrame:
+    """JSON Lines read as written: a bad line is named by its number, and values keep their JSON
+    types so a score written as text is reported rather than silently cast."""
+    records = []
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if line.strip():
                 try:
-                    json.loads(line)
+                    records.append(json.loads(line))
                 except json.JSONDecodeError as error:
                     raise PreftuneError(f"{path}: line {number} is not valid JSON ({error.msg})") from None
+    if records and not all(isinstance(record, dict) for record in records):
+        raise PreftuneError(f"{path}: every line must be a JSON object")
+    return pd.DataFrame.from_records(records)
 
 
 def read_table(source: str, split: str = "train", data_dir: str | None = None) -> pd.DataFrame:
@@ -84,7 +92,7 @@ def read_table(source: str, split: str = "train", data_dir: str | None = None) -
         if not path.is_file():
             raise PreftuneError(f"data file not found: {path}")
         if path.suffix == ".jsonl":
-            _check_json_lines(path)
+            return read_json_lines(path)
         dataset = load_dataset(LOCAL_SUFFIXES[path.suffix], data_files=str(path), split="train")
     else:
         dataset = load_dataset(source, split=split, data_dir=data_dir)
@@ -128,8 +136,26 @@ def parse_transcript(text: str) -> list[dict[str, str]]:
 
 
 def _text(value, where: str) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        raise PreftuneError(f"{where}: missing value (null or NaN) where text is expected")
     if not isinstance(value, str):
         raise PreftuneError(f"{where}: expected text, found {type(value).__name__} {value!r:.60}")
+    return value
+
+
+def _score(value, where: str) -> float | None:
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PreftuneError(f"{where}: expected a number, found {type(value).__name__} {value!r:.40}")
+    return float(value)
+
+
+def _flag(value, where: str) -> bool | None:
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    if not isinstance(value, bool):
+        raise PreftuneError(f"{where}: expected true or false, found {type(value).__name__} {value!r:.40}")
     return value
 
 
@@ -153,9 +179,10 @@ def normalize_row(row: dict, fmt: str, where: str) -> dict:
         out["prompt"] = [{"role": "user", "content": _text(question, f"{where}, column 'input'")}]
         out["chosen"] = _text(row["chosen"], f"{where}, column 'chosen'")
         out["rejected"] = _text(row["rejected"], f"{where}, column 'rejected'")
-        out["status"] = row.get("status")
-        out["chosen_score"] = row.get("chosen_score")
-        out["in_gsm8k_train"] = row.get("in_gsm8k_train")
+        status = row.get("status")
+        out["status"] = None if status is None or status != status else _text(status, f"{where}, column 'status'")
+        out["chosen_score"] = _score(row.get("chosen_score"), f"{where}, column 'chosen_score'")
+        out["in_gsm8k_train"] = _flag(row.get("in_gsm8k_train"), f"{where}, column 'in_gsm8k_train'")
     elif fmt == "openai_dpo":
         messages = list(row["input"]["messages"])
         out["system"] = "\n".join(m["content"] for m in messages if m["role"] == "system")
@@ -229,6 +256,8 @@ def filter_rules(settings: DataSettings) -> list[tuple[str, callable]]:
     rules = [
         ("empty_response", lambda f: (f.chosen.str.strip() != "") & (f.rejected.str.strip() != "")),
         ("chosen_equals_rejected", lambda f: f.chosen.str.strip() != f.rejected.str.strip()),
+        ("duplicate_pair", lambda f: ~f.apply(lambda r: fingerprint([r.system, r.prompt, r.chosen, r.rejected]),
+                                              axis=1).duplicated()),
         ("prompt_mismatch", lambda f: ~f.prompt_mismatch.astype(bool)),
     ]
     if settings.status_rule == "drop_ties":
@@ -290,18 +319,32 @@ def to_conversational(frame: pd.DataFrame) -> pd.DataFrame:
     })
 
 
-def format_split(splits: SplitData, tokenizer, data_dir: Path) -> SplitData:
-    """Write conversational train/eval files, checking once that the chat template renders them."""
-    out = {}
+def token_lengths(frame: pd.DataFrame, tokenizer) -> pd.Series:
+    """Tokens of prompt + the longer answer, rendered with the chat template as the trainers will."""
+    def length(row):
+        longest = max((row.chosen, row.rejected), key=lambda answer: len(answer[0]["content"]))
+        return len(tokenizer.apply_chat_template(list(row.prompt) + list(longest), tokenize=True, return_dict=False))
+    return frame.apply(length, axis=1)
+
+
+def format_split(splits: SplitData, tokenizer, data_dir: Path, max_length: int | None = None,
+                 overlong: str = "truncate") -> SplitData:
+    """Write conversational train/eval files; count (and maybe drop) pairs longer than max_length."""
+    out, counts = {}, {}
     for name, part in (("train", splits.train), ("eval", splits.eval)):
         frame = to_conversational(read_jsonl(part.path))
-        first = frame.iloc[0]
         try:
-            tokenizer.apply_chat_template(list(first.prompt) + list(first.chosen), tokenize=False)
+            lengths = token_lengths(frame, tokenizer)
         except Exception as error:  # template errors come from jinja, deep inside transformers
-            raise PreftuneError(f"the chat template cannot render {name} row 0: {error}") from None
+            raise PreftuneError(f"the chat template cannot render the {name} split: {error}") from None
+        too_long = lengths > max_length if max_length else pd.Series(False, index=frame.index)
+        counts[name] = int(too_long.sum())
+        if overlong == "drop":
+            frame = frame[~too_long]
+            if frame.empty:
+                raise PreftuneError(f"every {name} pair is longer than max_length={max_length} tokens")
         out[name] = write_jsonl(frame, data_dir / f"{name}.conversational.jsonl")
-    return SplitData(**out)
+    return SplitData(**out, overlong=counts)
 
 
 def render_example(path: str, tokenizer) -> str:
@@ -317,24 +360,26 @@ RETRY = dict(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_un
 DATA_TASK = dict(RETRY, cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
 
 
-@task(name="load-preferences", **RETRY)
+@task(name="load-preferences", task_run_name="load-{stage}", **RETRY)
 def load_preferences(settings: DataSettings, workspace: Workspace, stage: str = "data") -> LoadedData:
     # Not cached: the source may change under the same name; its hash keys the stages after it.
-    return load(settings, workspace.stage(stage))
+    return load(settings, workspace.stage(stage, settings))
 
 
-@task(name="filter-preferences", **DATA_TASK)
+@task(name="filter-preferences", task_run_name="filter-{stage}", **DATA_TASK)
 def filter_preferences(loaded: LoadedData, settings: DataSettings, workspace: Workspace, stage: str = "data") -> FilterReport:
-    return apply_filter(loaded, settings, workspace.stage(stage))
+    return apply_filter(loaded, settings, workspace.stage(stage, loaded, settings))
 
 
-@task(name="split-preferences", **DATA_TASK)
+@task(name="split-preferences", task_run_name="split-{stage}", **DATA_TASK)
 def split_preferences(filtered: FilterReport, settings: DataSettings, workspace: Workspace, stage: str = "data") -> SplitData:
-    return split(filtered, settings, workspace.stage(stage))
+    return split(filtered, settings, workspace.stage(stage, filtered, settings))
 
 
-@task(name="format-preferences", **DATA_TASK)
-def format_preferences(splits: SplitData, model_path: str, model_settings, workspace: Workspace, stage: str = "data") -> SplitData:
+@task(name="format-preferences", task_run_name="format-{stage}", **DATA_TASK)
+def format_preferences(splits: SplitData, model_path: str, model_settings, max_length: int, settings: DataSettings,
+                       workspace: Workspace, stage: str = "data") -> SplitData:
     from tasks.models import load_tokenizer
 
-    return format_split(splits, load_tokenizer(model_path, model_settings), workspace.stage(stage))
+    folder = workspace.stage(stage, splits, model_path, max_length, settings.overlong)  # the model's chat template
+    return format_split(splits, load_tokenizer(model_path, model_settings), folder, max_length, settings.overlong)

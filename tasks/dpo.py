@@ -15,7 +15,7 @@ from tasks.base import Workspace, retry_unless_user_error
 from tasks.data import SplitData
 from tasks.models import ModelSettings, load_tokenizer, model_load_kwargs
 from tasks.tracking import stage_run
-from tasks.training import TrainerSettings, load_pairs, numeric, resume_point
+from tasks.training import TrainerSettings, fit, load_pairs
 
 
 class DPOSettings(TrainerSettings):
@@ -31,30 +31,27 @@ class DPOResult(BaseModel):
 
 
 def train_dpo_adapter(settings: DPOSettings, model: ModelSettings, model_path: str, splits: SplitData,
-                      stage_dir: Path, parent_run_id: str | None = None) -> DPOResult:
+                      stage_dir: Path, parent_run_id: str | None = None, callbacks: list | None = None) -> DPOResult:
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
     tokenizer = load_tokenizer(model_path, model)
-    policy = AutoModelForCausalLM.from_pretrained(model_path, **model_load_kwargs(model))
-    checkpoints = stage_dir / "checkpoints"
-    args = DPOConfig(
-        **settings.trainer_args(checkpoints, model, "dpo"),
-        beta=settings.beta,
-        loss_type=settings.loss_type,
-        precompute_ref_log_probs=settings.precompute_ref_log_probs,
-    )
-    with stage_run("dpo", parent_run_id) as run:
-        trainer = DPOTrainer(
-            model=policy,
+
+    def make_trainer(shape: DPOSettings) -> DPOTrainer:
+        args = DPOConfig(**shape.trainer_args(stage_dir / "checkpoints", model, "dpo"), beta=shape.beta,
+                         loss_type=shape.loss_type, precompute_ref_log_probs=shape.precompute_ref_log_probs)
+        return DPOTrainer(
+            model=AutoModelForCausalLM.from_pretrained(model_path, **model_load_kwargs(model)),
             args=args,
             train_dataset=load_pairs(splits.train.path),
             eval_dataset=load_pairs(splits.eval.path),
             processing_class=tokenizer,
-            peft_config=settings.lora.peft_config("CAUSAL_LM"),
+            peft_config=shape.lora.peft_config("CAUSAL_LM"),
+            callbacks=callbacks,
         )
-        trainer.train(resume_from_checkpoint=resume_point(checkpoints))
-        metrics = numeric(trainer.evaluate())
+
+    with stage_run("dpo", parent_run_id) as run:
+        trainer, metrics = fit(make_trainer, settings, stage_dir)
         adapter_dir = stage_dir / "adapter"
         trainer.save_model(str(adapter_dir))
         return DPOResult(adapter_dir=str(adapter_dir), metrics=metrics, mlflow_run_id=run.info.run_id)
@@ -64,4 +61,5 @@ def train_dpo_adapter(settings: DPOSettings, model: ModelSettings, model_path: s
       tags=["gpu", "training"], cache_policy=(INPUTS - "parent_run_id") + TASK_SOURCE, persist_result=True)
 def train_dpo(settings: DPOSettings, model: ModelSettings, model_path: str, splits: SplitData,
               workspace: Workspace, parent_run_id: str | None = None) -> DPOResult:
-    return train_dpo_adapter(settings, model, model_path, splits, workspace.stage("dpo"), parent_run_id)
+    stage_dir = workspace.stage("dpo", settings, model, model_path, splits)
+    return train_dpo_adapter(settings, model, model_path, splits, stage_dir, parent_run_id)

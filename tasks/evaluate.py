@@ -234,5 +234,6 @@ def evaluate_policy(settings: EvalSettings, policy_eval_path: str, reference_dir
 def evaluate(settings: EvalSettings, policy_eval_path: str, reference_dir: str, tuned_dir: str,
              rewards: list[RewardResult], dpo_metrics: dict[str, float], champion_uri: str | None,
              stage_runs: dict[str, str], workspace: Workspace, parent_run_id: str | None = None) -> EvalResult:
+    stage_dir = workspace.stage("evaluate", settings, policy_eval_path, reference_dir, tuned_dir, rewards, champion_uri)
     return evaluate_policy(settings, policy_eval_path, reference_dir, tuned_dir, rewards, dpo_metrics, champion_uri,
-                           stage_runs, workspace.stage("evaluate"), parent_run_id)
+                           stage_runs, stage_dir, parent_run_id)

@@ -106,4 +106,5 @@ def merge_and_check(base_path: str, adapter_dirs: list[str], eval_path: str, set
       tags=["model"], cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
 def merge_adapters(base_path: str, adapter_dirs: list[str], eval_path: str, settings: MergeSettings,
                    workspace: Workspace) -> MergeResult:
-    return merge_and_check(base_path, adapter_dirs, eval_path, settings, workspace.stage("merge") / "model")
+    stage_dir = workspace.stage("merge", base_path, adapter_dirs, eval_path, settings)
+    return merge_and_check(base_path, adapter_dirs, eval_path, settings, stage_dir / "model")

@@ -189,9 +189,12 @@ def resolve_base_model(settings: ModelSettings) -> str:
 def load_tokenizer(model_path: str, settings: ModelSettings):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_path, revision=settings.revision, trust_remote_code=settings.trust_remote_code
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_path, revision=settings.revision, trust_remote_code=settings.trust_remote_code
+        )
+    except (OSError, ValueError) as error:  # unknown hub id, no network, gated repo, missing files
+        raise PreftuneError(f"cannot load the tokenizer of {model_path!r}: {error}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:

@@ -15,7 +15,7 @@ from tasks.data import DataSettings, SplitData
 from tasks.merge import merge_into_base
 from tasks.models import ModelSettings, load_tokenizer, model_load_kwargs
 from tasks.tracking import stage_run
-from tasks.training import TrainerSettings, load_pairs, numeric, resume_point
+from tasks.training import TrainerSettings, fit, load_pairs
 
 
 class RewardSettings(TrainerSettings):
@@ -36,25 +36,29 @@ class RewardResult(BaseModel):
 
 
 def train_reward_model(aspect: str, settings: RewardSettings, model: ModelSettings, model_path: str,
-                       splits: SplitData, stage_dir: Path, parent_run_id: str | None = None) -> RewardResult:
+                       splits: SplitData, stage_dir: Path, parent_run_id: str | None = None,
+                       callbacks: list | None = None) -> RewardResult:
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
     tokenizer = load_tokenizer(model_path, model)
-    network = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, **model_load_kwargs(model))
-    network.config.pad_token_id = tokenizer.pad_token_id
-    checkpoints = stage_dir / "checkpoints"
-    with stage_run(f"reward-{aspect}", parent_run_id) as run:
-        trainer = RewardTrainer(
+
+    def make_trainer(shape: RewardSettings) -> RewardTrainer:
+        network = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1,
+                                                                     **model_load_kwargs(model))
+        network.config.pad_token_id = tokenizer.pad_token_id
+        return RewardTrainer(
             model=network,
-            args=RewardConfig(**settings.trainer_args(checkpoints, model, f"reward-{aspect}")),
+            args=RewardConfig(**shape.trainer_args(stage_dir / "checkpoints", model, f"reward-{aspect}")),
             train_dataset=load_pairs(splits.train.path),
             eval_dataset=load_pairs(splits.eval.path),
             processing_class=tokenizer,
-            peft_config=settings.lora.peft_config("SEQ_CLS"),
+            peft_config=shape.lora.peft_config("SEQ_CLS"),
+            callbacks=callbacks,
         )
-        trainer.train(resume_from_checkpoint=resume_point(checkpoints))
-        metrics = numeric(trainer.evaluate())
+
+    with stage_run(f"reward-{aspect}", parent_run_id) as run:
+        trainer, metrics = fit(make_trainer, settings, stage_dir)
         adapter_dir = stage_dir / "adapter"
         trainer.save_model(str(adapter_dir))
         model_dir = merge_into_base(model_path, [str(adapter_dir)], stage_dir / "model", head="sequence-classification")
@@ -62,9 +66,9 @@ def train_reward_model(aspect: str, settings: RewardSettings, model: ModelSettin
                             adapter_dir=str(adapter_dir), metrics=metrics, mlflow_run_id=run.info.run_id)
 
 
-@task(name="train-reward-model", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_user_error,
+@task(name="train-reward-model", task_run_name="reward-{aspect}", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_user_error,
       tags=["gpu", "training"], cache_policy=(INPUTS - "parent_run_id") + TASK_SOURCE, persist_result=True)
 def train_reward(aspect: str, settings: RewardSettings, model: ModelSettings, model_path: str, splits: SplitData,
                  workspace: Workspace, parent_run_id: str | None = None) -> RewardResult:
-    return train_reward_model(aspect, settings, model, model_path, splits, workspace.stage(f"reward-{aspect}"),
-                              parent_run_id)
+    stage_dir = workspace.stage(f"reward-{aspect}", settings, model, model_path, splits)
+    return train_reward_model(aspect, settings, model, model_path, splits, stage_dir, parent_run_id)

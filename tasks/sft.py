@@ -16,7 +16,7 @@ from tasks.data import DataSettings, SplitData, read_jsonl, write_jsonl
 from tasks.merge import merge_into_base
 from tasks.models import ModelSettings, load_tokenizer, model_load_kwargs
 from tasks.tracking import stage_run
-from tasks.training import TrainerSettings, load_pairs, numeric, resume_point
+from tasks.training import TrainerSettings, fit, load_pairs
 
 
 class SFTSettings(TrainerSettings):
@@ -51,19 +51,21 @@ def train_sft_adapter(settings: SFTSettings, model: ModelSettings, model_path: s
         return SFTResult(adapter_dir=settings.adapter_path, model_dir=merged, metrics={}, mlflow_run_id=None)
 
     tokenizer = load_tokenizer(model_path, model)
-    policy = AutoModelForCausalLM.from_pretrained(model_path, **model_load_kwargs(model))
-    checkpoints = stage_dir / "checkpoints"
-    with stage_run("sft", parent_run_id) as run:
-        trainer = SFTTrainer(
-            model=policy,
-            args=SFTConfig(**settings.trainer_args(checkpoints, model, "sft")),
-            train_dataset=load_pairs(to_prompt_completion(splits.train.path, stage_dir / "train.jsonl")),
-            eval_dataset=load_pairs(to_prompt_completion(splits.eval.path, stage_dir / "eval.jsonl")),
+    train_path = to_prompt_completion(splits.train.path, stage_dir / "train.jsonl")
+    eval_path = to_prompt_completion(splits.eval.path, stage_dir / "eval.jsonl")
+
+    def make_trainer(shape: SFTSettings) -> SFTTrainer:
+        return SFTTrainer(
+            model=AutoModelForCausalLM.from_pretrained(model_path, **model_load_kwargs(model)),
+            args=SFTConfig(**shape.trainer_args(stage_dir / "checkpoints", model, "sft")),
+            train_dataset=load_pairs(train_path),
+            eval_dataset=load_pairs(eval_path),
             processing_class=tokenizer,
-            peft_config=settings.lora.peft_config("CAUSAL_LM"),
+            peft_config=shape.lora.peft_config("CAUSAL_LM"),
         )
-        trainer.train(resume_from_checkpoint=resume_point(checkpoints))
-        metrics = numeric(trainer.evaluate())
+
+    with stage_run("sft", parent_run_id) as run:
+        trainer, metrics = fit(make_trainer, settings, stage_dir)
         adapter_dir = stage_dir / "adapter"
         trainer.save_model(str(adapter_dir))
         merged = merge_into_base(model_path, [str(adapter_dir)], stage_dir / "model")
@@ -74,4 +76,5 @@ def train_sft_adapter(settings: SFTSettings, model: ModelSettings, model_path: s
       tags=["gpu", "training"], cache_policy=(INPUTS - "parent_run_id") + TASK_SOURCE, persist_result=True)
 def train_sft(settings: SFTSettings, model: ModelSettings, model_path: str, splits: SplitData,
               workspace: Workspace, parent_run_id: str | None = None) -> SFTResult:
-    return train_sft_adapter(settings, model, model_path, splits, workspace.stage("sft"), parent_run_id)
+    stage_dir = workspace.stage("sft", settings, model, model_path, splits)
+    return train_sft_adapter(settings, model, model_path, splits, stage_dir, parent_run_id)

@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 from prefect import task
 from pydantic import BaseModel, Field
 
-from tasks.base import StrictModel, retry_unless_user_error
+from tasks.base import PreftuneError, StrictModel, retry_unless_user_error
 
 DEFAULT_STORE = Path("mlflow")
 SERVING_REQUIREMENTS = ["torch", "transformers", "accelerate", "safetensors"]
@@ -49,6 +49,19 @@ class PromotionDecision(BaseModel):
     baseline: str
 
 
+def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail before any training when a tracking server is down (MLflow itself retries for minutes)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
+    except requests.RequestException as error:
+        raise PreftuneError(f"the MLflow tracking server at {uri} is unreachable ({type(error).__name__}); "
+                            "start it or set MLFLOW_TRACKING_URI to a reachable store") from None
+
+
 def configure(settings: TrackingSettings) -> str:
     """Point MLflow (and the Trainer's MLflow callback, through the environment) at one store."""
     uri = settings.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -57,6 +70,7 @@ def configure(settings: TrackingSettings) -> str:
         DEFAULT_STORE.mkdir(exist_ok=True)
         uri = f"sqlite:///{(DEFAULT_STORE / 'mlflow.db').resolve()}"
         artifact_location = (DEFAULT_STORE / "artifacts").resolve().as_uri()
+    check_reachable(uri)
     os.environ["MLFLOW_TRACKING_URI"] = uri
     os.environ["MLFLOW_EXPERIMENT_NAME"] = settings.experiment
     mlflow.set_tracking_uri(uri)
@@ -76,7 +90,8 @@ def stage_run(stage: str, parent_run_id: str | None):
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

@@ -1,12 +1,16 @@
 """Settings shared by the TRL trainers, and the checkpoint plumbing that makes training resumable."""
 from __future__ import annotations
 
+import errno
+import json
+import logging
 from pathlib import Path
+from typing import Callable, TypeVar
 
+import torch
 from pydantic import Field
-from transformers.trainer_utils import get_last_checkpoint
 
-from tasks.base import StrictModel
+from tasks.base import PreftuneError, StrictModel
 from tasks.models import LoraSettings, ModelSettings, mixed_precision
 
 
@@ -56,9 +60,23 @@ class TrainerSettings(StrictModel):
         )
 
 
+log = logging.getLogger(__name__)
+Settings = TypeVar("Settings", bound=TrainerSettings)
+OOM_RECORD = "oom-adjustment.json"
+
+
+DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+class DiskFullError(PreftuneError):
+    """Retrying cannot help until space is freed; the previous checkpoint is intact."""
+
+
 def resume_point(checkpoint_dir: Path) -> str | None:
-    """The newest checkpoint a killed run left behind, so a re-run continues instead of restarting."""
-    return get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+    """The newest *complete* checkpoint a killed run left behind (the Trainer writes its state file
+    last, so a checkpoint cut short by a kill or a full disk has none and is skipped)."""
+    complete = [path for path in checkpoint_dir.glob("checkpoint-*") if (path / "trainer_state.json").is_file()]
+    return str(max(complete, key=lambda path: int(path.name.split("-")[1]))) if complete else None
 
 
 def load_pairs(path: str):
@@ -71,3 +89,51 @@ def load_pairs(path: str):
 def numeric(metrics: dict) -> dict[str, float]:
     """Trainer metrics as MLflow-safe names and floats."""
     return {key.replace("/", "_"): float(value) for key, value in metrics.items() if isinstance(value, (int, float))}
+
+
+def adjusted_for_oom(settings: Settings, stage_dir: Path) -> Settings:
+    """After an out-of-memory failure, the retry trains with half the micro-batch and twice the
+    accumulation: the same effective batch, less memory."""
+    record = stage_dir / OOM_RECORD
+    if not record.exists():
+        return settings
+    shape = json.loads(record.read_text())
+    log.warning("previous attempt ran out of memory: micro-batch %s -> %s, gradient accumulation %s -> %s",
+                settings.per_device_train_batch_size, shape["per_device_train_batch_size"],
+                settings.gradient_accumulation_steps, shape["gradient_accumulation_steps"])
+    return settings.model_copy(update=shape)
+
+
+def record_oom(settings: TrainerSettings, stage_dir: Path) -> None:
+    batch = settings.per_device_train_batch_size
+    if batch == 1:
+        raise PreftuneError("out of memory at micro-batch 1: lower max_length, enable gradient_checkpointing, "
+                            "or train in 4-bit (model.quantization.mode: 4bit)")
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    (stage_dir / OOM_RECORD).write_text(json.dumps({
+        "per_device_train_batch_size": batch // 2,
+        "gradient_accumulation_steps": settings.gradient_accumulation_steps * 2,
+    }))
+
+
+def fit(make_trainer: Callable[[Settings], object], settings: Settings, stage_dir: Path):
+    """Train from the last checkpoint (if any), then evaluate on the held-out split.
+
+    An out-of-memory error is recorded and re-raised: the task's Prefect retry then trains with the
+    smaller micro-batch (see `adjusted_for_oom`)."""
+    settings = adjusted_for_oom(settings, stage_dir)
+    trainer = make_trainer(settings)
+    checkpoints = stage_dir / "checkpoints"
+    try:
+        trainer.train(resume_from_checkpoint=resume_point(checkpoints))
+    except torch.OutOfMemoryError:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        record_oom(settings, stage_dir)
+        raise
+    except OSError as error:
+        if error.errno not in DISK_FULL:
+            raise
+        raise DiskFullError(f"no space left while writing to {checkpoints} ({error.strerror}); free some space "
+                            f"and re-run: training resumes from {resume_point(checkpoints) or 'the start'}") from None
+    return trainer, numeric(trainer.evaluate())

@@ -124,3 +124,63 @@ def test_wrong_type_names_row_and_column(tmp_path):
     path.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p2", "chosen": 5, "rejected": "b"}\n')
     with pytest.raises(PreftuneError, match=r"row 1, column 'chosen': expected text"):
         load(DataSettings(source=str(path)), tmp_path)
+
+
+def _argilla_file(tmp_path, rows: list[dict], name="pairs.jsonl"):
+    base = {"system": "", "input": "q", "chosen": "good", "rejected": "bad", "status": "unchanged",
+            "chosen_score": 9.0, "in_gsm8k_train": False}
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(base | row) + "\n" for row in rows))
+    return path
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"chosen_score": "nine"}, r"row 1, column 'chosen_score': expected a number, found str 'nine'"),
+    ({"in_gsm8k_train": "false"}, r"row 1, column 'in_gsm8k_train': expected true or false, found str 'false'"),
+    ({"chosen": None}, r"row 1, column 'chosen': missing value \(null or NaN\)"),
+    ({"input": None}, r"row 1, column 'input': missing value \(null or NaN\)"),
+    ({"rejected": 3}, r"row 1, column 'rejected': expected text, found int 3"),
+])
+def test_wrong_types_and_missing_text_name_file_row_and_column(tmp_path, bad, message):
+    path = _argilla_file(tmp_path, [{}, bad])
+    with pytest.raises(PreftuneError, match=f"{path.name}, {message}"):
+        load(DataSettings(source=str(path)), tmp_path)
+
+
+def test_duplicates_and_identical_answers_are_dropped_and_counted(tmp_path):
+    path = _argilla_file(tmp_path, [{}, {}, {"input": "q2"}, {"input": "q3", "rejected": "good"}])
+    report = apply_filter(load(DataSettings(source=str(path)), tmp_path), DataSettings(), tmp_path)
+    assert report.dropped["duplicate_pair"] == 1 and report.dropped["chosen_equals_rejected"] == 1
+    assert report.rows == 2
+
+
+def test_overlong_pairs_are_counted_then_truncated_or_dropped(tiny_model_path, tmp_path):
+    rows = [{"input": f"question {i}"} for i in range(8)] + [{"input": "long " * 300}]
+    path = _argilla_file(tmp_path, rows)
+    tokenizer = load_tokenizer(tiny_model_path, ModelSettings())
+    for policy, kept in (("truncate", 9), ("drop", 8)):
+        settings = DataSettings(source=str(path), eval_fraction=0.5, overlong=policy, seed=3)
+        report = apply_filter(load(settings, tmp_path), settings, tmp_path)
+        parts = split(report, settings, tmp_path)
+        formatted = format_split(parts, tokenizer, tmp_path / policy, max_length=64, overlong=policy)
+        assert sum(formatted.overlong.values()) == 1
+        assert formatted.train.rows + formatted.eval.rows == kept
+
+
+def test_tokenizer_without_chat_template_is_refused(tiny_model_path, tmp_path):
+    import shutil
+
+    folder = tmp_path / "no-template"
+    shutil.copytree(tiny_model_path, folder)
+    (folder / "chat_template.jinja").unlink()
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(PreftuneError, match="has no chat template"):
+        load_tokenizer(str(folder), ModelSettings())
+
+
+def test_unknown_model_id_is_named(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PreftuneError, match="cannot load the tokenizer of 'nobody/no-such-model'"):
+        load_tokenizer("nobody/no-such-model", ModelSettings())

@@ -1,0 +1,171 @@
+"""Faults: a killed run resumes, out-of-memory retries with a smaller micro-batch, a full disk keeps
+the previous checkpoint, user errors are not retried, and a down tracking server stops the run early."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+from prefect import flow, task
+from transformers import TrainerCallback
+
+from tasks.base import PreftuneError, retry_unless_user_error
+from tasks.data import DataSettings, apply_filter, format_split, load, split
+from tasks.dpo import DPOSettings, train_dpo_adapter
+from tasks.models import ModelSettings, RandomInitSettings, load_tokenizer
+from tasks.tracking import TrackingSettings, configure
+from tasks.training import resume_point
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL = ModelSettings(random_init=RandomInitSettings())
+
+
+@pytest.fixture()
+def pairs(tiny_model_path, tmp_path, tracking_uri):
+    configure(TrackingSettings())
+    settings = DataSettings(synthetic_rows=48)
+    report = apply_filter(load(settings, tmp_path), settings, tmp_path)
+    return format_split(split(report, settings, tmp_path), load_tokenizer(tiny_model_path, MODEL), tmp_path)
+
+
+class OutOfMemoryAbove(TrainerCallback):
+    """Fault injection: behaves like a GPU that cannot fit micro-batches larger than `limit`."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if args.per_device_train_batch_size > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+
+def test_out_of_memory_retry_halves_the_micro_batch(tiny_model_path, pairs, tmp_path):
+    settings = DPOSettings(max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                           save_steps=2, max_length=96)
+    stage = tmp_path / "dpo"
+    with pytest.raises(torch.OutOfMemoryError):
+        train_dpo_adapter(settings, MODEL, tiny_model_path, pairs, stage, callbacks=[OutOfMemoryAbove(2)])
+    # What the Prefect retry does: the same call again, which reads the recorded adjustment.
+    train_dpo_adapter(settings, MODEL, tiny_model_path, pairs, stage, callbacks=[OutOfMemoryAbove(2)])
+    args = torch.load(stage / "checkpoints" / "checkpoint-2" / "training_args.bin", weights_only=False)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (2, 2)
+    assert json.loads((stage / "oom-adjustment.json").read_text()) == {
+        "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}
+
+
+def test_user_errors_are_not_retried_but_transient_ones_are():
+    attempts = {"user": 0, "transient": 0}
+
+    @task(retries=2, retry_delay_seconds=0, retry_condition_fn=retry_unless_user_error)
+    def flaky(kind: str) -> str:
+        attempts[kind] += 1
+        if kind == "user":
+            raise PreftuneError("bad column")
+        if attempts[kind] < 3:
+            raise ConnectionError("tracking server blinked")
+        return "ok"
+
+    @flow
+    def both():
+        return flaky("transient"), flaky("user", return_state=True)
+
+    transient, user_state = both()
+    assert transient == "ok" and attempts == {"user": 1, "transient": 3} and user_state.is_failed()
+
+
+def test_full_disk_fails_clearly_and_keeps_the_previous_checkpoint(tiny_model_path, pairs, tmp_path):
+    script = f"""
+import resource, signal, sys
+sys.path.insert(0, {str(REPO)!r})
+from transformers import TrainerCallback
+from tests.test_faults import MODEL
+from tasks.data import SplitData
+from tasks.dpo import DPOSettings, train_dpo_adapter
+from tasks.base import PreftuneError
+
+class DiskFillsUp(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 3:   # after checkpoint-2 was written
+            resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, like a full disk
+pairs = SplitData.model_validate_json({pairs.model_dump_json()!r})
+try:
+    train_dpo_adapter(DPOSettings(max_steps=4, per_device_train_batch_size=4, save_steps=2, max_length=96),
+                      MODEL, {tiny_model_path!r}, pairs, __import__("pathlib").Path({str(tmp_path / "dpo")!r}),
+                      callbacks=[DiskFillsUp()])
+except PreftuneError as error:
+    print("USER-ERROR:", type(error).__name__, error)
+    sys.exit(3)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env=os.environ | {"PYTHONPATH": str(REPO)})
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "USER-ERROR: DiskFullError no space left while writing" in result.stdout
+    checkpoints = tmp_path / "dpo" / "checkpoints"
+    assert resume_point(checkpoints) == str(checkpoints / "checkpoint-2")
+    # With space back, the same call resumes from checkpoint-2 and finishes.
+    train_dpo_adapter(DPOSettings(max_steps=4, per_device_train_batch_size=4, save_steps=2, max_length=96),
+                      MODEL, tiny_model_path, pairs, tmp_path / "dpo")
+    assert resume_point(checkpoints) == str(checkpoints / "checkpoint-4")
+
+def test_unreachable_tracking_server_stops_before_training(tmp_path):
+    with pytest.raises(PreftuneError, match="MLflow tracking server at http://127.0.0.1:9 is unreachable"):
+        configure(TrackingSettings(tracking_uri="http://127.0.0.1:9"))
+
+
+def _cli(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([str(REPO / ".venv" / "bin" / "preftune"), *args], cwd=cwd, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+
+
+def test_sigkill_during_dpo_then_rerun_resumes(tmp_path, tiny_model_path):
+    """The CLI killed at a random DPO step, then run again: it ends at the same final step, skips the
+    finished stages, and loses at most one checkpoint interval of work."""
+    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PREFECT_HOME": str(tmp_path / "prefect")}
+    args = ["run", "--profile", "smoke", "--set", "dpo.max_steps=40", "--set", "dpo.save_steps=5",
+            "--set", "dpo.per_device_train_batch_size=2", "--set", f"runs_dir={tmp_path / 'runs'}"]
+    first = _cli(*args, cwd=tmp_path, env=env)
+    deadline = time.time() + 300
+    while not list((tmp_path / "runs").glob("smoke/dpo/*/checkpoints/checkpoint-5/trainer_state.json")):
+        assert first.poll() is None and time.time() < deadline, "the run ended before DPO checkpointed"
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 1.5))
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    checkpoints = next((tmp_path / "runs").glob("smoke/dpo/*/checkpoints"))
+    resumed_from = int(Path(resume_point(checkpoints)).name.split("-")[1])
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    killed_dpo = mlflow.search_runs(experiment_names=["preftune"], filter_string="tags.`preftune.stage` = 'dpo'",
+                                    output_format="list")[0]
+    killed_at = max(m.step for m in MlflowClient().get_metric_history(killed_dpo.info.run_id, "loss"))
+
+    second = _cli(*args, cwd=tmp_path, env=env)
+    output, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, output[-4000:]
+    assert "Finished in state Cached" in output  # data, reward and SFT stages came from Prefect's cache
+    state = json.loads((checkpoints / "checkpoint-40" / "trainer_state.json").read_text())
+    assert state["global_step"] == 40
+    lost = killed_at - resumed_from
+    print(f"killed at step {killed_at}, resumed from checkpoint-{resumed_from}: {lost} steps redone")
+    assert 0 <= lost <= 5
+
+
+def test_cli_bad_input_exits_with_one_message(tmp_path):
+    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    run = _cli("run", "--profile", "smoke", "--set", f"data.source={tmp_path / 'missing.jsonl'}",
+               "--set", f"runs_dir={tmp_path / 'runs'}", cwd=tmp_path, env=env)
+    output, _ = run.communicate(timeout=300)
+    assert run.returncode == 2, output[-3000:]
+    assert f"preftune: data file not found: {tmp_path / 'missing.jsonl'}" in output
+    assert "Traceback" not in output

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test bench clean-runs
+.PHONY: setup run test ui bench clean-runs
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ run: setup
 
 test: setup
 	$(BIN)/pytest
+
+ui: setup
+	$(BIN)/preftune ui
 
 bench: setup
 	$(BIN)/python bench/dpo_step.py

@@ -77,7 +77,7 @@ def summary_markdown(tracking_uri: str, parent, metrics: dict[str, float], regis
         where = f"[MLflow run {run_id}]({tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id})"
     else:
         where = f"MLflow run `{run_id}` in `{tracking_uri}` (browse: `mlflow ui --backend-store-uri {tracking_uri}`)"
-    lines = [f"# preftune run", "", where, "", "| model | version | alias |", "|---|---|---|"]
+    lines = ["# preftune run", "", where, "", "| model | version | alias |", "|---|---|---|"]
     lines += [f"| {v.name} | {v.version} | {v.alias} |" for v in registered]
     lines += ["", "| metric | value |", "|---|---|"]
     lines += [f"| {name} | {value:.4f} |" for name, value in sorted(metrics.items()) if "." not in name]

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
 from pydantic import BaseModel
 
-from tasks.base import Workspace, retry_unless_user_error
+from tasks.base import Workspace
 from tasks.data import SplitData
 from tasks.models import ModelSettings, load_tokenizer, model_load_kwargs
 from tasks.tracking import stage_run
-from tasks.training import TrainerSettings, fit, load_pairs
+from tasks.training import TrainerSettings, fit, load_pairs, training_task
 
 
 class DPOSettings(TrainerSettings):
@@ -57,8 +55,7 @@ def train_dpo_adapter(settings: DPOSettings, model: ModelSettings, model_path: s
         return DPOResult(adapter_dir=str(adapter_dir), metrics=metrics, mlflow_run_id=run.info.run_id)
 
 
-@task(name="train-dpo", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_user_error,
-      tags=["gpu", "training"], cache_policy=(INPUTS - "parent_run_id") + TASK_SOURCE, persist_result=True)
+@training_task("train-dpo")
 def train_dpo(settings: DPOSettings, model: ModelSettings, model_path: str, splits: SplitData,
               workspace: Workspace, parent_run_id: str | None = None) -> DPOResult:
     stage_dir = workspace.stage("dpo", settings, model, model_path, splits)

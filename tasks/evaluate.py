@@ -63,7 +63,8 @@ class RewardScorer:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32,
+                                                                        use_safetensors=True).eval()
         self.max_length = max_length
 
     @torch.inference_mode()
@@ -88,7 +89,7 @@ def load_policy(source: str):
         components = mlflow.transformers.load_model(source, return_type="components")
         model, tokenizer = components["model"], components["tokenizer"]
     else:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(source)
     tokenizer.padding_side = "left"
     return model.float().eval(), tokenizer

@@ -81,7 +81,8 @@ def max_logit_difference(merged_dir: str, base_path: str, adapter_dirs: list[str
         stacked.load_adapter(adapter, adapter_name=f"a{index}")
     stacked.base_model.set_adapter([f"a{i}" for i in range(len(adapter_dirs))])
     expected = stacked.eval()(**inputs).logits
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()(**inputs).logits
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, use_safetensors=True)
+    merged = merged.eval()(**inputs).logits
     mask = inputs["attention_mask"].bool()
     return float((merged - expected).abs()[mask].max())
 

@@ -6,16 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
 from pydantic import BaseModel, Field
 
-from tasks.base import Workspace, retry_unless_user_error
+from tasks.base import Workspace
 from tasks.data import DataSettings, SplitData
 from tasks.merge import merge_into_base
 from tasks.models import ModelSettings, load_tokenizer, model_load_kwargs
 from tasks.tracking import stage_run
-from tasks.training import TrainerSettings, fit, load_pairs
+from tasks.training import TrainerSettings, fit, load_pairs, training_task
 
 
 class RewardSettings(TrainerSettings):
@@ -66,8 +64,7 @@ def train_reward_model(aspect: str, settings: RewardSettings, model: ModelSettin
                             adapter_dir=str(adapter_dir), metrics=metrics, mlflow_run_id=run.info.run_id)
 
 
-@task(name="train-reward-model", task_run_name="reward-{aspect}", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_user_error,
-      tags=["gpu", "training"], cache_policy=(INPUTS - "parent_run_id") + TASK_SOURCE, persist_result=True)
+@training_task("train-reward-model", task_run_name="reward-{aspect}")
 def train_reward(aspect: str, settings: RewardSettings, model: ModelSettings, model_path: str, splits: SplitData,
                  workspace: Workspace, parent_run_id: str | None = None) -> RewardResult:
     stage_dir = workspace.stage(f"reward-{aspect}", settings, model, model_path, splits)

@@ -7,16 +7,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
 from pydantic import BaseModel
 
-from tasks.base import PreftuneError, Workspace, retry_unless_user_error
+from tasks.base import PreftuneError, Workspace
 from tasks.data import DataSettings, SplitData, read_jsonl, write_jsonl
 from tasks.merge import merge_into_base
 from tasks.models import ModelSettings, load_tokenizer, model_load_kwargs
 from tasks.tracking import stage_run
-from tasks.training import TrainerSettings, fit, load_pairs
+from tasks.training import TrainerSettings, fit, load_pairs, training_task
 
 
 class SFTSettings(TrainerSettings):
@@ -72,8 +70,7 @@ def train_sft_adapter(settings: SFTSettings, model: ModelSettings, model_path: s
         return SFTResult(adapter_dir=str(adapter_dir), model_dir=merged, metrics=metrics, mlflow_run_id=run.info.run_id)
 
 
-@task(name="train-sft", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_user_error,
-      tags=["gpu", "training"], cache_policy=(INPUTS - "parent_run_id") + TASK_SOURCE, persist_result=True)
+@training_task("train-sft")
 def train_sft(settings: SFTSettings, model: ModelSettings, model_path: str, splits: SplitData,
               workspace: Workspace, parent_run_id: str | None = None) -> SFTResult:
     stage_dir = workspace.stage("sft", settings, model, model_path, splits)

@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 import torch
+from prefect import task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
 from pydantic import Field
 
-from tasks.base import PreftuneError, StrictModel
+from tasks.base import PreftuneError, StrictModel, retry_unless_user_error
 from tasks.models import LoraSettings, ModelSettings, mixed_precision
 
 
@@ -72,6 +74,14 @@ class DiskFullError(PreftuneError):
     """Retrying cannot help until space is freed; the previous checkpoint is intact."""
 
 
+def is_disk_full(error: Exception) -> bool:
+    """Python raises OSError(ENOSPC); the Rust and C++ writers (tokenizers, safetensors, torch.save)
+    raise plain exceptions that only say so in their message."""
+    if isinstance(error, OSError) and error.errno in DISK_FULL:
+        return True
+    return any(text in str(error) for text in ("No space left on device", "os error 28", "file write failed"))
+
+
 def resume_point(checkpoint_dir: Path) -> str | None:
     """The newest *complete* checkpoint a killed run left behind (the Trainer writes its state file
     last, so a checkpoint cut short by a kill or a full disk has none and is skipped)."""
@@ -131,9 +141,18 @@ def fit(make_trainer: Callable[[Settings], object], settings: Settings, stage_di
             torch.cuda.empty_cache()
         record_oom(settings, stage_dir)
         raise
-    except OSError as error:
-        if error.errno not in DISK_FULL:
+    except Exception as error:
+        if not is_disk_full(error):
             raise
-        raise DiskFullError(f"no space left while writing to {checkpoints} ({error.strerror}); free some space "
+        raise DiskFullError(f"no space left while writing to {checkpoints} ({error}); free some space "
                             f"and re-run: training resumes from {resume_point(checkpoints) or 'the start'}") from None
     return trainer, numeric(trainer.evaluate())
+
+
+def training_task(name: str, **options):
+    """The Prefect task settings every trainer shares: retries for transient failures (not for user
+    errors), the `gpu` tag for concurrency limits, and a cache keyed by inputs and code, not by the
+    MLflow parent run."""
+    return task(name=name, retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_user_error,
+                tags=["gpu", "training"], cache_policy=(INPUTS - "parent_run_id") + TASK_SOURCE,
+                persist_result=True, **options)

@@ -2,7 +2,6 @@
 data samples beside the repository, and small real models built once per session."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

@@ -181,6 +181,8 @@ def test_tokenizer_without_chat_template_is_refused(tiny_model_path, tmp_path):
 
 
 def test_unknown_model_id_is_named(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network here: fail fast
     with pytest.raises(PreftuneError, match="cannot load the tokenizer of 'nobody/no-such-model'"):
         load_tokenizer("nobody/no-such-model", ModelSettings())

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from tasks.data import DataSettings, apply_filter, format_split, load, split
 from tasks.dpo import DPOSettings, train_dpo_adapter
 from tasks.models import ModelSettings, RandomInitSettings, load_tokenizer
 from tasks.tracking import TrackingSettings, configure
-from tasks.training import resume_point
+from tasks.training import DiskFullError, resume_point
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = ModelSettings(random_init=RandomInitSettings())
@@ -82,41 +82,45 @@ def test_user_errors_are_not_retried_but_transient_ones_are():
     assert transient == "ok" and attempts == {"user": 1, "transient": 3} and user_state.is_failed()
 
 
-def test_full_disk_fails_clearly_and_keeps_the_previous_checkpoint(tiny_model_path, pairs, tmp_path):
-    script = f"""
-import resource, signal, sys
-sys.path.insert(0, {str(REPO)!r})
-from transformers import TrainerCallback
-from tests.test_faults import MODEL
-from tasks.data import SplitData
-from tasks.dpo import DPOSettings, train_dpo_adapter
-from tasks.base import PreftuneError
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A real filesystem that fills up: a tmpfs of a given size (needs permission to mount)."""
+    mounts = []
 
-class DiskFillsUp(TrainerCallback):
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == 3:   # after checkpoint-2 was written
-            resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+    def make(size_bytes: int) -> Path:
+        folder = tmp_path / f"disk-{len(mounts)}"
+        folder.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(folder)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs to fill up here ({result.stderr.strip()})")
+        mounts.append(folder)
+        return folder
 
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, like a full disk
-pairs = SplitData.model_validate_json({pairs.model_dump_json()!r})
-try:
-    train_dpo_adapter(DPOSettings(max_steps=4, per_device_train_batch_size=4, save_steps=2, max_length=96),
-                      MODEL, {tiny_model_path!r}, pairs, __import__("pathlib").Path({str(tmp_path / "dpo")!r}),
-                      callbacks=[DiskFillsUp()])
-except PreftuneError as error:
-    print("USER-ERROR:", type(error).__name__, error)
-    sys.exit(3)
-"""
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                            env=os.environ | {"PYTHONPATH": str(REPO)})
-    assert result.returncode == 3, result.stderr[-3000:]
-    assert "USER-ERROR: DiskFullError no space left while writing" in result.stdout
-    checkpoints = tmp_path / "dpo" / "checkpoints"
-    assert resume_point(checkpoints) == str(checkpoints / "checkpoint-2")
-    # With space back, the same call resumes from checkpoint-2 and finishes.
-    train_dpo_adapter(DPOSettings(max_steps=4, per_device_train_batch_size=4, save_steps=2, max_length=96),
-                      MODEL, tiny_model_path, pairs, tmp_path / "dpo")
-    assert resume_point(checkpoints) == str(checkpoints / "checkpoint-4")
+    yield make
+    for folder in mounts:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_full_disk_fails_clearly_and_keeps_the_previous_checkpoint(tiny_model_path, pairs, tmp_path, small_disk):
+    settings = DPOSettings(max_steps=2, per_device_train_batch_size=4, save_steps=2, logging_steps=1, max_length=96)
+    train_dpo_adapter(settings, MODEL, tiny_model_path, pairs, tmp_path / "probe")
+    checkpoint_bytes = sum(f.stat().st_size for f in (tmp_path / "probe" / "checkpoints" / "checkpoint-2").rglob("*"))
+    disk = small_disk(int(checkpoint_bytes * 1.5))  # room for one checkpoint, not two
+
+    longer = settings.model_copy(update={"max_steps": 4})
+    with pytest.raises(DiskFullError, match="no space left while writing to .*: training resumes from .*checkpoint-2"):
+        train_dpo_adapter(longer, MODEL, tiny_model_path, pairs, disk / "dpo")
+    checkpoints = disk / "dpo" / "checkpoints"
+    assert resume_point(checkpoints) == str(checkpoints / "checkpoint-2")  # the cut-short checkpoint-4 is skipped
+
+    # Space freed (here: the folder moved to a roomy disk), the same call resumes and finishes.
+    roomy = tmp_path / "dpo"
+    shutil.copytree(disk / "dpo", roomy)
+    train_dpo_adapter(longer, MODEL, tiny_model_path, pairs, roomy)
+    state = json.loads((roomy / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3, 4]
+
 
 def test_unreachable_tracking_server_stops_before_training(tmp_path):
     with pytest.raises(PreftuneError, match="MLflow tracking server at http://127.0.0.1:9 is unreachable"):

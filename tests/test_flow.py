@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -19,17 +21,23 @@ async def _task_states(flow_run_id: str) -> dict[str, str]:
 
     async with get_client() as client:
         runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+    return {run.name: run.state.name for run in runs}
+
+
+FAKE_TOKEN = "hf_FAKEsecret0123456789abcdefXYZ"
 
 
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory, tiny_model_path):
-    """Two runs with the same settings: the second must reuse the first's finished stages."""
+    """Two runs with the same settings (the second must reuse the first's finished stages), with a
+    Hugging Face token in the environment that must not leak into what MLflow records."""
     root = tmp_path_factory.mktemp("smoke")
     config = load_config("smoke", overrides=[f"runs_dir={root / 'runs'}",
                                              f"tracking.tracking_uri=sqlite:///{root / 'mlflow.db'}"])
-    first = preference_tuning(config, return_state=True)
-    second = preference_tuning(config, return_state=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_TOKEN", FAKE_TOKEN)
+        first = preference_tuning(config, return_state=True)
+        second = preference_tuning(config, return_state=True)
     return config, first, second
 
 
@@ -71,6 +79,23 @@ def test_smoke_flow_logs_runs_metrics_and_registers_models(smoke_runs):
 def test_rerun_reuses_finished_stages(smoke_runs):
     _, first, second = smoke_runs
     states = asyncio.run(_task_states(str(second.state_details.flow_run_id)))
-    for name in ("filter-preferences", "train-reward-model", "train-sft", "train-dpo", "merge-adapters"):
-        assert states[name] == "Cached", states
+    for prefix in ("filter-data", "split-data", "format-data", "reward-helpfulness", "reward-harmlessness",
+                   "train-sft", "train-dpo", "merge-adapters"):
+        matching = [state for name, state in states.items() if name.startswith(prefix)]
+        assert matching and set(matching) == {"Cached"}, states
     assert second.result().run_dir == first.result().run_dir
+
+
+def test_secrets_from_the_environment_are_not_recorded(smoke_runs, tmp_path):
+    config, _, _ = smoke_runs
+    mlflow.set_tracking_uri(config.tracking.tracking_uri)
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("preftune").experiment_id])
+    recorded = [json.dumps(run.data.params) + json.dumps(run.data.tags) for run in runs]
+    for model in client.search_registered_models():
+        recorded += [json.dumps(v.tags) for v in client.search_model_versions(f"name = '{model.name}'")]
+    for run in runs:
+        folder = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / run.info.run_id))
+        recorded += [p.read_text(errors="ignore") for p in Path(folder).rglob("*") if p.is_file()]
+    assert len(runs) >= 12 and len(recorded) > len(runs)
+    assert not [text for text in recorded if FAKE_TOKEN in text]

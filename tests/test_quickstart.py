@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import mlflow
+import pytest
 from mlflow import MlflowClient
 
 from flows.config import load_config
@@ -11,13 +12,15 @@ from flows.preference_tuning import preference_tuning
 def test_quickstart_flow_with_real_model_registers_a_usable_policy(tmp_path, smollm2_path):
     config = load_config("quickstart", overrides=[
         f"runs_dir={tmp_path / 'runs'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        "data.synthetic_rows=64", "reward.max_steps=2", "dpo.max_steps=2", "reward.save_steps=1",
+        "data.synthetic_rows=64", "rewards.helpfulness.max_steps=2", "rewards.harmlessness.max_steps=1",
+        "rewards.harmlessness.data.synthetic_rows=40", "dpo.max_steps=2", "rewards.helpfulness.save_steps=1",
         "dpo.save_steps=1", "evaluation.generation_prompts=2", "evaluation.max_new_tokens=8",
     ])
     summary = preference_tuning(config)
 
     assert 0.0 <= summary.metrics["dpo_implicit_reward_accuracy"] <= 1.0
-    assert summary.metrics["win_rate"] + summary.metrics["tie_rate"] + summary.metrics["loss_rate"] == 1.0
+    rates = [summary.metrics[f"combined.{name}_rate"] for name in ("win", "tie", "loss")]
+    assert sum(rates) == pytest.approx(1.0)
     mlflow.set_tracking_uri(config.tracking.tracking_uri)
     client = MlflowClient()
     assert client.get_run(summary.mlflow_run_id).data.tags["preftune.adapter"] == "lora-full-precision"

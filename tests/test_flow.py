@@ -97,5 +97,5 @@ def test_secrets_from_the_environment_are_not_recorded(smoke_runs, tmp_path):
     for run in runs:
         folder = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / run.info.run_id))
         recorded += [p.read_text(errors="ignore") for p in Path(folder).rglob("*") if p.is_file()]
-    assert len(runs) >= 12 and len(recorded) > len(runs)
+    assert len(runs) >= 9 and len(recorded) > len(runs)  # 7 runs of the first flow run, 2 of the cached one
     assert not [text for text in recorded if FAKE_TOKEN in text]

@@ -35,7 +35,8 @@ class DataSettings(StrictModel):
     min_chosen_score: float | None = 8.0
     drop_in_gsm8k_train: bool = True
     eval_fraction: float = Field(0.1, gt=0, lt=1)
-    # Pairs longer than the trainer's max_length: TRL truncates them ("truncate") or we drop them.
+    # Pairs longer than DPO's max_length: counted, then truncated by TRL's DPOTrainer ("truncate") or
+    # dropped here ("drop"). TRL's RewardTrainer always drops pairs longer than its own max_length.
     overlong: Literal["truncate", "drop"] = "truncate"
     seed: int = 42
 

@@ -1,6 +1,7 @@
 """MLflow: where runs go, nested stage runs, and registering models with aliases."""
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 from contextlib import contextmanager
@@ -8,11 +9,13 @@ from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from prefect import task
 from pydantic import BaseModel, Field
 
 from tasks.base import PreftuneError, StrictModel, retry_unless_user_error
 
+log = logging.getLogger(__name__)
 DEFAULT_STORE = Path("mlflow")
 SERVING_REQUIREMENTS = ["torch", "transformers", "accelerate", "safetensors"]
 
@@ -82,10 +85,19 @@ def configure(settings: TrackingSettings) -> str:
 
 @contextmanager
 def stage_run(stage: str, parent_run_id: str | None):
-    """A nested MLflow run for one stage; an exception marks it FAILED instead of losing it."""
-    with mlflow.start_run(run_name=stage, nested=parent_run_id is not None, parent_run_id=parent_run_id) as run:
+    """A nested MLflow run for one stage. A failure inside marks it FAILED; if the tracking server is
+    gone by then, that is logged and the original error, which says what went wrong, propagates."""
+    run = mlflow.start_run(run_name=stage, nested=parent_run_id is not None, parent_run_id=parent_run_id)
+    try:
         mlflow.set_tag("preftune.stage", stage)
         yield run
+    except BaseException:
+        try:
+            mlflow.end_run("FAILED")
+        except MlflowException as error:
+            log.warning("could not mark MLflow run %s of stage %s FAILED: %s", run.info.run_id, stage, error.message)
+        raise
+    mlflow.end_run()
 
 
 def git_commit() -> str:
@@ -120,8 +132,6 @@ def log_and_register(model_dir: str, task_name: str, registered_name: str, setti
 
 def current_champion(settings: TrackingSettings) -> str | None:
     """The champion's pinned URI (`models:/name/version`), or None before the first promotion."""
-    from mlflow.exceptions import MlflowException
-
     try:
         version = MlflowClient().get_model_version_by_alias(settings.policy_model_name, settings.promotion.alias)
     except MlflowException:

@@ -4,13 +4,19 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
 import torch
+from mlflow.exceptions import MlflowException
 from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.context import TaskRunContext
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from pydantic import Field
+from transformers import TrainerCallback
+from transformers.integrations import MLflowCallback
 
 from tasks.base import PreftuneError, StrictModel, retry_unless_user_error
 from tasks.models import LoraSettings, ModelSettings, mixed_precision
@@ -70,6 +76,11 @@ OOM_RECORD = "oom-adjustment.json"
 DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
+class TrackingUnavailableError(RuntimeError):
+    """The tracking server went away mid-training: transient, so the task's retry resumes from the
+    last checkpoint; the error is raised, never swallowed, so no metrics are lost silently."""
+
+
 class DiskFullError(PreftuneError):
     """Retrying cannot help until space is freed; the previous checkpoint is intact."""
 
@@ -126,6 +137,31 @@ def record_oom(settings: TrainerSettings, stage_dir: Path) -> None:
     }))
 
 
+class PrefectProgress(TrainerCallback):
+    """Training progress as a Prefect progress artifact, so the UI shows how far a long step is."""
+
+    def __init__(self, stage: str, every_s: float = 5.0):
+        self.stage, self.every_s, self.artifact_id, self.last = stage, every_s, None, 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.artifact_id = create_progress_artifact(0.0, description=f"{self.stage}: training steps done (%)")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.artifact_id and (time.monotonic() - self.last > self.every_s or state.global_step == state.max_steps):
+            update_progress_artifact(self.artifact_id, 100.0 * state.global_step / max(state.max_steps, 1))
+            self.last = time.monotonic()
+
+
+class SynchronousMLflowCallback(MLflowCallback):
+    """Transformers logs metrics to MLflow in the background and drops a failed batch with a log
+    line; logged synchronously, a lost tracking server fails the step instead, so the task's retry
+    resumes from the last checkpoint and no curve is lost silently."""
+
+    def setup(self, args, state, model):
+        super().setup(args, state, model)
+        self._async_log = False
+
+
 def fit(make_trainer: Callable[[Settings], object], settings: Settings, stage_dir: Path):
     """Train from the last checkpoint (if any), then evaluate on the held-out split.
 
@@ -133,6 +169,10 @@ def fit(make_trainer: Callable[[Settings], object], settings: Settings, stage_di
     smaller micro-batch (see `adjusted_for_oom`)."""
     settings = adjusted_for_oom(settings, stage_dir)
     trainer = make_trainer(settings)
+    if trainer.pop_callback(MLflowCallback):
+        trainer.add_callback(SynchronousMLflowCallback())
+    if TaskRunContext.get():  # in a Prefect task: show progress in the UI
+        trainer.add_callback(PrefectProgress(stage_dir.parent.name))
     checkpoints = stage_dir / "checkpoints"
     try:
         trainer.train(resume_from_checkpoint=resume_point(checkpoints))
@@ -141,6 +181,12 @@ def fit(make_trainer: Callable[[Settings], object], settings: Settings, stage_di
             torch.cuda.empty_cache()
         record_oom(settings, stage_dir)
         raise
+    except MlflowException as error:
+        if "API request to" not in error.message:
+            raise
+        raise TrackingUnavailableError(
+            f"lost the MLflow tracking server during training ({error.message[:200]}); checkpoints are kept in "
+            f"{checkpoints} and a retry or re-run resumes from {resume_point(checkpoints) or 'the start'}") from error
     except Exception as error:
         if not is_disk_full(error):
             raise

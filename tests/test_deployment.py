@@ -85,6 +85,7 @@ def test_smoke_deployment_runs_through_a_worker(servers, tmp_path, tiny_model_pa
                 worker.wait(30)
     assert run.state.is_completed(), (tmp_path / "worker.log").read_text()[-4000:]
     assert {"evaluation-report", "promotion", "run-summary", "data-filter"} <= {a.key for a in artifacts}
+    assert {a.data for a in artifacts if a.type == "progress"} == {100.0}  # one per training stage, all done
     summary = next(a for a in artifacts if a.key == "run-summary")
     assert mlflow.url in summary.data  # links to the MLflow run
 

@@ -23,7 +23,7 @@ from tasks.data import DataSettings, apply_filter, format_split, load, split
 from tasks.dpo import DPOSettings, train_dpo_adapter
 from tasks.models import ModelSettings, RandomInitSettings, load_tokenizer
 from tasks.tracking import TrackingSettings, configure
-from tasks.training import DiskFullError, resume_point
+from tasks.training import DiskFullError, TrackingUnavailableError, resume_point
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = ModelSettings(random_init=RandomInitSettings())
@@ -120,6 +120,42 @@ def test_full_disk_fails_clearly_and_keeps_the_previous_checkpoint(tiny_model_pa
     train_dpo_adapter(longer, MODEL, tiny_model_path, pairs, roomy)
     state = json.loads((roomy / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3, 4]
+
+
+class StopServerAt(TrainerCallback):
+    """Fault injection: the tracking server goes away in the middle of training."""
+
+    def __init__(self, server, step: int):
+        self.server, self.step = server, step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            self.server.stop()
+
+
+def test_tracking_server_lost_mid_training_fails_loudly_and_resumes(tiny_model_path, pairs, tmp_path, monkeypatch):
+    from flows.servers import free_port, start_mlflow
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail in seconds, not minutes
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    port, store = free_port(), tmp_path / "store"
+    server = start_mlflow(port, store, tmp_path / "mlflow.log")
+    try:
+        server.wait_until_healthy()
+        configure(TrackingSettings(tracking_uri=server.url))
+        settings = DPOSettings(max_steps=6, per_device_train_batch_size=4, save_steps=2, logging_steps=1, max_length=96)
+        with pytest.raises(TrackingUnavailableError, match="lost the MLflow tracking server.*resumes from .*checkpoint-2"):
+            train_dpo_adapter(settings, MODEL, tiny_model_path, pairs, tmp_path / "dpo",
+                              callbacks=[StopServerAt(server, 3)])
+        server = start_mlflow(port, store, tmp_path / "mlflow.log")  # back up, same store
+        server.wait_until_healthy()
+        result = train_dpo_adapter(settings, MODEL, tiny_model_path, pairs, tmp_path / "dpo")
+    finally:
+        server.stop()
+    checkpoints = tmp_path / "dpo" / "checkpoints"
+    assert resume_point(checkpoints) == str(checkpoints / "checkpoint-6")
+    history = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}").get_metric_history(result.mlflow_run_id, "loss")
+    assert [m.step for m in history] == [3, 4, 5, 6]  # the resumed run logged from the checkpoint on
 
 
 def test_unreachable_tracking_server_stops_before_training(tmp_path):

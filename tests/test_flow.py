@@ -99,3 +99,14 @@ def test_secrets_from_the_environment_are_not_recorded(smoke_runs, tmp_path):
         recorded += [p.read_text(errors="ignore") for p in Path(folder).rglob("*") if p.is_file()]
     assert len(runs) >= 9 and len(recorded) > len(runs)  # 7 runs of the first flow run, 2 of the cached one
     assert not [text for text in recorded if FAKE_TOKEN in text]
+
+
+def test_a_changed_setting_reruns_only_the_stages_it_affects(smoke_runs):
+    config, _, _ = smoke_runs
+    changed = config.model_copy(update={"dpo": config.dpo.model_copy(update={"beta": 0.2})})
+    state = preference_tuning(changed, return_state=True)
+    states = asyncio.run(_task_states(str(state.state_details.flow_run_id)))
+    for prefix in ("filter-data", "reward-helpfulness", "reward-harmlessness", "train-sft"):
+        assert {s for name, s in states.items() if name.startswith(prefix)} == {"Cached"}, states
+    for prefix in ("train-dpo", "merge-adapters", "evaluate"):
+        assert {s for name, s in states.items() if name.startswith(prefix)} == {"Completed"}, states

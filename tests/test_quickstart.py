@@ -7,6 +7,7 @@ from mlflow import MlflowClient
 
 from flows.config import load_config
 from flows.preference_tuning import preference_tuning
+from tasks.registry import generate, list_versions
 
 
 def test_quickstart_flow_with_real_model_registers_a_usable_policy(tmp_path, smollm2_path):
@@ -24,8 +25,9 @@ def test_quickstart_flow_with_real_model_registers_a_usable_policy(tmp_path, smo
     mlflow.set_tracking_uri(config.tracking.tracking_uri)
     client = MlflowClient()
     assert client.get_run(summary.mlflow_run_id).data.tags["preftune.adapter"] == "lora-full-precision"
-    policy = client.get_model_version_by_alias("preftune-policy", "candidate")
-    generator = mlflow.transformers.load_model(f"models:/preftune-policy/{policy.version}")
-    answer = generator([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=10,
-                       do_sample=False)
-    assert "Paris" in answer[0]["generated_text"][-1]["content"]
+    listed = {(row["name"], row["version"]): row for row in list_versions()}  # what `preftune models` prints
+    policy = listed[("preftune-policy", "1")]
+    assert "candidate" in policy["aliases"] and "dpo_implicit_reward_accuracy" in policy["metrics"]
+    assert {("preftune-reward-helpfulness", "1"), ("preftune-reward-harmlessness", "1")} <= listed.keys()
+    # What `preftune generate` does: load the registered policy by alias and answer.
+    assert "Paris" in generate("models:/preftune-policy@candidate", "What is the capital of France?", 10)

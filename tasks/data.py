@@ -72,21 +72,29 @@ def read_json_lines(path: Path) -> pd.DataFrame:
     """JSON Lines read as written: a bad line is named by its number, and values keep their JSON
     types so a score written as text is reported rather than silently cast."""
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
+    try:
+        with open(path, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):
                 try:
-                    records.append(json.loads(line))
+                    line = raw.decode("utf-8")
+                    if line.strip():
+                        records.append(json.loads(line))
+                except UnicodeDecodeError:
+                    raise PreftuneError(f"{path}: line {number} is not UTF-8 text") from None
                 except json.JSONDecodeError as error:
                     raise PreftuneError(f"{path}: line {number} is not valid JSON ({error.msg})") from None
-    if records and not all(isinstance(record, dict) for record in records):
-        raise PreftuneError(f"{path}: every line must be a JSON object")
+                if line.strip() and not isinstance(records[-1], dict):
+                    raise PreftuneError(f"{path}: line {number} is a JSON {type(records[-1]).__name__}, "
+                                        "expected an object of columns")
+    except OSError as error:
+        raise PreftuneError(f"{path}: cannot read the file ({error.strerror})") from None
     return pd.DataFrame.from_records(records)
 
 
 def read_table(source: str, split: str = "train", data_dir: str | None = None) -> pd.DataFrame:
     """A local file by suffix, else a hub dataset id (needs network access to the hub)."""
     from datasets import load_dataset
+    from datasets.exceptions import DatasetNotFoundError
 
     path = Path(source).expanduser()
     if path.suffix in LOCAL_SUFFIXES:
@@ -94,9 +102,16 @@ def read_table(source: str, split: str = "train", data_dir: str | None = None) -
             raise PreftuneError(f"data file not found: {path}")
         if path.suffix == ".jsonl":
             return read_json_lines(path)
-        dataset = load_dataset(LOCAL_SUFFIXES[path.suffix], data_files=str(path), split="train")
+        try:
+            dataset = load_dataset(LOCAL_SUFFIXES[path.suffix], data_files=str(path), split="train")
+        except Exception as error:  # a corrupt parquet, a csv with ragged rows, a json that is not a table
+            reason = str(error.__cause__ or error).splitlines()[0][:300]
+            raise PreftuneError(f"{path}: cannot read it as {path.suffix[1:]} ({reason})") from None
     else:
-        dataset = load_dataset(source, split=split, data_dir=data_dir)
+        try:
+            dataset = load_dataset(source, split=split, data_dir=data_dir)
+        except DatasetNotFoundError as error:  # unknown or gated id: retrying cannot help; network errors are retried
+            raise PreftuneError(f"dataset {source!r} not found on the Hugging Face Hub ({error})") from None
     return dataset.to_pandas()
 
 

@@ -107,6 +107,19 @@ def test_malformed_jsonl_names_the_line(tmp_path):
         load(DataSettings(source=str(path)), tmp_path)
 
 
+@pytest.mark.parametrize("name, content, message", [
+    ("latin1.jsonl", b'{"chosen": "a", "rejected": "b"}\n{"chosen": "caf\xe9", "rejected": "b"}\n',
+     r"latin1.jsonl: line 2 is not UTF-8 text"),
+    ("list.jsonl", b'{"chosen": "a", "rejected": "b"}\n\n["a", "b"]\n', r"list.jsonl: line 3 is a JSON list"),
+    ("broken.parquet", b"PAR1 this is not parquet", r"broken.parquet: cannot read it as parquet"),
+])
+def test_unreadable_files_are_named(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(PreftuneError, match=message):
+        load(DataSettings(source=str(path)), tmp_path)
+
+
 def test_unknown_columns_list_what_was_found(tmp_path):
     path = tmp_path / "odd.jsonl"
     path.write_text('{"question": "q", "answer": "a"}\n')

@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -73,12 +74,17 @@ def cmd_serve(args) -> int:
 
 
 def cmd_deploy(args) -> int:
-    """Register deployments/prefect.yaml with the Prefect server named by PREFECT_API_URL."""
+    """Register deployments/prefect.yaml with the Prefect server named by PREFECT_API_URL, creating
+    the work pools it names first (`prefect deploy` refuses a deployment whose pool is missing)."""
     from prefect.settings import PREFECT_API_URL
+
+    from flows.pools import ensure_work_pools
 
     if not PREFECT_API_URL.value():
         raise PreftuneError("PREFECT_API_URL is not set: start a server (preftune ui) and point at it, e.g. "
                             "prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api")
+    for name in ensure_work_pools():
+        print(f"created work pool {name}")
     names = ["--all"] if not args.names else [f"--name={name}" for name in args.names]
     command = [str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", *names,
                "--prefect-file", str(REPO / "deployments" / "prefect.yaml")]
@@ -87,20 +93,23 @@ def cmd_deploy(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    """Real Prefect and MLflow servers on loopback against the local stores, until Ctrl-C."""
+    """Real Prefect and MLflow servers on loopback against the local stores, until Ctrl-C (or SIGTERM)."""
     from flows.servers import start_mlflow, start_prefect
 
-    logs = REPO / "mlflow" / "logs"
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    store = Path(args.store)
+    logs = store / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     servers = [start_prefect(args.prefect_port, logs / "prefect-server.log"),
-               start_mlflow(args.mlflow_port, REPO / "mlflow", logs / "mlflow-server.log")]
+               start_mlflow(args.mlflow_port, store, logs / "mlflow-server.log")]
     try:
         for server in servers:
             server.wait_until_healthy()
         print(f"Prefect UI : {servers[0].url}   (API: {servers[0].url}/api)")
         print(f"MLflow UI  : {servers[1].url}")
         print(f"Point runs at them:\n  export PREFECT_API_URL={servers[0].url}/api MLFLOW_TRACKING_URI={servers[1].url}")
-        print(f"Logs in {logs}. Ctrl-C stops both.")
+        print(f"Logs in {logs}. Ctrl-C stops both.", flush=True)
         while all(server.process.poll() is None for server in servers):
             time.sleep(1)
         return 1
@@ -153,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ui = commands.add_parser("ui", help="start Prefect and MLflow servers on 127.0.0.1 until Ctrl-C")
     ui.add_argument("--prefect-port", type=int, default=4200)
     ui.add_argument("--mlflow-port", type=int, default=5000)
+    ui.add_argument("--store", default=str(REPO / "mlflow"), help="the MLflow store to serve (default: mlflow/)")
     models = commands.add_parser("models", help="list registered model versions, aliases and metrics")
     models.add_argument("--prefix", default="preftune-")
     gen = commands.add_parser("generate", help="answer a prompt with a registered policy")

@@ -3,7 +3,6 @@ deployments/prefect.yaml run by a process worker (not in-process), checked throu
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -11,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -51,13 +50,10 @@ async def _wait_for(flow_run_id, timeout_s: float = 600):
     raise TimeoutError(f"flow run {flow_run_id} did not finish in {timeout_s} s")
 
 
-async def _create_pools():
-    template = json.loads((REPO / "deployments" / "k8s-gpu-job-template.json").read_text())
+async def _pools_and_deployments():
     async with get_client() as client:
-        await client.create_work_pool(WorkPoolCreate(name="preftune-local", type="process"))
-        # The server validates the Kubernetes job template (every placeholder declared as a variable).
-        await client.create_work_pool(WorkPoolCreate(name="preftune-gpu", type="kubernetes", base_job_template=template))
-        return await client.read_work_pool("preftune-gpu")
+        pools = {pool.name: pool for pool in await client.read_work_pools()}
+        return pools, {deployment.name for deployment in await client.read_deployments()}
 
 
 def test_smoke_deployment_runs_through_a_worker(servers, tmp_path, tiny_model_path):
@@ -67,11 +63,15 @@ def test_smoke_deployment_runs_through_a_worker(servers, tmp_path, tiny_model_pa
                         "PREFTUNE_HOME": str(REPO)}
     worker = None
     with temporary_settings({PREFECT_API_URL: api}):
-        gpu_pool = asyncio.run(_create_pools())
-        assert gpu_pool.base_job_template["variables"]["properties"]["gpu_count"]["default"] == 1
+        # On an empty server: deploy creates the work pools prefect.yaml names, then every deployment.
         deploy = subprocess.run([str(BIN / "preftune"), "deploy"], env=env, cwd=tmp_path, capture_output=True,
                                 text=True, timeout=300)
         assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+        assert "created work pool preftune-gpu" in deploy.stdout and "created work pool preftune-local" in deploy.stdout
+        pools, deployments = asyncio.run(_pools_and_deployments())
+        assert pools["preftune-local"].type == "process" and pools["preftune-gpu"].type == "kubernetes"
+        assert pools["preftune-gpu"].base_job_template["variables"]["properties"]["gpu_count"]["default"] == 1
+        assert deployments == {"nightly-quickstart", "smoke", "book-gpu"}
         try:
             worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "preftune-local"],
                                       env=env, cwd=tmp_path, stdout=open(tmp_path / "worker.log", "w"),
@@ -94,7 +94,33 @@ def test_smoke_deployment_runs_through_a_worker(servers, tmp_path, tiny_model_pa
                                   filter_string=f"tags.`prefect.flow_run_id` = '{run.id}'")
     assert parent.info.status == "FINISHED" and parent.data.params["profile"] == "smoke"
     assert "dpo_implicit_reward_accuracy" in parent.data.metrics
-    version = client.get_model_version_by_alias("preftune-policy", "candidate")
+    version = client.get_model_version_by_alias("preftune-smoke-policy", "candidate")
     assert version.tags["prefect.flow_run_id"] == str(run.id)
     assert {"git.commit", "config.sha256", "data.sha256"} <= version.tags.keys()
     assert version.source and version.run_id
+
+
+def test_ui_serves_both_servers_on_loopback_and_stops_them_on_ctrl_c(tmp_path):
+    ports = {"prefect": free_port(), "mlflow": free_port()}
+    ui = subprocess.Popen([str(BIN / "preftune"), "ui", "--prefect-port", str(ports["prefect"]), "--mlflow-port",
+                           str(ports["mlflow"]), "--store", str(tmp_path / "store")], cwd=tmp_path, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          env=os.environ | {"PREFECT_HOME": str(tmp_path / "prefect-home")})
+    try:
+        lines = []
+        while not any(line.startswith("Logs in") for line in lines):  # printed once both answer
+            line = ui.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        urls = {f"http://127.0.0.1:{ports['prefect']}/api/health", f"http://127.0.0.1:{ports['mlflow']}/health"}
+        assert all(requests.get(url, timeout=5).ok for url in urls)
+        assert f"Prefect UI : http://127.0.0.1:{ports['prefect']}" in "".join(lines)
+        ui.send_signal(signal.SIGINT)  # Ctrl-C
+        output, _ = ui.communicate(timeout=60)
+    finally:
+        if ui.poll() is None:
+            ui.kill()
+    assert ui.returncode == 0 and "stopped Prefect and MLflow servers" in output
+    for url in urls:
+        with pytest.raises(requests.ConnectionError):
+            requests.get(url, timeout=5)

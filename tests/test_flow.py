@@ -65,8 +65,8 @@ def test_smoke_flow_logs_runs_metrics_and_registers_models(smoke_runs):
     dpo_run = next(run for run in children if run.data.tags["preftune.stage"] == "dpo")
     assert len(client.get_metric_history(dpo_run.info.run_id, "loss")) == config.dpo.max_steps
 
-    assert {r.name for r in summary.registered} == {"preftune-policy", "preftune-reward-helpfulness",
-                                                    "preftune-reward-harmlessness"}
+    assert {r.name for r in summary.registered} == {"preftune-smoke-policy", "preftune-smoke-reward-helpfulness",
+                                                    "preftune-smoke-reward-harmlessness"}
     for registered in summary.registered:
         version = client.get_model_version(registered.name, registered.version)
         assert version.tags["data.sha256"] == parent.data.tags["data.sha256"]

@@ -132,7 +132,7 @@ def cmd_models(args) -> int:
     for row in rows:
         aliases = ",".join(f"@{a}" for a in row["aliases"]) or "-"
         metrics = "  ".join(f"{k}={v:.3f}" for k, v in row["metrics"].items())
-        print(f"{row['name']:32s} v{row['version']:<4} {aliases:24s} run {row['run_id'][:8]}  {metrics}")
+        print(f"{row['name']:36s} v{row['version']:<4} {aliases:24s} run {row['run_id'][:8]}  {metrics}")
     return 0
 
 

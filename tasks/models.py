@@ -207,7 +207,7 @@ def load_tokenizer(model_path: str, settings: ModelSettings):
 
 def uses_4bit(settings: ModelSettings) -> bool:
     """QLoRA where CUDA is present (auto), or where asked for; full-precision LoRA otherwise."""
-    if settings.quantization.mode == "none" or settings.random_init is not None:
+    if settings.quantization.mode == "none":
         return False
     if settings.quantization.mode == "4bit":
         return True

@@ -7,13 +7,14 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from bitsandbytes.nn import Linear4bit
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from tasks.data import DataSettings, apply_filter, format_split, load, split
 from tasks.dpo import DPOSettings, train_dpo_adapter
 from tasks.evaluate import RewardScorer
-from tasks.merge import merge_into_base
+from tasks.merge import MergeSettings, merge_and_check, merge_into_base
 from tasks.models import ModelSettings, RandomInitSettings, load_tokenizer
 from tasks.reward import RewardSettings, train_reward_model
 from tasks.tracking import TrackingSettings, configure
@@ -68,3 +69,22 @@ def test_merged_model_matches_base_plus_adapter(tiny_model_path, pairs, tmp_path
         merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)(**inputs).logits
     assert not torch.allclose(adapted, base_logits, atol=1e-4)  # the adapter changed the model
     torch.testing.assert_close(merged, adapted, atol=1e-4, rtol=1e-4)
+
+
+class RecordLayerTypes(TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.layer_types = {type(module) for module in model.modules()}
+
+
+def test_qlora_trains_on_4bit_nf4_weights_and_merges_into_full_precision(tiny_model_path, pairs, tmp_path):
+    """The recipe's QLoRA path through bitsandbytes (which also runs NF4 on a CPU): the adapter trains
+    on 4-bit weights and is merged into the fp32 base, matching base+adapter."""
+    qlora = ModelSettings(random_init=RandomInitSettings(), quantization={"mode": "4bit", "compute_dtype": "float32"})
+    layers = RecordLayerTypes()
+    result = train_dpo_adapter(DPOSettings(**FAST | {"max_steps": 2, "learning_rate": 1e-2}), qlora, tiny_model_path,
+                               pairs, tmp_path / "dpo", callbacks=[layers])
+    assert Linear4bit in layers.layer_types  # the base weights it trained on were NF4
+    merged = merge_and_check(tiny_model_path, [result.adapter_dir], pairs.eval.path, MergeSettings(), tmp_path / "merged")
+    assert merged.max_logit_difference <= MergeSettings().tolerance
+    weights = AutoModelForCausalLM.from_pretrained(merged.model_dir).model.layers[0].self_attn.q_proj.weight
+    assert weights.dtype == torch.float32

@@ -63,6 +63,7 @@ class RewardScorer:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer.truncation_side = "left"  # an overlong prompt loses its start, never the response judged
         self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32,
                                                                         use_safetensors=True).eval()
         self.max_length = max_length

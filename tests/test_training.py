@@ -40,6 +40,9 @@ def test_reward_model_trains_logs_curves_and_scores_pairs(tiny_model_path, pairs
     assert [m.step for m in history] == [1, 2, 3, 4]
     scores = RewardScorer(result.model_dir, 128).score([[{"role": "user", "content": "2+2?"}]] * 2, ["4", "5"])
     assert scores.shape == (2,) and scores[0] != scores[1]
+    overlong = [{"role": "user", "content": "Some context. " * 200 + "What is 2+2?"}]  # far past max_length
+    scores = RewardScorer(result.model_dir, 128).score([overlong] * 2, ["4", "5"])
+    assert scores[0] != scores[1]  # the prompt was cut, not the responses
 
 
 def test_dpo_reports_implicit_rewards_and_resumes_from_checkpoint(tiny_model_path, pairs, tmp_path):

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import yaml
 
+from tasks.base import PreftuneError
+
 DEPLOYMENTS = Path(__file__).resolve().parent.parent / "deployments"
 # Pool name -> (worker type, base job template in deployments/ or None for the type's default).
 WORK_POOLS = {
@@ -43,6 +45,9 @@ def ensure_work_pools() -> list[str]:
                 continue
             except ObjectNotFound:
                 pass
+            if name not in WORK_POOLS:
+                raise PreftuneError(f"work pool {name!r} named in prefect.yaml does not exist on the server and "
+                                    f"preftune does not know how to create it: create it with `prefect work-pool create`")
             kind, template = WORK_POOLS[name]
             client.create_work_pool(WorkPoolCreate(name=name, type=kind, base_job_template=job_template(kind, template)))
             created.append(name)

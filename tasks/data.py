@@ -77,15 +77,17 @@ def read_json_lines(path: Path) -> pd.DataFrame:
             for number, raw in enumerate(handle, start=1):
                 try:
                     line = raw.decode("utf-8")
-                    if line.strip():
-                        records.append(json.loads(line))
+                    if not line.strip():
+                        continue
+                    record = json.loads(line)
                 except UnicodeDecodeError:
                     raise PreftuneError(f"{path}: line {number} is not UTF-8 text") from None
                 except json.JSONDecodeError as error:
                     raise PreftuneError(f"{path}: line {number} is not valid JSON ({error.msg})") from None
-                if line.strip() and not isinstance(records[-1], dict):
-                    raise PreftuneError(f"{path}: line {number} is a JSON {type(records[-1]).__name__}, "
+                if not isinstance(record, dict):
+                    raise PreftuneError(f"{path}: line {number} is a JSON {type(record).__name__}, "
                                         "expected an object of columns")
+                records.append(record)
     except OSError as error:
         raise PreftuneError(f"{path}: cannot read the file ({error.strerror})") from None
     return pd.DataFrame.from_records(records)

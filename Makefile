@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test ui bench clean-runs
+.PHONY: setup run test ui bench bench-gpu clean-runs
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ ui: setup
 
 bench: setup
 	$(BIN)/python bench/dpo_step.py
+
+# Plain TRL (book settings) vs preftune's recipe and auto plans, on this machine's device.
+bench-gpu: setup
+	$(BIN)/python bench/gpu.py
 
 clean-runs:
 	rm -rf runs

@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/dpo_step.py [--steps 6] [--batch 2] [--max-length 128] [--profile quickstart]
 
-Uses the profile's model (default: the real SmolLM2-135M) and generated pairs; prints one line per
-stage. On a GPU with bitsandbytes, the quickstart profile trains QLoRA (4-bit nf4) instead of LoRA.
+Uses the profile's model (default: the real SmolLM2-135M), generated pairs and this machine's auto
+training plan (tasks/plan.py); prints one line per stage. `bench/gpu.py` compares plans with plain TRL.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from transformers import TrainerCallback  # noqa: E402
 
 from flows.config import load_config  # noqa: E402
 from tasks.data import DataSettings, apply_filter, format_split, load, split  # noqa: E402
-from tasks.models import describe_training_mode, load_tokenizer, resolve_model_path  # noqa: E402
+from tasks.models import load_tokenizer, resolve_model_path  # noqa: E402
+from tasks.plan import default_plan, keep_freed_memory  # noqa: E402
 
 
 class StepTimer(TrainerCallback):
@@ -42,29 +43,30 @@ class StepTimer(TrainerCallback):
 def run(stage: str, trainer_class, config_class, settings, model_settings, model_path, pairs, out: Path, extra: dict):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from tasks.models import model_load_kwargs
-    from tasks.training import load_pairs
+    from tasks.training import keep_trainable_dtype, load_pairs
 
     head = AutoModelForSequenceClassification if stage == "reward" else AutoModelForCausalLM
     tokenizer = load_tokenizer(model_path, model_settings)
+    plan = default_plan(stage, stage, settings, model_settings, model_path)
     model = head.from_pretrained(model_path, **({"num_labels": 1} if stage == "reward" else {}),
-                                 **model_load_kwargs(model_settings))
+                                 **plan.load_kwargs(model_settings))
     model.config.pad_token_id = tokenizer.pad_token_id
-    args = settings.trainer_args(out / stage, model_settings, stage) | {"report_to": [], "save_strategy": "no",
-                                                                         "disable_tqdm": True} | extra
+    args = settings.trainer_args(out / stage, plan, stage) | {"report_to": [], "save_strategy": "no",
+                                                              "disable_tqdm": True} | extra
     timer = StepTimer()
     trainer = trainer_class(model=model, args=config_class(**args), train_dataset=load_pairs(pairs.train.path),
                             processing_class=tokenizer, peft_config=settings.lora.peft_config(
                                 "SEQ_CLS" if stage == "reward" else "CAUSAL_LM"), callbacks=[timer])
+    keep_trainable_dtype(trainer.model, plan)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
     steady = timer.durations[1:] or timer.durations
     per_step = sum(steady) / len(steady)
-    pairs_per_step = settings.per_device_train_batch_size * settings.gradient_accumulation_steps
+    pairs_per_step = plan.effective_batch
     gpu = f", peak GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if torch.cuda.is_available() else ""
     print(f"{stage:6s} {per_step:6.2f} s/step  {pairs_per_step / per_step:6.2f} pairs/s  "
-          f"(batch {settings.per_device_train_batch_size} x accum {settings.gradient_accumulation_steps}, "
+          f"({plan.adapter} {plan.precision}, batch {plan.micro_batch} x accum {plan.gradient_accumulation}, "
           f"{len(steady)} timed steps){gpu}", flush=True)
 
 
@@ -85,14 +87,13 @@ def main() -> None:
     started = time.perf_counter()
     model_path = resolve_model_path(config.model)
     print(f"model {config.model.base_model} -> {model_path} ({time.perf_counter() - started:.1f} s)")
-    print(f"mode  {describe_training_mode(config.model)}; torch threads {torch.get_num_threads()}")
+    print(f"torch threads {torch.get_num_threads()}; freed memory kept in the heap: {keep_freed_memory()}")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         data = DataSettings(synthetic_rows=max(64, 4 * args.steps * args.batch))
         report = apply_filter(load(data, out), data, out)
         pairs = format_split(split(report, data, out), load_tokenizer(model_path, config.model), out)
-        run("dpo", DPOTrainer, DPOConfig, config.dpo, config.model, model_path, pairs, out,
-            {"beta": config.dpo.beta})
+        run("dpo", DPOTrainer, DPOConfig, config.dpo, config.model, model_path, pairs, out, {})
         run("reward", RewardTrainer, RewardConfig, config.rewards["helpfulness"], config.model, model_path, pairs, out, {})
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
 

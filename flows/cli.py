@@ -62,6 +62,31 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """The training plan of every training stage, as JSON, for this machine or a described GPU."""
+    from flows.config import load_config
+    from tasks.plan import DeviceSpec, plan_stage, shape_of
+
+    config = load_config(args.profile, args.config, args.overrides)
+    if args.gpu_memory_gib:
+        device = DeviceSpec.described_gpu(args.gpu_memory_gib, args.bf16 is not False, args.gpu_name)
+    elif args.bf16 is not None or args.gpu_name:
+        raise PreftuneError("--bf16/--no-bf16 and --gpu-name describe a GPU: give its memory with --gpu-memory-gib")
+    else:
+        device = DeviceSpec.detect()
+    shape = shape_of(config.model)
+    stages = [(f"reward-{aspect}", "reward", settings, settings.model or config.model)
+              for aspect, settings in config.rewards.items()]
+    stages += [("sft", "sft", config.sft, config.model)] if config.sft.enabled else []
+    stages += [("dpo", "dpo", config.dpo, config.model)]
+    plans = [plan_stage(stage, kind, settings, model, shape if model is config.model else shape_of(model), device,
+                        config.plan) for stage, kind, settings, model in stages]
+    print(json.dumps({"device": device.model_dump(), "model": {"base_model": config.model.base_model,
+                                                               "parameters": shape.parameters},
+                      "stages": {plan.stage: plan.model_dump() for plan in plans}}, indent=2))
+    return 0
+
+
 def cmd_serve(args) -> int:
     """One process that schedules and runs the flow: no work pool or worker needed."""
     from flows.config import load_config
@@ -153,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     config = commands.add_parser("config", help="print the resolved configuration as JSON")
     _config_args(config)
     commands.add_parser("profiles", help="list the profiles in configs/")
+    plan = commands.add_parser("plan", help="print each training stage's plan (precision, batch, memory) as JSON")
+    _config_args(plan)
+    plan.add_argument("--gpu-memory-gib", type=float, help="plan for a described GPU with this much free memory")
+    plan.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                      help="the described GPU supports bf16 (--no-bf16: fp16 only, e.g. T4, V100)")
+    plan.add_argument("--gpu-name", help="a name for the described GPU")
     serve = commands.add_parser("serve", help="serve the flow on a cron schedule from this process")
     _config_args(serve)
     serve.add_argument("--cron", default="0 2 * * *", help="schedule (default: 02:00 every day)")
@@ -182,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(load_config(args.profile, args.config, args.overrides).model_dump(), indent=2))
             return 0
-        handler = {"run": cmd_run, "serve": cmd_serve, "deploy": cmd_deploy, "ui": cmd_ui, "models": cmd_models,
+        handler = {"run": cmd_run, "plan": cmd_plan, "serve": cmd_serve, "deploy": cmd_deploy, "ui": cmd_ui, "models": cmd_models,
                    "generate": cmd_generate}[args.command]
         return handler(args)
     except PreftuneError as error:

@@ -17,6 +17,7 @@ from tasks.dpo import DPOSettings
 from tasks.evaluate import EvalSettings
 from tasks.merge import MergeSettings
 from tasks.models import ModelSettings
+from tasks.plan import PlanSettings
 from tasks.reward import RewardSettings
 from tasks.sft import SFTSettings
 from tasks.tracking import TrackingSettings
@@ -35,6 +36,7 @@ class PipelineConfig(StrictModel):
     runs_dir: str = "runs"
     data: DataSettings = Field(default_factory=DataSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
+    plan: PlanSettings = Field(default_factory=PlanSettings)  # auto: fitted to the device; recipe: verbatim
     # One reward model per aspect; a profile's aspects are kept and given ones are added or updated.
     rewards: dict[AspectName, RewardSettings] = Field(default_factory=lambda: {"helpfulness": RewardSettings()},
                                                       min_length=1)

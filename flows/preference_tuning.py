@@ -21,7 +21,8 @@ from tasks.data import (DataSettings, LoadedData, SplitData, filter_preferences,
 from tasks.dpo import train_dpo
 from tasks.evaluate import evaluate
 from tasks.merge import merge_adapters
-from tasks.models import ModelSettings, describe_training_mode, resolve_base_model
+from tasks.models import ModelSettings, resolve_base_model
+from tasks.plan import TrainingPlan, plan_training, publish_plans
 from tasks.reward import RewardResult, train_reward
 from tasks.sft import train_sft
 from tasks.tracking import (PromotionDecision, RegisteredVersion, configure, current_champion, decide_promotion,
@@ -90,38 +91,51 @@ def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSumm
     tracking_uri = configure(config.tracking)
     run_name = config.resolved_run_name()
     workspace = Workspace.open(Path(config.runs_dir) / run_name)
-    mode = describe_training_mode(config.model)
-    logger.info("run %s in %s; training mode: %s", run_name, workspace.path, mode)
+    logger.info("run %s in %s", run_name, workspace.path)
 
     with mlflow.start_run(run_name=run_name) as parent:
         parent_id = parent.info.run_id
         mlflow.log_params(_flatten(config.model_dump()))
         tags = {"prefect.flow_run_id": str(flow_run.id), "git.commit": git_commit(), "mlflow.parent_run_id": parent_id,
                 "config.sha256": fingerprint(config.model_dump(mode="json"))}
-        mlflow.set_tags({f"preftune.{key}": value for key, value in mode.items()} | tags
-                        | {"preftune.profile": config.profile, "preftune.run_dir": workspace.path})
+        mlflow.set_tags(tags | {"preftune.profile": config.profile, "preftune.run_dir": workspace.path})
 
         model_path = resolve_base_model(config.model)
         loaded, pairs = prepare_data(config.data, model_path, config.model, config.dpo.max_length, workspace, "data")
         tags["data.sha256"] = loaded.sha256
 
-        rewards: list[RewardResult] = []
+        # Data for every stage first, then one plan per training stage, shown before anything trains.
+        aspects = {}
         for aspect, settings in config.rewards.items():
             reward_model = settings.model or config.model
             reward_path = resolve_base_model(reward_model) if settings.model else model_path
             reward_pairs = pairs if settings.data is None else prepare_data(
                 settings.data, reward_path, reward_model, settings.max_length, workspace, f"data-{aspect}")[1]
-            rewards.append(train_reward(aspect, settings, reward_model, reward_path, reward_pairs, workspace, parent_id))
-
-        policy_start, adapters, stage_runs = model_path, [], {f"reward-{r.aspect}": r.mlflow_run_id for r in rewards}
-        if config.sft.enabled:
+            plan = plan_training(f"reward-{aspect}", "reward", settings, reward_model, reward_path, config.plan,
+                                 reward_pairs.train.rows)
+            aspects[aspect] = (settings, reward_model, reward_path, reward_pairs, plan)
+        train_sft_stage = config.sft.enabled
+        if train_sft_stage:
             sft_pairs = pairs if config.sft.data is None else prepare_data(
                 config.sft.data, model_path, config.model, config.sft.max_length, workspace, "data-sft")[1]
-            sft = train_sft(config.sft, config.model, model_path, sft_pairs, workspace, parent_id)
+            sft_plan = plan_training("sft", "sft", config.sft, config.model, model_path, config.plan, sft_pairs.train.rows)
+        dpo_plan = plan_training("dpo", "dpo", config.dpo, config.model, model_path, config.plan, pairs.train.rows)
+        plans: list[TrainingPlan] = [aspect[-1] for aspect in aspects.values()]
+        publish_plans(plans + ([sft_plan] if train_sft_stage else []) + [dpo_plan])
+        mlflow.set_tags({"preftune.device": dpo_plan.device, "preftune.adapter": dpo_plan.adapter,
+                         "preftune.precision": dpo_plan.precision, "preftune.plan": dpo_plan.mode})
+
+        rewards: list[RewardResult] = [
+            train_reward(aspect, settings, reward_model, reward_path, reward_pairs, plan, workspace, parent_id)
+            for aspect, (settings, reward_model, reward_path, reward_pairs, plan) in aspects.items()]
+
+        policy_start, adapters, stage_runs = model_path, [], {f"reward-{r.aspect}": r.mlflow_run_id for r in rewards}
+        if train_sft_stage:
+            sft = train_sft(config.sft, config.model, model_path, sft_pairs, sft_plan, workspace, parent_id)
             policy_start, adapters = sft.model_dir, [sft.adapter_dir]
             if sft.mlflow_run_id:
                 stage_runs["sft"] = sft.mlflow_run_id
-        dpo = train_dpo(config.dpo, config.model, policy_start, pairs, workspace, parent_id)
+        dpo = train_dpo(config.dpo, config.model, policy_start, pairs, dpo_plan, workspace, parent_id)
         stage_runs["dpo"] = dpo.mlflow_run_id
         merged = merge_adapters(model_path, adapters + [dpo.adapter_dir], pairs.eval.path, config.merge, workspace)
 

@@ -11,7 +11,8 @@ from pydantic import BaseModel
 
 from tasks.base import Workspace
 from tasks.data import SplitData
-from tasks.models import ModelSettings, load_tokenizer, model_load_kwargs
+from tasks.models import ModelSettings, load_tokenizer
+from tasks.plan import TrainingPlan, default_plan
 from tasks.tracking import stage_run
 from tasks.training import TrainerSettings, fit, load_pairs, training_task
 
@@ -19,7 +20,7 @@ from tasks.training import TrainerSettings, fit, load_pairs, training_task
 class DPOSettings(TrainerSettings):
     beta: float = 0.1
     loss_type: str = "sigmoid"
-    precompute_ref_log_probs: bool = False
+    precompute_ref_log_probs: bool = False  # the auto plan turns it on when training sees the data more than once
 
 
 class DPOResult(BaseModel):
@@ -29,34 +30,34 @@ class DPOResult(BaseModel):
 
 
 def train_dpo_adapter(settings: DPOSettings, model: ModelSettings, model_path: str, splits: SplitData,
-                      stage_dir: Path, parent_run_id: str | None = None, callbacks: list | None = None) -> DPOResult:
+                      stage_dir: Path, parent_run_id: str | None = None,
+                      callbacks: list | None = None, plan: TrainingPlan | None = None) -> DPOResult:
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
     tokenizer = load_tokenizer(model_path, model)
+    plan = plan or default_plan("dpo", "dpo", settings, model, model_path, splits.train.rows)
 
-    def make_trainer(shape: DPOSettings) -> DPOTrainer:
-        args = DPOConfig(**shape.trainer_args(stage_dir / "checkpoints", model, "dpo"), beta=shape.beta,
-                         loss_type=shape.loss_type, precompute_ref_log_probs=shape.precompute_ref_log_probs)
+    def make_trainer(plan: TrainingPlan) -> DPOTrainer:
         return DPOTrainer(
-            model=AutoModelForCausalLM.from_pretrained(model_path, **model_load_kwargs(model)),
-            args=args,
+            model=AutoModelForCausalLM.from_pretrained(model_path, **plan.load_kwargs(model)),
+            args=DPOConfig(**settings.trainer_args(stage_dir / "checkpoints", plan, "dpo")),
             train_dataset=load_pairs(splits.train.path),
             eval_dataset=load_pairs(splits.eval.path),
             processing_class=tokenizer,
-            peft_config=shape.lora.peft_config("CAUSAL_LM"),
+            peft_config=settings.lora.peft_config("CAUSAL_LM"),
             callbacks=callbacks,
         )
 
     with stage_run("dpo", parent_run_id) as run:
-        trainer, metrics = fit(make_trainer, settings, stage_dir)
+        trainer, metrics = fit(make_trainer, plan, stage_dir)
         adapter_dir = stage_dir / "adapter"
         trainer.save_model(str(adapter_dir))
         return DPOResult(adapter_dir=str(adapter_dir), metrics=metrics, mlflow_run_id=run.info.run_id)
 
 
 @training_task("train-dpo")
-def train_dpo(settings: DPOSettings, model: ModelSettings, model_path: str, splits: SplitData,
+def train_dpo(settings: DPOSettings, model: ModelSettings, model_path: str, splits: SplitData, plan: TrainingPlan,
               workspace: Workspace, parent_run_id: str | None = None) -> DPOResult:
-    stage_dir = workspace.stage("dpo", settings, model, model_path, splits)
-    return train_dpo_adapter(settings, model, model_path, splits, stage_dir, parent_run_id)
+    stage_dir = workspace.stage("dpo", settings, model, model_path, splits, plan.result_key())
+    return train_dpo_adapter(settings, model, model_path, splits, stage_dir, parent_run_id, plan=plan)

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 
 from tasks.base import StrictModel, Workspace, retry_unless_user_error
 from tasks.data import read_jsonl
+from tasks.plan import inference_placement
 from tasks.plots import margin_histograms, training_curves
 from tasks.reward import RewardResult
 from tasks.tracking import stage_run
@@ -64,8 +65,9 @@ class RewardScorer:
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.tokenizer.truncation_side = "left"  # an overlong prompt loses its start, never the response judged
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32,
-                                                                        use_safetensors=True).eval()
+        self.device, dtype = inference_placement()
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=dtype,
+                                                                        use_safetensors=True).to(self.device).eval()
         self.max_length = max_length
 
     @torch.inference_mode()
@@ -77,8 +79,8 @@ class RewardScorer:
         scores: list[float] = []
         for batch in _batches(texts, batch_size):
             encoded = self.tokenizer(batch, padding=True, truncation=True, max_length=self.max_length,
-                                     add_special_tokens=False, return_tensors="pt")
-            scores.extend(self.model(**encoded).logits[:, 0].tolist())
+                                     add_special_tokens=False, return_tensors="pt").to(self.device)
+            scores.extend(self.model(**encoded).logits[:, 0].float().tolist())
         return np.array(scores)
 
 
@@ -86,14 +88,15 @@ def load_policy(source: str):
     """A causal LM and its tokenizer from a folder or an MLflow model URI (the champion)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device, dtype = inference_placement()
     if source.startswith("models:/"):
         components = mlflow.transformers.load_model(source, return_type="components")
         model, tokenizer = components["model"], components["tokenizer"]
     else:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(source)
     tokenizer.padding_side = "left"
-    return model.float().eval(), tokenizer
+    return model.to(device, dtype).eval(), tokenizer
 
 
 @torch.inference_mode()
@@ -103,12 +106,12 @@ def generate(source: str, prompts: list[list[dict]], settings: EvalSettings) -> 
     responses, lengths = [], []
     for batch in _batches(prompts, settings.batch_size):
         texts = [tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True) for p in batch]
-        encoded = tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")
+        encoded = tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt").to(model.device)
         output = model.generate(**encoded, max_new_tokens=settings.max_new_tokens, do_sample=False,
                                 pad_token_id=tokenizer.pad_token_id)
         new_tokens = output[:, encoded["input_ids"].shape[1]:]
         ended = (new_tokens == tokenizer.eos_token_id).int()
-        lengths.extend(torch.where(ended.any(1), ended.argmax(1), new_tokens.shape[1]).tolist())
+        lengths.extend(torch.where(ended.any(1), ended.argmax(1), new_tokens.shape[1]).cpu().tolist())
         responses.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     return [r.strip() for r in responses], np.array(lengths)
 

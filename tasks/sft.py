@@ -12,12 +12,15 @@ from pydantic import BaseModel
 from tasks.base import PreftuneError, Workspace
 from tasks.data import DataSettings, SplitData, read_jsonl, write_jsonl
 from tasks.merge import merge_into_base
-from tasks.models import ModelSettings, load_tokenizer, model_load_kwargs
+from tasks.models import ModelSettings, load_tokenizer
+from tasks.plan import TrainingPlan, default_plan
 from tasks.tracking import stage_run
 from tasks.training import TrainerSettings, fit, load_pairs, training_task
 
 
 class SFTSettings(TrainerSettings):
+    own_fields = TrainerSettings.own_fields | {"enabled", "adapter_path", "data"}
+
     enabled: bool = False
     adapter_path: str | None = None  # an SFT adapter trained elsewhere: merged, not trained
     data: DataSettings | None = None  # None: the chosen answers of the preference train split
@@ -38,7 +41,7 @@ def to_prompt_completion(pairs_path: str, out_path: Path) -> str:
 
 
 def train_sft_adapter(settings: SFTSettings, model: ModelSettings, model_path: str, splits: SplitData,
-                      stage_dir: Path, parent_run_id: str | None = None) -> SFTResult:
+                      stage_dir: Path, parent_run_id: str | None = None, plan: TrainingPlan | None = None) -> SFTResult:
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
@@ -49,21 +52,22 @@ def train_sft_adapter(settings: SFTSettings, model: ModelSettings, model_path: s
         return SFTResult(adapter_dir=settings.adapter_path, model_dir=merged, metrics={}, mlflow_run_id=None)
 
     tokenizer = load_tokenizer(model_path, model)
+    plan = plan or default_plan("sft", "sft", settings, model, model_path, splits.train.rows)
     train_path = to_prompt_completion(splits.train.path, stage_dir / "train.jsonl")
     eval_path = to_prompt_completion(splits.eval.path, stage_dir / "eval.jsonl")
 
-    def make_trainer(shape: SFTSettings) -> SFTTrainer:
+    def make_trainer(plan: TrainingPlan) -> SFTTrainer:
         return SFTTrainer(
-            model=AutoModelForCausalLM.from_pretrained(model_path, **model_load_kwargs(model)),
-            args=SFTConfig(**shape.trainer_args(stage_dir / "checkpoints", model, "sft")),
+            model=AutoModelForCausalLM.from_pretrained(model_path, **plan.load_kwargs(model)),
+            args=SFTConfig(**settings.trainer_args(stage_dir / "checkpoints", plan, "sft")),
             train_dataset=load_pairs(train_path),
             eval_dataset=load_pairs(eval_path),
             processing_class=tokenizer,
-            peft_config=shape.lora.peft_config("CAUSAL_LM"),
+            peft_config=settings.lora.peft_config("CAUSAL_LM"),
         )
 
     with stage_run("sft", parent_run_id) as run:
-        trainer, metrics = fit(make_trainer, settings, stage_dir)
+        trainer, metrics = fit(make_trainer, plan, stage_dir)
         adapter_dir = stage_dir / "adapter"
         trainer.save_model(str(adapter_dir))
         merged = merge_into_base(model_path, [str(adapter_dir)], stage_dir / "model")
@@ -71,7 +75,7 @@ def train_sft_adapter(settings: SFTSettings, model: ModelSettings, model_path: s
 
 
 @training_task("train-sft")
-def train_sft(settings: SFTSettings, model: ModelSettings, model_path: str, splits: SplitData,
+def train_sft(settings: SFTSettings, model: ModelSettings, model_path: str, splits: SplitData, plan: TrainingPlan,
               workspace: Workspace, parent_run_id: str | None = None) -> SFTResult:
-    stage_dir = workspace.stage("sft", settings, model, model_path, splits)
-    return train_sft_adapter(settings, model, model_path, splits, stage_dir, parent_run_id)
+    stage_dir = workspace.stage("sft", settings, model, model_path, splits, plan.result_key())
+    return train_sft_adapter(settings, model, model_path, splits, stage_dir, parent_run_id, plan=plan)

@@ -6,24 +6,30 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, ClassVar
 
+import mlflow
 import torch
 from mlflow.exceptions import MlflowException
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy
 from pydantic import Field
 from transformers import TrainerCallback
 from transformers.integrations import MLflowCallback
 
-from tasks.base import PreftuneError, StrictModel, retry_unless_user_error
-from tasks.models import LoraSettings, ModelSettings, mixed_precision
+from tasks.base import PreftuneError, StrictModel, fingerprint, retry_unless_user_error
+from tasks.models import LoraSettings
+from tasks.plan import TrainingPlan, keep_freed_memory
 
 
 class TrainerSettings(StrictModel):
-    """The subset of TRL's `*Config` a profile sets; precision follows the machine (see models.py)."""
+    """The subset of TRL's `*Config` a profile sets, under TRL's own names. The training plan
+    (tasks/plan.py) decides precision, micro-batch x accumulation, checkpointing and optimizer."""
+
+    # Fields of ours, not TRL's: kept out of the TRL config.
+    own_fields: ClassVar[set[str]] = {"lora"}
 
     max_steps: int = Field(40, gt=0)
     per_device_train_batch_size: int = Field(2, gt=0)
@@ -41,35 +47,18 @@ class TrainerSettings(StrictModel):
     seed: int = 42
     lora: LoraSettings = Field(default_factory=LoraSettings)
 
-    def trainer_args(self, output_dir: Path, model: ModelSettings, run_name: str) -> dict:
-        precision = mixed_precision(model)
-        return dict(
+    def trainer_args(self, output_dir: Path, plan: TrainingPlan, run_name: str) -> dict:
+        """The stage's TRL config arguments in one step: its settings, then what the plan decided."""
+        return self.model_dump(exclude=self.own_fields) | plan.trainer_overrides() | dict(
             output_dir=str(output_dir),
             run_name=run_name,
-            max_steps=self.max_steps,
-            per_device_train_batch_size=self.per_device_train_batch_size,
-            per_device_eval_batch_size=self.per_device_eval_batch_size,
-            gradient_accumulation_steps=self.gradient_accumulation_steps,
-            learning_rate=self.learning_rate,
-            lr_scheduler_type=self.lr_scheduler_type,
-            warmup_steps=self.warmup_steps,
-            optim=self.optim,
-            max_length=self.max_length,
-            gradient_checkpointing=self.gradient_checkpointing,
-            bf16=precision == "bf16",
-            fp16=precision == "fp16",
-            logging_steps=self.logging_steps,
             save_strategy="steps",
-            save_steps=self.save_steps,
-            save_total_limit=self.save_total_limit,
-            seed=self.seed,
             report_to=["mlflow"],  # curves go to the stage's active MLflow run
             disable_tqdm=False,
         )
 
 
 log = logging.getLogger(__name__)
-Settings = TypeVar("Settings", bound=TrainerSettings)
 OOM_RECORD = "oom-adjustment.json"
 
 
@@ -112,29 +101,30 @@ def numeric(metrics: dict) -> dict[str, float]:
     return {key.replace("/", "_"): float(value) for key, value in metrics.items() if isinstance(value, (int, float))}
 
 
-def adjusted_for_oom(settings: Settings, stage_dir: Path) -> Settings:
-    """After an out-of-memory failure, the retry trains with half the micro-batch and twice the
-    accumulation: the same effective batch, less memory."""
+def adjusted_for_oom(plan: TrainingPlan, stage_dir: Path) -> TrainingPlan:
+    """After an out-of-memory failure the retry trains with the shrunk plan that failure recorded:
+    half the micro-batch and twice the accumulation (the same effective batch), then checkpointing."""
     record = stage_dir / OOM_RECORD
     if not record.exists():
-        return settings
-    shape = json.loads(record.read_text())
-    log.warning("previous attempt ran out of memory: micro-batch %s -> %s, gradient accumulation %s -> %s",
-                settings.per_device_train_batch_size, shape["per_device_train_batch_size"],
-                settings.gradient_accumulation_steps, shape["gradient_accumulation_steps"])
-    return settings.model_copy(update=shape)
+        return plan
+    adjusted = TrainingPlan.model_validate_json(record.read_text())
+    log.warning("previous attempt ran out of memory: micro-batch %s x accumulation %s, checkpointing %s",
+                adjusted.micro_batch, adjusted.gradient_accumulation, adjusted.gradient_checkpointing)
+    return adjusted
 
 
-def record_oom(settings: TrainerSettings, stage_dir: Path) -> None:
-    batch = settings.per_device_train_batch_size
-    if batch == 1:
-        raise PreftuneError("out of memory at micro-batch 1: lower max_length, enable gradient_checkpointing, "
-                            "or train in 4-bit (model.quantization.mode: 4bit)")
+def record_oom(plan: TrainingPlan, stage_dir: Path) -> None:
     stage_dir.mkdir(parents=True, exist_ok=True)
-    (stage_dir / OOM_RECORD).write_text(json.dumps({
-        "per_device_train_batch_size": batch // 2,
-        "gradient_accumulation_steps": settings.gradient_accumulation_steps * 2,
-    }))
+    (stage_dir / OOM_RECORD).write_text(plan.shrunk().model_dump_json())
+
+
+def keep_trainable_dtype(model: torch.nn.Module, plan: TrainingPlan) -> None:
+    """TRL casts LoRA weights on 4-bit models to bf16; under fp16 (cards without bf16) the gradient
+    scaler cannot unscale bf16 gradients, so the plan keeps them in fp32 there (and on a CPU)."""
+    dtype = getattr(torch, plan.trainable_dtype)
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)
 
 
 class PrefectProgress(TrainerCallback):
@@ -162,13 +152,17 @@ class SynchronousMLflowCallback(MLflowCallback):
         self._async_log = False
 
 
-def fit(make_trainer: Callable[[Settings], object], settings: Settings, stage_dir: Path):
+def fit(make_trainer: Callable[[TrainingPlan], object], plan: TrainingPlan, stage_dir: Path):
     """Train from the last checkpoint (if any), then evaluate on the held-out split.
 
     An out-of-memory error is recorded and re-raised: the task's Prefect retry then trains with the
     smaller micro-batch (see `adjusted_for_oom`)."""
-    settings = adjusted_for_oom(settings, stage_dir)
-    trainer = make_trainer(settings)
+    plan = adjusted_for_oom(plan, stage_dir)
+    mlflow.log_params(plan.params())
+    if plan.device_kind == "cpu":
+        keep_freed_memory()
+    trainer = make_trainer(plan)
+    keep_trainable_dtype(trainer.model, plan)
     if trainer.pop_callback(MLflowCallback):
         trainer.add_callback(SynchronousMLflowCallback())
     if TaskRunContext.get():  # in a Prefect task: show progress in the UI
@@ -179,7 +173,7 @@ def fit(make_trainer: Callable[[Settings], object], settings: Settings, stage_di
     except torch.OutOfMemoryError:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        record_oom(settings, stage_dir)
+        record_oom(plan, stage_dir)
         raise
     except MlflowException as error:
         if "API request to" not in error.message:
@@ -195,10 +189,18 @@ def fit(make_trainer: Callable[[Settings], object], settings: Settings, stage_di
     return trainer, numeric(trainer.evaluate())
 
 
+def _plan_result_key(context, parameters) -> str:
+    return fingerprint(parameters["plan"].result_key())
+
+
+# Keyed by inputs and code, not by the MLflow parent run, and by the parts of the training plan that
+# change the weights (precision, quantization), not those that only change speed or memory (micro-batch,
+# checkpointing, which follow the free memory at the time).
+TRAINING_CACHE = (INPUTS - "parent_run_id" - "plan") + TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=_plan_result_key)
+
+
 def training_task(name: str, **options):
     """The Prefect task settings every trainer shares: retries for transient failures (not for user
-    errors), the `gpu` tag for concurrency limits, and a cache keyed by inputs and code, not by the
-    MLflow parent run."""
+    errors), the `gpu` tag for concurrency limits, and the training cache policy."""
     return task(name=name, retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_user_error,
-                tags=["gpu", "training"], cache_policy=(INPUTS - "parent_run_id") + TASK_SOURCE,
-                persist_result=True, **options)
+                tags=["gpu", "training"], cache_policy=TRAINING_CACHE, persist_result=True, **options)

@@ -58,8 +58,9 @@ def test_out_of_memory_retry_halves_the_micro_batch(tiny_model_path, pairs, tmp_
     train_dpo_adapter(settings, MODEL, tiny_model_path, pairs, stage, callbacks=[OutOfMemoryAbove(2)])
     args = torch.load(stage / "checkpoints" / "checkpoint-2" / "training_args.bin", weights_only=False)
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (2, 2)
-    assert json.loads((stage / "oom-adjustment.json").read_text()) == {
-        "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}
+    retried = json.loads((stage / "oom-adjustment.json").read_text())
+    assert (retried["micro_batch"], retried["gradient_accumulation"], retried["effective_batch"]) == (2, 2, 4)
+    assert "after an out-of-memory error" in retried["reasons"][-1]
 
 
 def test_user_errors_are_not_retried_but_transient_ones_are():

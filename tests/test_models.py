@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from tasks.base import PreftuneError
-from tasks.models import (ModelSettings, RandomInitSettings, describe_training_mode, load_tokenizer,
-                          model_load_kwargs, resolve_model_path, uses_4bit)
+from tasks.models import ModelSettings, RandomInitSettings, load_tokenizer, resolve_model_path
 
 
 def test_packaged_gguf_converts_once_to_safetensors(smollm2_path):
@@ -39,14 +38,6 @@ def test_random_init_uses_the_real_tokenizer(tiny_model_path, smollm2_path):
     assert (config.hidden_size, config.num_hidden_layers) == (64, 2)
     assert load_tokenizer(tiny_model_path, ModelSettings()).get_vocab() == load_tokenizer(smollm2_path, ModelSettings()).get_vocab()
     assert resolve_model_path(ModelSettings(random_init=RandomInitSettings())) == tiny_model_path
-
-
-def test_cpu_trains_full_precision_lora_and_says_so():
-    settings = ModelSettings(precision="fp16")
-    assert not uses_4bit(settings) and "quantization_config" not in model_load_kwargs(settings)
-    assert describe_training_mode(settings) == {"device": "cpu", "adapter": "lora-full-precision", "precision": "fp32"}
-    forced = model_load_kwargs(ModelSettings(quantization={"mode": "4bit"}))["quantization_config"]
-    assert forced.bnb_4bit_quant_type == "nf4" and forced.bnb_4bit_use_double_quant
 
 
 @pytest.mark.parametrize("reference, message", [

@@ -24,7 +24,10 @@ def test_quickstart_flow_with_real_model_registers_a_usable_policy(tmp_path, smo
     assert sum(rates) == pytest.approx(1.0)
     mlflow.set_tracking_uri(config.tracking.tracking_uri)
     client = MlflowClient()
-    assert client.get_run(summary.mlflow_run_id).data.tags["preftune.adapter"] == "lora-full-precision"
+    parent = client.get_run(summary.mlflow_run_id).data
+    dpo_plan = {key.removeprefix("plan.dpo."): value for key, value in parent.params.items() if key.startswith("plan.dpo.")}
+    assert parent.tags["preftune.adapter"] == dpo_plan["adapter"] and parent.tags["preftune.precision"] == dpo_plan["precision"]
+    assert int(dpo_plan["micro_batch"]) * int(dpo_plan["gradient_accumulation"]) == 4  # the profile's effective batch
     listed = {(row["name"], row["version"]): row for row in list_versions()}  # what `preftune models` prints
     policy = listed[("preftune-policy", "1")]
     assert "candidate" in policy["aliases"] and "dpo_implicit_reward_accuracy" in policy["metrics"]

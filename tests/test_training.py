@@ -16,6 +16,7 @@ from tasks.dpo import DPOSettings, train_dpo_adapter
 from tasks.evaluate import RewardScorer
 from tasks.merge import MergeSettings, merge_and_check, merge_into_base
 from tasks.models import ModelSettings, RandomInitSettings, load_tokenizer
+from tasks.plan import DeviceSpec, PlanSettings, default_plan, plan_stage, shape_of
 from tasks.reward import RewardSettings, train_reward_model
 from tasks.tracking import TrackingSettings, configure
 
@@ -77,6 +78,7 @@ def test_merged_model_matches_base_plus_adapter(tiny_model_path, pairs, tmp_path
 class RecordLayerTypes(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.layer_types = {type(module) for module in model.modules()}
+        self.trainable_dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
 
 
 def test_qlora_trains_on_4bit_nf4_weights_and_merges_into_full_precision(tiny_model_path, pairs, tmp_path):
@@ -87,7 +89,26 @@ def test_qlora_trains_on_4bit_nf4_weights_and_merges_into_full_precision(tiny_mo
     result = train_dpo_adapter(DPOSettings(**FAST | {"max_steps": 2, "learning_rate": 1e-2}), qlora, tiny_model_path,
                                pairs, tmp_path / "dpo", callbacks=[layers])
     assert Linear4bit in layers.layer_types  # the base weights it trained on were NF4
+    # TRL casts QLoRA weights to bf16; the plan puts them back in fp32 unless it trains in bf16 (fp16's
+    # gradient scaler, and a CPU, need fp32).
+    plan = default_plan("dpo", "dpo", DPOSettings(**FAST), qlora, tiny_model_path)
+    assert layers.trainable_dtypes == {getattr(torch, plan.trainable_dtype)}
     merged = merge_and_check(tiny_model_path, [result.adapter_dir], pairs.eval.path, MergeSettings(), tmp_path / "merged")
     assert merged.max_logit_difference <= MergeSettings().tolerance
     weights = AutoModelForCausalLM.from_pretrained(merged.model_dir).model.layers[0].self_attn.q_proj.weight
     assert weights.dtype == torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bf16, mode", [(True, "auto"), (True, "recipe"), (False, "auto"), (False, "recipe")])
+def test_plans_train_on_a_real_gpu(tiny_model_path, pairs, tmp_path, bf16, mode):
+    """Every plan kind completes optimizer steps on CUDA, including fp16 on 4-bit (the recipe's crash)."""
+    device = DeviceSpec.detect().model_copy(update={"bf16": bf16 and DeviceSpec.detect().bf16})
+    settings = DPOSettings(**FAST | {"max_steps": 2, "gradient_accumulation_steps": 2})
+    book_like = MODEL.model_copy(update={"precision": "fp16"})
+    plan = plan_stage("dpo", "dpo", settings, book_like, shape_of(book_like, tiny_model_path), device,
+                      PlanSettings(mode=mode))
+    assert plan.precision == ("bf16" if device.bf16 else "fp16") and plan.device_kind == "cuda"
+    result = train_dpo_adapter(settings, book_like, tiny_model_path, pairs, tmp_path / "dpo", plan=plan)
+    assert (Path(result.adapter_dir) / "adapter_config.json").is_file()
+    assert torch.isfinite(torch.tensor(result.metrics["eval_loss"]))

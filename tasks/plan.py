@@ -1,0 +1,398 @@
+"""The training plan: how one training stage runs on this device, decided in one place and logged.
+
+`recipe` runs the profile's settings verbatim; only the precision is fitted to the card, because the
+recipe's fp16 on a 4-bit model no longer runs under current TRL (it casts QLoRA weights to bf16, and
+fp16's gradient scaler cannot unscale bf16 gradients). `auto` keeps everything that changes the result
+(effective batch, learning rate and schedule, steps, beta, LoRA rank/alpha/targets) and fits the rest
+(quantization, micro-batch x accumulation, gradient checkpointing, optimizer implementation, attention
+kernel) to the device's free memory, from an estimate of peak memory. 4-bit is chosen only where
+16-bit weights would not fit. The OOM retry in `tasks/training.py` stays the safety net.
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import Literal
+
+import mlflow
+import torch
+from prefect import task
+from pydantic import BaseModel, Field
+
+from tasks.base import PreftuneError, StrictModel, retry_unless_user_error
+from tasks.models import LoraSettings, ModelSettings
+
+GiB = 2**30
+Kind = Literal["dpo", "reward", "sft"]
+Precision = Literal["fp32", "fp16", "bf16"]
+DType = Literal["float32", "float16", "bfloat16"]
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+# Sequences in one example: DPO and reward models run chosen and rejected, SFT one completion.
+SEQUENCES = {"dpo": 2, "reward": 2, "sft": 1}
+# NF4 stores half a byte per weight, plus an fp32 absmax per 64 weights (double quantization
+# shrinks that to 8 bits per 64 plus a second-level constant): ~0.516 bytes per weight.
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+# Optimizer implementations that only help under memory pressure, or only on CUDA.
+MEMORY_SAVING_OPTIMIZERS = ("paged_", "_8bit")
+
+
+class PlanSettings(StrictModel):
+    """`auto` (default) fits the training to the device; `recipe` runs the profile's settings verbatim."""
+
+    mode: Literal["auto", "recipe"] = "auto"
+    memory_fraction: float = Field(0.85, gt=0, le=1)  # of the device's free memory the estimate may fill
+
+
+class DeviceSpec(StrictModel):
+    """What a plan depends on: detected on this machine, or described for a card one does not have."""
+
+    kind: Literal["cpu", "cuda"]
+    name: str
+    memory_gib: float = Field(gt=0)  # free memory training may use (GPU: free device memory; CPU: available RAM)
+    bf16: bool  # native bf16 (Ampere and newer); fp16-only cards (T4, V100) train in fp16
+    flash_attention: bool = False  # compute capability 8.0+ and the flash-attn package installed
+
+    @classmethod
+    def detect(cls) -> "DeviceSpec":
+        if torch.cuda.is_available():
+            free, _ = torch.cuda.mem_get_info()
+            major, _ = torch.cuda.get_device_capability()
+            return cls(kind="cuda", name=torch.cuda.get_device_name(), memory_gib=free / GiB,
+                       bf16=torch.cuda.is_bf16_supported(including_emulation=False),
+                       flash_attention=major >= 8 and importlib.util.find_spec("flash_attn") is not None)
+        import psutil
+
+        return cls(kind="cpu", name="cpu", memory_gib=psutil.virtual_memory().available / GiB, bf16=False)
+
+    @classmethod
+    def described_gpu(cls, memory_gib: float, bf16: bool, name: str | None = None) -> "DeviceSpec":
+        return cls(kind="cuda", name=name or f"described GPU ({memory_gib:g} GiB, {'bf16' if bf16 else 'fp16 only'})",
+                   memory_gib=memory_gib, bf16=bf16)
+
+
+class ModelShape(BaseModel):
+    """What memory depends on, read from the model's configuration on the meta device (no weights)."""
+
+    parameters: int
+    quantizable_parameters: int  # the decoder's Linear weights: what bitsandbytes stores in 4 bits
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    vocab_size: int
+    kv_dim: int
+    linear_features: dict[str, tuple[int, int]]  # projection name -> (in, out) features, per layer
+
+    @classmethod
+    def from_config(cls, config) -> "ModelShape":
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config)
+        features: dict[str, tuple[int, int]] = {}
+        quantizable = 0
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.split(".")[-1] != "lm_head":
+                features[name.split(".")[-1]] = (module.in_features, module.out_features)
+                quantizable += module.weight.numel()
+        text = config.get_text_config()
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        return cls(parameters=sum(p.numel() for p in model.parameters()), quantizable_parameters=quantizable,
+                   hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
+                   num_layers=text.num_hidden_layers, vocab_size=text.vocab_size,
+                   kv_dim=text.num_key_value_heads * head_dim, linear_features=features)
+
+    def lora_parameters(self, lora: LoraSettings) -> int:
+        per_layer = sum(lora.r * (i + o) for name, (i, o) in self.linear_features.items() if name in lora.target_modules)
+        return per_layer * self.num_layers
+
+    def activation_elements(self, lora: LoraSettings) -> float:
+        """Values autograd keeps per token per decoder layer when only LoRA trains, without checkpointing.
+        Fitted to the tensors autograd actually saves (tests/test_plan.py checks it against a real model):
+        ~7h + 3.5i + 2 kv_dim, plus 1.5x the input width of each LoRA target with dropout on."""
+        elements = 7 * self.hidden_size + 3.5 * self.intermediate_size + 2 * self.kv_dim
+        if lora.dropout > 0:
+            elements += 1.5 * sum(i for name, (i, _) in self.linear_features.items() if name in lora.target_modules)
+        return elements
+
+
+class MemoryEstimate(BaseModel):
+    weights_gib: float
+    adapter_gib: float  # LoRA weights, gradients and Adam moments
+    activations_gib: float
+    head_gib: float  # LM head / loss buffers
+    overhead_gib: float
+    total_gib: float
+
+
+class TrainingPlan(BaseModel):
+    """Everything about how a stage trains that the profile does not fix, with the reasons."""
+
+    stage: str
+    mode: Literal["auto", "recipe"]
+    device: str
+    device_kind: Literal["cpu", "cuda"]
+    precision: Precision  # the Trainer's mixed precision
+    weights_dtype: DType  # frozen weights as loaded (4-bit: the non-quantized ones)
+    quantization: Literal["none", "nf4", "fp4"]
+    compute_dtype: DType | None  # 4-bit matmuls
+    double_quant: bool
+    trainable_dtype: DType  # LoRA weights: fp32 under fp16 so the gradient scaler works
+    micro_batch: int
+    gradient_accumulation: int
+    effective_batch: int
+    gradient_checkpointing: bool
+    optim: str
+    attn_implementation: str
+    precompute_ref_log_probs: bool | None = None  # DPO only
+    max_length: int
+    memory: MemoryEstimate
+    memory_budget_gib: float
+    reasons: list[str]
+
+    @property
+    def adapter(self) -> str:
+        return f"qlora-{self.quantization}" if self.quantization != "none" else f"lora-{self.weights_dtype}"
+
+    def result_key(self) -> list[str]:
+        """What changes the trained weights (not only the speed): part of the stage folder's key, so a
+        stage trained in 4-bit on a GPU is never resumed in full precision on a CPU, or the reverse."""
+        return [self.device_kind, self.precision, self.weights_dtype, self.quantization, str(self.compute_dtype),
+                self.trainable_dtype]
+
+    def trainer_overrides(self) -> dict:
+        """The TRL/transformers config fields the plan decides."""
+        overrides = dict(per_device_train_batch_size=self.micro_batch, gradient_accumulation_steps=self.gradient_accumulation,
+                         gradient_checkpointing=self.gradient_checkpointing, optim=self.optim,
+                         bf16=self.precision == "bf16", fp16=self.precision == "fp16")
+        if self.precompute_ref_log_probs is not None:
+            overrides["precompute_ref_log_probs"] = self.precompute_ref_log_probs
+        return overrides
+
+    def load_kwargs(self, model: ModelSettings) -> dict:
+        """`from_pretrained` arguments: dtype, 4-bit config, attention kernel; safetensors only."""
+        kwargs: dict = {"revision": model.revision, "trust_remote_code": model.trust_remote_code,
+                        "use_safetensors": True, "dtype": getattr(torch, self.weights_dtype),
+                        "attn_implementation": self.attn_implementation}
+        if self.quantization != "none":
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type=self.quantization,
+                bnb_4bit_compute_dtype=getattr(torch, self.compute_dtype),
+                bnb_4bit_use_double_quant=self.double_quant)
+            kwargs["device_map"] = {"": torch.cuda.current_device()} if self.device_kind == "cuda" else "cpu"
+        return kwargs
+
+    def shrunk(self) -> "TrainingPlan":
+        """The next plan after an out-of-memory error: half the micro-batch (same effective batch), then
+        gradient checkpointing; the user is told what else helps when neither is left."""
+        if self.micro_batch > 1:
+            update = {"micro_batch": self.micro_batch // 2, "gradient_accumulation": self.gradient_accumulation * 2}
+        elif not self.gradient_checkpointing:
+            update = {"gradient_checkpointing": True}
+        else:
+            raise PreftuneError(f"{self.stage}: out of memory at micro-batch 1 with gradient checkpointing: lower "
+                                "max_length, or train in 4-bit (model.quantization.mode: 4bit)")
+        return self.model_copy(update=update | {"reasons": self.reasons + [f"after an out-of-memory error: {update}"]})
+
+    def params(self) -> dict[str, str]:
+        """Flat `plan.<stage>.<field>` values for MLflow."""
+        values = self.model_dump(exclude={"stage", "reasons", "memory"}) | {
+            "estimated_peak_gib": round(self.memory.total_gib, 2), "adapter": self.adapter}
+        return {f"plan.{self.stage}.{key}": str(value) for key, value in values.items()}
+
+
+class PrecisionChoice(BaseModel):
+    precision: Precision
+    weights_dtype: DType
+    reason: str
+
+
+def choose_precision(requested: str, device: DeviceSpec) -> PrecisionChoice:
+    """The one place that decides mixed precision. bf16 wherever the card has it; fp16 on fp16-only cards
+    (with trainable weights kept in fp32, see `TrainingPlan.trainable_dtype`); fp32 on a CPU."""
+    if device.kind == "cpu":
+        note = "" if requested in ("auto", "fp32") else f" ({requested} requested: no native {requested} on this CPU)"
+        return PrecisionChoice(precision="fp32", weights_dtype="float32",
+                               reason="CPU: fp32, since bf16/fp16 run several times slower without native support" + note)
+    if requested == "fp32":
+        return PrecisionChoice(precision="fp32", weights_dtype="float32", reason="fp32 requested")
+    if device.bf16:
+        note = (" (fp16 requested: on a 4-bit model TRL keeps LoRA weights in bf16, which fp16's gradient scaler "
+                "cannot unscale; bf16 has fp16's speed and fp32's range)") if requested == "fp16" else ""
+        return PrecisionChoice(precision="bf16", weights_dtype="bfloat16", reason="bf16: the card supports it" + note)
+    note = f" ({requested} requested)" if requested == "bf16" else ""
+    return PrecisionChoice(precision="fp16", weights_dtype="float16",
+                           reason="fp16: the card has no bf16; LoRA weights stay fp32 so the gradient scaler works" + note)
+
+
+def estimate_memory(shape: ModelShape, lora: LoraSettings, kind: Kind, micro_batch: int, max_length: int,
+                    precision: Precision, weights_dtype: DType, quantized: bool, checkpointing: bool,
+                    trainable_dtype: DType, device_kind: str) -> MemoryEstimate:
+    """Peak memory of one training step, from the model's shape (an upper bound: every sequence padded
+    to max_length)."""
+    tokens = micro_batch * max_length * SEQUENCES[kind]
+    act_bytes = 4 if precision == "fp32" else 2
+    other = shape.parameters - shape.quantizable_parameters
+    weights = (shape.quantizable_parameters * NF4_BYTES + other * DTYPE_BYTES[weights_dtype] if quantized
+               else shape.parameters * DTYPE_BYTES[weights_dtype])
+    adapter = shape.lora_parameters(lora) * (2 * DTYPE_BYTES[trainable_dtype] + 8)
+    per_layer = shape.activation_elements(lora) * act_bytes
+    if checkpointing:  # each layer's input is kept; one layer at a time is recomputed
+        activations = tokens * (shape.num_layers * shape.hidden_size * act_bytes + per_layer)
+    else:
+        activations = tokens * shape.num_layers * per_layer
+    # SFT materialises the logits (and fp32 loss buffers); DPO's fused LM head and the reward head do not.
+    head = tokens * shape.vocab_size * (act_bytes + 8) if kind == "sft" else tokens * shape.hidden_size * 4
+    overhead = 0.5 * GiB if device_kind == "cuda" else 1.0 * GiB
+    parts = [value / GiB for value in (weights, adapter, activations, head, overhead)]
+    return MemoryEstimate(weights_gib=parts[0], adapter_gib=parts[1], activations_gib=parts[2], head_gib=parts[3],
+                          overhead_gib=parts[4], total_gib=sum(parts))
+
+
+def _micro_batches(effective: int) -> list[int]:
+    """Micro-batch sizes that divide the effective batch, largest first."""
+    return [size for size in range(effective, 0, -1) if effective % size == 0]
+
+
+def plan_stage(stage: str, kind: Kind, settings, model: ModelSettings, shape: ModelShape, device: DeviceSpec,
+               plan_settings: PlanSettings, train_pairs: int | None = None) -> TrainingPlan:
+    """Fit one stage's training (its `TrainerSettings`) to `device`."""
+    choice = choose_precision(model.precision, device)
+    reasons = [choice.reason]
+    effective = settings.per_device_train_batch_size * settings.gradient_accumulation_steps
+    quant = model.quantization
+    budget = device.memory_gib * plan_settings.memory_fraction
+
+    def build(micro: int, checkpointing: bool, quantized: bool, optim: str, attn: str) -> TrainingPlan:
+        trainable: DType = "bfloat16" if quantized and choice.precision == "bf16" else "float32"
+        memory = estimate_memory(shape, settings.lora, kind, micro, settings.max_length, choice.precision,
+                                 choice.weights_dtype, quantized, checkpointing, trainable, device.kind)
+        compute = quant.compute_dtype if plan_settings.mode == "recipe" else choice.weights_dtype
+        if quantized and choice.precision == "fp16" and compute == "bfloat16":
+            compute = "float16"
+        return TrainingPlan(
+            stage=stage, mode=plan_settings.mode, device=device.name, device_kind=device.kind,
+            precision=choice.precision, weights_dtype=choice.weights_dtype,
+            quantization=quant.quant_type if quantized else "none", compute_dtype=compute if quantized else None,
+            double_quant=quant.double_quant and quantized, trainable_dtype=trainable, micro_batch=micro,
+            gradient_accumulation=effective // micro, effective_batch=effective, gradient_checkpointing=checkpointing,
+            optim=optim, attn_implementation=attn, precompute_ref_log_probs=precompute, max_length=settings.max_length,
+            memory=memory, memory_budget_gib=budget, reasons=list(reasons))
+
+    precompute = getattr(settings, "precompute_ref_log_probs", None)
+    if plan_settings.mode == "recipe":
+        quantized = quant.mode == "4bit" or (quant.mode == "auto" and device.kind == "cuda")
+        reasons.append("recipe: batch, checkpointing, optimizer and quantization as the profile sets them")
+        plan = build(settings.per_device_train_batch_size, settings.gradient_checkpointing, quantized, settings.optim, "sdpa")
+        if plan.memory.total_gib > budget:
+            plan.reasons.append(f"estimated {plan.memory.total_gib:.1f} GiB exceeds the {budget:.1f} GiB budget: "
+                                "expect the out-of-memory retry, or use plan.mode=auto")
+        return plan
+
+    optim = settings.optim
+    if any(marker in optim for marker in MEMORY_SAVING_OPTIMIZERS) or device.kind == "cuda":
+        optim = "adamw_torch_fused" if device.kind == "cuda" else "adamw_torch"
+        if optim != settings.optim:
+            reasons.append(f"optimizer {settings.optim} -> {optim} (same AdamW update; paged/8-bit states only "
+                           "save memory, which is not short here)")
+    attn = "flash_attention_2" if device.flash_attention and choice.precision != "fp32" else "sdpa"
+    if kind == "dpo" and train_pairs and not precompute and settings.max_steps * effective >= train_pairs:
+        precompute = True
+        reasons.append(f"reference log-probs precomputed: {settings.max_steps * effective} examples over {train_pairs} "
+                       "train pairs, so one pass over the data is cheaper than a reference forward every step")
+    if quant.mode == "4bit":
+        quantizations, why = [True], "4-bit: model.quantization.mode is 4bit"
+    elif quant.mode == "none" or device.kind == "cpu":
+        quantizations, why = [False], f"{choice.weights_dtype} weights: " + (
+            "model.quantization.mode is none" if quant.mode == "none" else "bitsandbytes 4-bit only pays on CUDA")
+    else:
+        quantizations, why = [False, True], ""
+    micro_batches = _micro_batches(effective)
+    if device.kind == "cpu":  # a CPU's throughput per pair does not grow with the micro-batch (bench/dpo_step.py)
+        micro_batches = [size for size in micro_batches if size <= settings.per_device_train_batch_size]
+    for quantized in quantizations:
+        # Without checkpointing first (it recomputes every layer: ~1/3 more compute), largest micro-batch first.
+        for checkpointing in (False, True):
+            for micro in micro_batches:
+                plan = build(micro, checkpointing, quantized, optim, attn)
+                if plan.memory.total_gib <= budget:
+                    plan.reasons.append(why or (f"4-bit {quant.quant_type}: {choice.weights_dtype} weights do not fit"
+                                                if quantized else f"{choice.weights_dtype} weights fit"))
+                    plan.reasons.append(f"micro-batch {micro} x accumulation {effective // micro}, checkpointing "
+                                        f"{'on' if checkpointing else 'off'}: estimated {plan.memory.total_gib:.1f} of "
+                                        f"{budget:.1f} GiB")
+                    return plan
+    raise PreftuneError(f"{stage}: does not fit on {device.name} ({device.memory_gib:.1f} GiB free) even at micro-batch 1 "
+                        f"with checkpointing{' and 4-bit' if True in quantizations else ''} (estimated "
+                        f"{plan.memory.total_gib:.1f} GiB): lower max_length ({settings.max_length}) or use a larger card")
+
+
+# --- Prefect tasks and reporting -------------------------------------------------------------
+
+
+def shape_of(model: ModelSettings, model_path: str | None = None) -> ModelShape:
+    from tasks.models import model_config
+
+    return ModelShape.from_config(model_config(model, model_path))
+
+
+@task(name="plan-training", task_run_name="plan-{stage}", tags=["plan"], retries=1,
+      retry_condition_fn=retry_unless_user_error)
+def plan_training(stage: str, kind: Kind, settings, model: ModelSettings, model_path: str, plan_settings: PlanSettings,
+                  train_pairs: int | None = None) -> TrainingPlan:
+    return plan_stage(stage, kind, settings, model, shape_of(model, model_path), DeviceSpec.detect(), plan_settings,
+                      train_pairs)
+
+
+def plan_table(plans: list[TrainingPlan]) -> list[dict]:
+    return [{"stage": plan.stage, "device": plan.device, "precision": plan.precision, "adapter": plan.adapter,
+             "micro-batch x accumulation": f"{plan.micro_batch} x {plan.gradient_accumulation}",
+             "checkpointing": plan.gradient_checkpointing, "optimizer": plan.optim,
+             "attention": plan.attn_implementation,
+             "estimated peak GiB": f"{plan.memory.total_gib:.1f} of {plan.memory_budget_gib:.1f}",
+             "why": "; ".join(plan.reasons)} for plan in plans]
+
+
+def publish_plans(plans: list[TrainingPlan]) -> None:
+    """Every run shows what it will run: MLflow params on the parent run, and a Prefect table artifact."""
+    from prefect.artifacts import create_table_artifact
+
+    mlflow.log_params({key: value for plan in plans for key, value in plan.params().items()})
+    create_table_artifact(key="training-plan", table=plan_table(plans),
+                          description=f"{plans[0].mode} training plan on {plans[0].device}")
+
+
+def inference_placement() -> tuple[str, torch.dtype]:
+    """Where scoring and generation run: the GPU when there is one, in its 16-bit dtype, else the CPU
+    in fp32. Merges use the same device in fp32 (merging into 16-bit weights would round them)."""
+    if not torch.cuda.is_available():
+        return "cpu", torch.float32
+    return "cuda", getattr(torch, choose_precision("auto", DeviceSpec.detect()).weights_dtype)
+
+
+def default_plan(stage: str, kind: Kind, settings, model: ModelSettings, model_path: str,
+                 train_pairs: int | None = None) -> TrainingPlan:
+    """The auto plan on this machine, for a stage called outside the flow (scripts, benchmarks, tests)."""
+    return plan_stage(stage, kind, settings, model, shape_of(model, model_path), DeviceSpec.detect(), PlanSettings(),
+                      train_pairs)
+
+
+def keep_freed_memory() -> bool:
+    """On a CPU, glibc hands every large freed block back to the OS and faults it in again on the next
+    allocation; TRL's tiled LM head allocates such blocks many times a step, so a DPO step spent most of
+    its time in the kernel (bench/gpu.py --size tiny: 15.8 -> 5.4 s/step). Keep freed memory in the
+    heap instead, as `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large>` would. glibc only; a no-op elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):
+        return False
+    if mallopt is None:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))

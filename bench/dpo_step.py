@@ -56,7 +56,8 @@ def run(stage: str, trainer_class, config_class, settings, model_settings, model
     timer = StepTimer()
     trainer = trainer_class(model=model, args=config_class(**args), train_dataset=load_pairs(pairs.train.path),
                             processing_class=tokenizer, peft_config=settings.lora.peft_config(
-                                "SEQ_CLS" if stage == "reward" else "CAUSAL_LM"), callbacks=[timer])
+                                "SEQ_CLS" if stage == "reward" else "CAUSAL_LM", model.config.num_hidden_layers),
+                            callbacks=[timer])
     keep_trainable_dtype(trainer.model, plan)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

@@ -45,11 +45,14 @@ def _print_summary(summary) -> None:
     print(f"run folder    : {summary.run_dir}")
     for version in summary.registered:
         print(f"registered    : models:/{version.name}/{version.version} (alias @{version.alias})")
-    gate = summary.promotion
-    print(f"promotion     : {'champion' if gate.promoted and summary.registered else 'not promoted'} "
-          f"(combined reward {gate.candidate_score:.3f} vs {gate.baseline} {gate.baseline_score:.3f})")
-    for name, value in sorted(summary.metrics.items()):
-        print(f"  {name:36s} {value:.4f}")
+    print(f"promotion     : {summary.promotion.explanation().replace('**', '')}")
+    metrics = summary.metrics
+    for name, value in sorted(metrics.items()):
+        if name.endswith((".ci_low", ".ci_high")):
+            continue
+        interval = (f"  [{metrics[name + '.ci_low']:.3f}, {metrics[name + '.ci_high']:.3f}]"
+                    if name + ".ci_low" in metrics else "")
+        print(f"  {name:44s} {value:8.4f}{interval}")
 
 
 def cmd_run(args) -> int:
@@ -84,6 +87,35 @@ def cmd_plan(args) -> int:
     print(json.dumps({"device": device.model_dump(), "model": {"base_model": config.model.base_model,
                                                                "parameters": shape.parameters},
                       "stages": {plan.stage: plan.model_dump() for plan in plans}}, indent=2))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    """Evaluate a policy against a reference on a preference file, as the flow's evaluate stage does."""
+    from tasks.data import DataSettings
+    from tasks.evaluate import EvalSettings, evaluate_file
+    from tasks.tracking import TrackingSettings, configure
+
+    judges = {}
+    for spec in args.judge:
+        aspect, sep, model = spec.partition("=")
+        if not sep or not aspect or not model:
+            raise PreftuneError(f"--judge expects ASPECT=MODEL[@WEIGHT], got {spec!r}")
+        head, _, tail = model.rpartition("@")  # models:/name@alias also has an "@": only a number is a weight
+        weight = tail if head and tail.replace(".", "", 1).isdigit() else None
+        judges[aspect] = (head if weight else model, float(weight or 1))
+    configure(TrackingSettings())
+    settings = EvalSettings(generation_prompts=args.generation_prompts, max_new_tokens=args.max_new_tokens,
+                            max_length=args.max_length, seed=args.seed)
+    result = evaluate_file(args.policy, args.reference, DataSettings(source=args.data, format=args.format), judges,
+                           settings, Path(args.runs_dir) / "evaluations")
+    print(f"MLflow run id : {result.mlflow_run_id}\nreport        : {result.report_path}")
+    metrics = result.metrics
+    for name, value in sorted(metrics.items()):
+        if not name.endswith((".ci_low", ".ci_high")):
+            interval = (f"  [{metrics[name + '.ci_low']:.3f}, {metrics[name + '.ci_high']:.3f}]"
+                        if name + ".ci_low" in metrics else "")
+            print(f"  {name:44s} {value:8.4f}{interval}")
     return 0
 
 
@@ -184,6 +216,18 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                       help="the described GPU supports bf16 (--no-bf16: fp16 only, e.g. T4, V100)")
     plan.add_argument("--gpu-name", help="a name for the described GPU")
+    evaluate = commands.add_parser("evaluate", help="evaluate a policy against a reference on a preference file")
+    evaluate.add_argument("--policy", required=True, help="a model folder, hub id or models:/ URI")
+    evaluate.add_argument("--reference", required=True, help="what the policy is compared with (e.g. its base)")
+    evaluate.add_argument("--data", required=True, help="a preference file (jsonl/json/parquet/csv) or hub dataset id")
+    evaluate.add_argument("--format", default="auto", help="the file's schema (default: detected)")
+    evaluate.add_argument("--judge", action="append", default=[], metavar="ASPECT=MODEL[@WEIGHT]",
+                          help="a sequence-classification reward model that judges one aspect (repeatable)")
+    evaluate.add_argument("--generation-prompts", type=int, default=32)
+    evaluate.add_argument("--max-new-tokens", type=int, default=64)
+    evaluate.add_argument("--max-length", type=int, default=512)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--runs-dir", default="runs")
     serve = commands.add_parser("serve", help="serve the flow on a cron schedule from this process")
     _config_args(serve)
     serve.add_argument("--cron", default="0 2 * * *", help="schedule (default: 02:00 every day)")
@@ -213,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(load_config(args.profile, args.config, args.overrides).model_dump(), indent=2))
             return 0
-        handler = {"run": cmd_run, "plan": cmd_plan, "serve": cmd_serve, "deploy": cmd_deploy, "ui": cmd_ui, "models": cmd_models,
+        handler = {"run": cmd_run, "plan": cmd_plan, "evaluate": cmd_evaluate, "serve": cmd_serve, "deploy": cmd_deploy, "ui": cmd_ui, "models": cmd_models,
                    "generate": cmd_generate}[args.command]
         return handler(args)
     except PreftuneError as error:

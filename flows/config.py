@@ -34,6 +34,7 @@ class PipelineConfig(StrictModel):
     profile: str = "quickstart"
     run_name: str | None = None  # None: the profile's name; stages inside are keyed by their inputs
     runs_dir: str = "runs"
+    data_root: str = "."  # relative local data files (data.source and the aspects' sources) are read from here
     data: DataSettings = Field(default_factory=DataSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     plan: PlanSettings = Field(default_factory=PlanSettings)  # auto: fitted to the device; recipe: verbatim
@@ -55,6 +56,26 @@ class PipelineConfig(StrictModel):
         if profile not in profile_names():
             raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(profile_names())}")
         return _merge(_read_yaml(PROFILES_DIR / f"{profile}.yaml"), values) | {"profile": profile}
+
+    @model_validator(mode="after")
+    def _judges_need_their_own_questions(self) -> "PipelineConfig":
+        shared = [name for name, reward in self.rewards.items() if reward.data is None and reward.judge is None]
+        if shared and not self.data.judge_fraction:
+            raise ValueError(f"rewards {', '.join(shared)} train on the pipeline's data: set data.judge_fraction "
+                             "(e.g. 0.3) so they judge the policy on questions it never trained on, or give them "
+                             "their own data or a judge model")
+        return self
+
+    def with_data_root(self) -> "PipelineConfig":
+        """The same settings with relative local data files resolved against `data_root`."""
+        def resolve(data: DataSettings | None) -> DataSettings | None:
+            if data is None or not Path(data.source).suffix or Path(data.source).is_absolute():
+                return data
+            return data.model_copy(update={"source": str(Path(self.data_root).expanduser() / data.source)})
+
+        rewards = {name: reward.model_copy(update={"data": resolve(reward.data)}) for name, reward in self.rewards.items()}
+        return self.model_copy(update={"data": resolve(self.data), "rewards": rewards,
+                                       "sft": self.sft.model_copy(update={"data": resolve(self.sft.data)})})
 
     def resolved_run_name(self) -> str:
         """One folder per profile by default; each stage inside it is keyed by its own inputs, so a

@@ -19,11 +19,11 @@ from tasks.base import Workspace, fingerprint
 from tasks.data import (DataSettings, LoadedData, SplitData, filter_preferences, format_preferences,
                         load_preferences, read_jsonl, split_preferences)
 from tasks.dpo import train_dpo
-from tasks.evaluate import evaluate
+from tasks.evaluate import Judge, evaluate
 from tasks.merge import merge_adapters
 from tasks.models import ModelSettings, resolve_base_model
 from tasks.plan import TrainingPlan, plan_training, publish_plans
-from tasks.reward import RewardResult, train_reward
+from tasks.reward import RewardSettings, train_reward
 from tasks.sft import train_sft
 from tasks.tracking import (PromotionDecision, RegisteredVersion, configure, current_champion, decide_promotion,
                             git_commit, register)
@@ -50,26 +50,66 @@ def _flatten(values: dict, prefix: str = "") -> dict[str, str]:
 
 
 def prepare_data(settings: DataSettings, model_path: str, model: ModelSettings, max_length: int,
-                 workspace: Workspace, stage: str) -> tuple[LoadedData, SplitData]:
-    """load -> filter -> split -> format for one data source, with its counts on the parent run."""
+                 workspace: Workspace, stage: str) -> tuple[LoadedData, SplitData, SplitData]:
+    """load -> filter -> split -> format for one data source, with its counts on the parent run.
+    Returns the loaded file, the raw splits (for other consumers) and the splits formatted for training."""
     loaded = load_preferences(settings, workspace, stage)
     filtered = filter_preferences(loaded, settings, workspace, stage)
     splits = split_preferences(filtered, settings, workspace, stage)
     formatted = format_preferences(splits, model_path, model, max_length, settings, workspace, stage)
     mlflow.set_tag(f"{stage}.sha256", loaded.sha256)
+    parts = {"train": formatted.train, "eval": formatted.eval} | ({"judge": splits.judge} if splits.judge else {})
     mlflow.log_metrics({f"{stage}.rows_loaded": loaded.rows, f"{stage}.rows_kept": filtered.rows,
-                        f"{stage}.rows_train": splits.train.rows, f"{stage}.rows_eval": splits.eval.rows}
+                        f"{stage}.shared_questions": splits.shared_questions}
+                       | {f"{stage}.rows_{name}": part.rows for name, part in parts.items()}
                        | {f"{stage}.dropped.{rule}": count for rule, count in filtered.dropped.items()}
-                       | {f"{stage}.overlong_{split}": count for split, count in formatted.overlong.items()})
-    for name, part in (("train", formatted.train), ("eval", formatted.eval)):
+                       | {f"{stage}.overlong_{split}": count for split, count in formatted.overlong.items()}
+                       | {f"{stage}.answers_cut_{split}": count for split, count in formatted.truncated_answers.items()})
+    for name, part in parts.items():
         mlflow.log_input(mlflow.data.from_pandas(read_jsonl(part.path), source=loaded.source, name=f"{stage}-{name}"),
                          context=name)
     create_table_artifact(
         key=f"{stage}-filter",
         table=[{"rule": rule, "dropped": count} for rule, count in filtered.dropped.items()],
-        description=f"{loaded.source}: {filtered.rows_in} rows in, {filtered.rows} kept after the recipe filter",
+        description=f"{loaded.source}: {filtered.rows_in} rows in, {filtered.rows} kept after the recipe filter; "
+                    f"split by question: {' / '.join(f'{n} {p.rows}' for n, p in parts.items())}",
     )
-    return loaded, formatted
+    return loaded, splits, formatted
+
+
+class Aspect(BaseModel):
+    """One reward aspect, ready to train (or given): its model, its pairs, its plan."""
+
+    name: str
+    settings: RewardSettings
+    model: ModelSettings
+    model_path: str
+    pairs: SplitData
+    provenance: str
+    plan: TrainingPlan | None = None
+
+
+def prepare_aspect(name: str, settings: RewardSettings, config: PipelineConfig, model_path: str, raw: SplitData,
+                   pairs: SplitData, workspace: Workspace) -> Aspect:
+    """A judge's data: its own source, or the pipeline's questions set aside for judges (never the
+    policy's), formatted for its own max_length so its trainer drops nothing."""
+    model = settings.model or config.model
+    path = resolve_base_model(model) if settings.model else model_path
+    if settings.judge:
+        own = prepare_data(settings.data, path, model, settings.max_length, workspace, f"data-{name}")[2] \
+            if settings.data else pairs
+        return Aspect(name=name, settings=settings, model=model, model_path=path, pairs=own,
+                      provenance=f"given: {settings.judge}")
+    if settings.data is None:
+        judged = format_preferences(raw.for_judges(), path, model, settings.max_length, config.data, workspace,
+                                    f"data-judge-{name}")
+        provenance = f"trained on {judged.train.rows} pairs whose questions the policy never saw"
+    else:
+        judged = prepare_data(settings.data, path, model, settings.max_length, workspace, f"data-{name}")[2]
+        provenance = f"trained on {judged.train.rows} pairs of its own data ({Path(settings.data.source).name})"
+    plan = plan_training(f"reward-{name}", "reward", settings, model, path, config.plan, judged.train.rows)
+    return Aspect(name=name, settings=settings, model=model, model_path=path, pairs=judged, provenance=provenance,
+                  plan=plan)
 
 
 def summary_markdown(tracking_uri: str, parent, metrics: dict[str, float], registered: list[RegisteredVersion]) -> str:
@@ -88,6 +128,7 @@ def summary_markdown(tracking_uri: str, parent, metrics: dict[str, float], regis
 @flow(name="preference-tuning", flow_run_name="{config.profile}")
 def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSummary:
     logger = get_run_logger()
+    config = config.with_data_root()
     tracking_uri = configure(config.tracking)
     run_name = config.resolved_run_name()
     workspace = Workspace.open(Path(config.runs_dir) / run_name)
@@ -101,36 +142,35 @@ def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSumm
         mlflow.set_tags(tags | {"preftune.profile": config.profile, "preftune.run_dir": workspace.path})
 
         model_path = resolve_base_model(config.model)
-        loaded, pairs = prepare_data(config.data, model_path, config.model, config.dpo.max_length, workspace, "data")
+        loaded, raw, pairs = prepare_data(config.data, model_path, config.model, config.dpo.max_length, workspace, "data")
         tags["data.sha256"] = loaded.sha256
 
         # Data for every stage first, then one plan per training stage, shown before anything trains.
-        aspects = {}
-        for aspect, settings in config.rewards.items():
-            reward_model = settings.model or config.model
-            reward_path = resolve_base_model(reward_model) if settings.model else model_path
-            reward_pairs = pairs if settings.data is None else prepare_data(
-                settings.data, reward_path, reward_model, settings.max_length, workspace, f"data-{aspect}")[1]
-            plan = plan_training(f"reward-{aspect}", "reward", settings, reward_model, reward_path, config.plan,
-                                 reward_pairs.train.rows)
-            aspects[aspect] = (settings, reward_model, reward_path, reward_pairs, plan)
-        train_sft_stage = config.sft.enabled
-        if train_sft_stage:
+        aspects = [prepare_aspect(name, settings, config, model_path, raw, pairs, workspace)
+                   for name, settings in config.rewards.items()]
+        if config.sft.enabled:
             sft_pairs = pairs if config.sft.data is None else prepare_data(
-                config.sft.data, model_path, config.model, config.sft.max_length, workspace, "data-sft")[1]
+                config.sft.data, model_path, config.model, config.sft.max_length, workspace, "data-sft")[2]
             sft_plan = plan_training("sft", "sft", config.sft, config.model, model_path, config.plan, sft_pairs.train.rows)
         dpo_plan = plan_training("dpo", "dpo", config.dpo, config.model, model_path, config.plan, pairs.train.rows)
-        plans: list[TrainingPlan] = [aspect[-1] for aspect in aspects.values()]
-        publish_plans(plans + ([sft_plan] if train_sft_stage else []) + [dpo_plan])
+        publish_plans([a.plan for a in aspects if a.plan] + ([sft_plan] if config.sft.enabled else []) + [dpo_plan])
         mlflow.set_tags({"preftune.device": dpo_plan.device, "preftune.adapter": dpo_plan.adapter,
                          "preftune.precision": dpo_plan.precision, "preftune.plan": dpo_plan.mode})
 
-        rewards: list[RewardResult] = [
-            train_reward(aspect, settings, reward_model, reward_path, reward_pairs, plan, workspace, parent_id)
-            for aspect, (settings, reward_model, reward_path, reward_pairs, plan) in aspects.items()]
+        judges, reward_dirs, stage_runs = [], {}, {}
+        for aspect in aspects:
+            if aspect.plan is None:
+                judges.append(Judge(aspect=aspect.name, weight=aspect.settings.weight, model=aspect.settings.judge,
+                                    eval_path=aspect.pairs.eval.path, provenance=aspect.provenance))
+                continue
+            reward = train_reward(aspect.name, aspect.settings, aspect.model, aspect.model_path, aspect.pairs,
+                                  aspect.plan, workspace, parent_id)
+            judges.append(Judge(aspect=aspect.name, weight=reward.weight, model=reward.model_dir,
+                                eval_path=reward.eval_path, provenance=aspect.provenance))
+            reward_dirs[aspect.name], stage_runs[f"reward-{aspect.name}"] = reward.model_dir, reward.mlflow_run_id
 
-        policy_start, adapters, stage_runs = model_path, [], {f"reward-{r.aspect}": r.mlflow_run_id for r in rewards}
-        if train_sft_stage:
+        policy_start, adapters = model_path, []
+        if config.sft.enabled:
             sft = train_sft(config.sft, config.model, model_path, sft_pairs, sft_plan, workspace, parent_id)
             policy_start, adapters = sft.model_dir, [sft.adapter_dir]
             if sft.mlflow_run_id:
@@ -140,10 +180,9 @@ def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSumm
         merged = merge_adapters(model_path, adapters + [dpo.adapter_dir], pairs.eval.path, config.merge, workspace)
 
         champion = current_champion(config.tracking)
-        evaluation = evaluate(config.evaluation, pairs.eval.path, policy_start, merged.model_dir, rewards,
-                              dpo.metrics, champion, stage_runs, workspace, parent_id)
-        gate = evaluation.gate
-        decision = decide_promotion(gate.candidate_score, gate.baseline_score, gate.baseline, config.tracking.promotion)
+        evaluation = evaluate(config.evaluation, pairs.eval.path, policy_start, merged.model_dir, judges, champion,
+                              workspace, parent_id, stage_runs, "dpo")
+        decision = decide_promotion(evaluation.gate, config.tracking.promotion)
 
         metrics = evaluation.metrics | {"merge.max_logit_difference": merged.max_logit_difference}
         mlflow.log_metrics(metrics)
@@ -153,17 +192,9 @@ def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSumm
 
         registered: list[RegisteredVersion] = []
         if config.tracking.register_models:
-            registered = register(merged.model_dir, {r.aspect: r.model_dir for r in rewards}, decision,
-                                  config.tracking, parent_id, tags)
-        verdict = "promoted to champion" if decision.promoted and registered else "not promoted"
-        create_markdown_artifact(
-            key="promotion",
-            markdown=f"**{verdict}**: combined reward {decision.candidate_score:.3f} vs "
-                     f"{decision.baseline} {decision.baseline_score:.3f} "
-                     f"(needs > {config.tracking.promotion.min_improvement} improvement).",
-            description="Promotion gate",
-        )
-        logger.info("promotion: %s (%s)", verdict, decision)
+            registered = register(merged.model_dir, reward_dirs, decision, config.tracking, parent_id, tags)
+        create_markdown_artifact(key="promotion", markdown=decision.explanation(), description="Promotion gate")
+        logger.info("promotion: %s", decision.explanation())
     create_markdown_artifact(key="run-summary", markdown=summary_markdown(tracking_uri, parent, metrics, registered),
                              description="Where this run's results are")
     return PipelineSummary(mlflow_run_id=parent_id, tracking_uri=tracking_uri, run_dir=workspace.path,

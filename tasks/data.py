@@ -35,8 +35,12 @@ class DataSettings(StrictModel):
     min_chosen_score: float | None = 8.0
     drop_in_gsm8k_train: bool = True
     eval_fraction: float = Field(0.1, gt=0, lt=1)
-    # Pairs longer than DPO's max_length: counted, then truncated by TRL's DPOTrainer ("truncate") or
-    # dropped here ("drop"). TRL's RewardTrainer always drops pairs longer than its own max_length.
+    # A further share of questions for the judges (reward models trained on this data): the policy never
+    # sees them, so a judge's verdict on the policy is not a verdict on its own training pairs.
+    judge_fraction: float = Field(0.0, ge=0, lt=1)
+    # Pairs longer than the training stage's max_length: counted, then shortened ("truncate": the prompt
+    # loses its oldest turns and text first, the answers are kept whole unless they alone are too long)
+    # or dropped ("drop"). Nothing is dropped silently by a trainer.
     overlong: Literal["truncate", "drop"] = "truncate"
     seed: int = 42
 
@@ -62,7 +66,14 @@ class FilterReport(DataFile):
 class SplitData(BaseModel):
     train: DataFile
     eval: DataFile
+    judge: DataFile | None = None  # train split of the judges trained on this data (disjoint questions)
     overlong: dict[str, int] = {}  # split -> pairs longer than max_length (truncated or dropped, per settings)
+    truncated_answers: dict[str, int] = {}  # split -> overlong pairs whose answers alone did not fit (ends cut)
+    shared_questions: int = 0  # questions found in more than one split: 0, or the split is refused
+
+    def for_judges(self) -> "SplitData":
+        """The judges' view: their own train split, the same held-out questions."""
+        return SplitData(train=self.judge, eval=self.eval)
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -304,24 +315,70 @@ def apply_filter(loaded: DataFile, settings: DataSettings, data_dir: Path) -> Fi
     return FilterReport(**written.model_dump(), rows_in=loaded.rows, dropped=dropped)
 
 
-def prompt_key(row: pd.Series) -> str:
-    return fingerprint([row["system"], row["prompt"]])
+def normalize_question(text: str) -> str:
+    """Case, spacing and closing punctuation do not make another question."""
+    return re.sub(r"\s+", " ", text).strip().lower().rstrip("?.!: ")
+
+
+def question_keys(prompt: list[dict]) -> set[str]:
+    """The first and the last user turn: what a split must keep apart."""
+    users = [normalize_question(message["content"]) for message in prompt if message["role"] == "user"]
+    return {users[0], users[-1]} if users else {""}
+
+
+def question_groups(frame: pd.DataFrame) -> list[int]:
+    """Rows that share a first or a last user turn belong together (connected through shared questions),
+    so no question lands in two splits, whatever the system prompt or the rest of the conversation."""
+    parent = list(range(len(frame)))
+
+    def root(index: int) -> int:
+        while parent[index] != index:
+            parent[index] = parent[parent[index]]
+            index = parent[index]
+        return index
+
+    first_row_of: dict[str, int] = {}
+    for row, prompt in enumerate(frame.prompt):
+        for key in question_keys(prompt):
+            if key in first_row_of:
+                parent[root(row)] = root(first_row_of[key])
+            else:
+                first_row_of[key] = row
+    return [root(row) for row in range(len(frame))]
+
+
+def shared_questions(*parts: pd.DataFrame) -> int:
+    """Questions found in more than one of the parts (must be 0)."""
+    seen = [set().union(*map(question_keys, part.prompt)) if len(part) else set() for part in parts]
+    return len(set().union(*(a & b for i, a in enumerate(seen) for b in seen[i + 1:])))
 
 
 def split(filtered: DataFile, settings: DataSettings, data_dir: Path) -> SplitData:
-    """Seeded split by prompt, so no prompt appears in both train and eval."""
-    frame = read_jsonl(filtered.path)
-    keys = frame.apply(prompt_key, axis=1)
-    unique = pd.Series(keys.unique()).sample(frac=1.0, random_state=settings.seed)
-    eval_count = max(1, round(len(unique) * settings.eval_fraction))
-    if eval_count >= len(unique):
-        raise PreftuneError(f"only {len(unique)} distinct prompts after filtering: too few to hold out an eval split")
-    eval_keys = set(unique.iloc[:eval_count])
-    in_eval = keys.isin(eval_keys)
-    return SplitData(
-        train=write_jsonl(frame[~in_eval], data_dir / "train.jsonl"),
-        eval=write_jsonl(frame[in_eval], data_dir / "eval.jsonl"),
-    )
+    """Seeded split by question: held-out, then (optionally) the judges' share, then the policy's train
+    split. Whole question groups move together, so the fractions are met to within one group."""
+    frame = read_jsonl(filtered.path).reset_index(drop=True)
+    groups = pd.Series(question_groups(frame))
+    order = pd.Series(groups.unique()).sample(frac=1.0, random_state=settings.seed).tolist()
+    sizes = groups.value_counts()
+    bounds = [settings.eval_fraction * len(frame), (settings.eval_fraction + settings.judge_fraction) * len(frame)]
+    assignment, taken = {}, 0
+    for group in order:
+        assignment[group] = "eval" if taken < bounds[0] else "judge" if taken < bounds[1] else "train"
+        taken += sizes[group]
+    parts = {name: frame[groups.map(assignment) == name] for name in ("train", "eval", "judge")}
+    wanted = ["train", "eval"] + (["judge"] if settings.judge_fraction else [])
+    empty = [name for name in wanted if parts[name].empty]
+    if empty:
+        raise PreftuneError(f"only {len(order)} distinct questions after filtering: too few to fill the "
+                            f"{', '.join(empty)} split (eval_fraction {settings.eval_fraction}, "
+                            f"judge_fraction {settings.judge_fraction})")
+    shared = shared_questions(*(parts[name] for name in wanted))
+    if shared:  # cannot happen by construction; checked on every run all the same
+        raise RuntimeError(f"{shared} questions are in more than one split")
+    return SplitData(train=write_jsonl(parts["train"], data_dir / "train.jsonl"),
+                     eval=write_jsonl(parts["eval"], data_dir / "eval.jsonl"),
+                     judge=write_jsonl(parts["judge"], data_dir / "judge.jsonl") if settings.judge_fraction else None,
+                     shared_questions=shared)
 
 
 def to_conversational(frame: pd.DataFrame) -> pd.DataFrame:
@@ -337,32 +394,89 @@ def to_conversational(frame: pd.DataFrame) -> pd.DataFrame:
     })
 
 
-def token_lengths(frame: pd.DataFrame, tokenizer) -> pd.Series:
-    """Tokens of prompt + the longer answer, rendered with the chat template as the trainers will."""
-    def length(row):
-        longest = max((row.chosen, row.rejected), key=lambda answer: len(answer[0]["content"]))
-        return len(tokenizer.apply_chat_template(list(row.prompt) + list(longest), tokenize=True, return_dict=False))
-    return frame.apply(length, axis=1)
+def _length(tokenizer, prompt: list[dict], answer: str) -> int:
+    messages = list(prompt) + [{"role": "assistant", "content": answer}]
+    return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
+
+
+def _cut_head(tokenizer, text: str, tokens: int) -> str:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer.decode(ids[tokens:]) if tokens < len(ids) else ""
+
+
+def _cut_tail(tokenizer, text: str, keep: int) -> str:
+    return tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][:max(keep, 1)])
+
+
+def fit_pair(prompt: list[dict], chosen: str, rejected: str, tokenizer,
+             max_length: int) -> tuple[list[dict], str, str, bool]:
+    """Shorten a pair to max_length tokens as the trainers will render it: the prompt loses its oldest
+    turns, then the start of its oldest text (the question's end, nearest the answer, stays); the answers
+    are cut at their ends only if they alone do not fit. Returns the pair and whether an answer was cut."""
+    prompt = [dict(message) for message in prompt]
+
+    def excess() -> int:
+        return max(_length(tokenizer, prompt, answer) for answer in (chosen, rejected)) - max_length
+
+    while excess() > 0 and sum(m["role"] == "user" for m in prompt) > 1:
+        first_user = next(i for i, m in enumerate(prompt) if m["role"] == "user")
+        del prompt[first_user:first_user + 2]  # the oldest exchange: a user turn and its reply
+    for _ in range(4):  # decode/encode can shift a token or two: re-measure
+        over = excess()
+        if over <= 0:
+            return prompt, chosen, rejected, False
+        oldest = prompt[0]
+        if oldest["role"] == "system" or len(tokenizer(oldest["content"], add_special_tokens=False)["input_ids"]) > over + 8:
+            oldest["content"] = _cut_head(tokenizer, oldest["content"], over + 2)
+            if oldest["role"] == "system" and not oldest["content"].strip():
+                prompt.pop(0)
+        else:
+            break
+    # The answers alone are too long: keep the question's last 32 tokens and the answers' beginnings.
+    prompt[-1]["content"] = tokenizer.decode(tokenizer(prompt[-1]["content"], add_special_tokens=False)["input_ids"][-32:])
+    prompt[:] = [m for m in prompt if m["role"] != "system"][-1:]
+    room = max_length - _length(tokenizer, prompt, "")
+    for _ in range(4):
+        chosen, rejected = (_cut_tail(tokenizer, answer, room) for answer in (chosen, rejected))
+        if excess() <= 0:
+            break
+        room -= excess() + 1
+    return prompt, chosen, rejected, True
 
 
 def format_split(splits: SplitData, tokenizer, data_dir: Path, max_length: int | None = None,
                  overlong: str = "truncate") -> SplitData:
-    """Write conversational train/eval files; count (and maybe drop) pairs longer than max_length."""
-    out, counts = {}, {}
-    for name, part in (("train", splits.train), ("eval", splits.eval)):
+    """Write conversational files for each split; count pairs longer than max_length, then shorten them
+    (`fit_pair`) or drop them, so no trainer drops or cuts anything on its own."""
+    out: dict = {}
+    counts, answers_cut = {}, {}
+    for name in ("train", "eval", "judge"):
+        part = getattr(splits, name)
+        if part is None:
+            continue
         frame = to_conversational(read_jsonl(part.path))
         try:
-            lengths = token_lengths(frame, tokenizer)
+            lengths = frame.apply(lambda row: max(_length(tokenizer, row.prompt, answer[0]["content"])
+                                                  for answer in (row.chosen, row.rejected)), axis=1)
         except Exception as error:  # template errors come from jinja, deep inside transformers
             raise PreftuneError(f"the chat template cannot render the {name} split: {error}") from None
         too_long = lengths > max_length if max_length else pd.Series(False, index=frame.index)
-        counts[name] = int(too_long.sum())
+        counts[name], answers_cut[name] = int(too_long.sum()), 0
         if overlong == "drop":
             frame = frame[~too_long]
             if frame.empty:
                 raise PreftuneError(f"every {name} pair is longer than max_length={max_length} tokens")
+        else:
+            for index in frame.index[too_long]:
+                row = frame.loc[index]
+                prompt, chosen, rejected, cut = fit_pair(row.prompt, row.chosen[0]["content"],
+                                                         row.rejected[0]["content"], tokenizer, max_length)
+                frame.at[index, "prompt"] = prompt
+                frame.at[index, "chosen"] = [{"role": "assistant", "content": chosen}]
+                frame.at[index, "rejected"] = [{"role": "assistant", "content": rejected}]
+                answers_cut[name] += cut
         out[name] = write_jsonl(frame, data_dir / f"{name}.conversational.jsonl")
-    return SplitData(**out, overlong=counts)
+    return SplitData(**out, overlong=counts, truncated_answers=answers_cut, shared_questions=splits.shared_questions)
 
 
 def render_example(path: str, tokenizer) -> str:

@@ -39,13 +39,14 @@ def train_dpo_adapter(settings: DPOSettings, model: ModelSettings, model_path: s
     plan = plan or default_plan("dpo", "dpo", settings, model, model_path, splits.train.rows)
 
     def make_trainer(plan: TrainingPlan) -> DPOTrainer:
+        network = AutoModelForCausalLM.from_pretrained(model_path, **plan.load_kwargs(model))
         return DPOTrainer(
-            model=AutoModelForCausalLM.from_pretrained(model_path, **plan.load_kwargs(model)),
+            model=network,
             args=DPOConfig(**settings.trainer_args(stage_dir / "checkpoints", plan, "dpo")),
             train_dataset=load_pairs(splits.train.path),
             eval_dataset=load_pairs(splits.eval.path),
             processing_class=tokenizer,
-            peft_config=settings.lora.peft_config("CAUSAL_LM"),
+            peft_config=settings.lora.peft_config("CAUSAL_LM", network.config.num_hidden_layers),
             callbacks=callbacks,
         )
 

@@ -1,11 +1,15 @@
-"""Held-out evaluation: is the tuned policy better than where it started, by the reward models' judgement?
+"""Held-out evaluation: is the tuned policy better than where it started, and how sure are we?
 
-Per reward aspect: pairwise accuracy on that aspect's held-out pairs (overall and by prompt length),
-and the win/tie/loss of the tuned policy against the reference on held-out prompts (same greedy
-decoding), raw and length-controlled, since DPO is known to lengthen answers. Aspects are combined
-by their weights after standardising each reward model's scores. DPO's implicit-reward accuracy and
-margin come from the DPO trainer's held-out evaluation. The current champion, when there is one, is
-answered and scored on the same prompts: the promotion gate compares against it.
+Every accuracy and win rate comes with a 95 % bootstrap interval (tasks/stats.py):
+- DPO's implicit reward, computed here from the policy's and the reference's log-probabilities on the
+  held-out pairs: accuracy (overall and on length-matched pairs, so a length preference cannot pass
+  for quality) and margin;
+- per judge (a reward model per aspect, trained on questions the policy never saw, or given): pairwise
+  accuracy on its held-out pairs, overall and by prompt length;
+- generations on a seeded random sample of held-out prompts, policy against reference (and the current
+  champion): win/tie/loss per aspect, raw and length-controlled, and the weighted combined score,
+  standardised per judge. The promotion gate reads the interval of the combined improvement.
+The flow's evaluate stage and `preftune evaluate` run this same code.
 """
 from __future__ import annotations
 
@@ -19,29 +23,43 @@ from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from pydantic import BaseModel, Field
 
-from tasks.base import StrictModel, Workspace, retry_unless_user_error
-from tasks.data import read_jsonl
+from tasks.base import PreftuneError, StrictModel, Workspace, retry_unless_user_error
+from tasks.data import DataSettings, read_jsonl
 from tasks.plan import inference_placement
 from tasks.plots import margin_histograms, training_curves
-from tasks.reward import RewardResult
+from tasks.stats import Estimate, estimate, mean
 from tasks.tracking import stage_run
 
 
 class EvalSettings(StrictModel):
-    generation_prompts: int = Field(8, ge=1)
-    max_new_tokens: int = Field(48, gt=0)
+    generation_prompts: int = Field(32, ge=1)  # a seeded random sample of held-out prompts (all when fewer)
+    max_new_tokens: int = Field(64, gt=0)
     batch_size: int = Field(8, gt=0)
-    max_length: int = Field(512, gt=8)
+    max_length: int = Field(512, gt=8)  # scored sequences; an overlong prompt loses its start
     tie_tolerance: float = Field(1e-4, ge=0)  # reward differences this small count as ties
+    length_match_ratio: float = Field(1.25, ge=1)  # answers within this token-length ratio are "length-matched"
     example_rows: int = Field(8, ge=0)
+    seed: int = 0
+
+
+class Judge(BaseModel):
+    """A reward model that scores one aspect, and where its verdict comes from."""
+
+    aspect: str
+    weight: float
+    model: str  # a folder, a hub id or a models:/ URI of a sequence-classification model
+    eval_path: str  # its held-out pairs (conversational)
+    provenance: str  # e.g. "trained on 56 pairs of questions the policy never saw"
 
 
 class GateInput(BaseModel):
-    """What the promotion gate compares: mean combined reward of the candidate and of the baseline."""
+    """What the promotion gate compares: the candidate's combined reward against the baseline's, prompt
+    by prompt, on the same held-out prompts."""
 
     candidate_score: float
     baseline_score: float
     baseline: str  # "reference" or the champion's model URI
+    improvement: Estimate  # mean per-prompt difference, with its interval
 
 
 class EvalResult(BaseModel):
@@ -57,17 +75,49 @@ def _batches(items: list, size: int):
         yield items[start:start + size]
 
 
-class RewardScorer:
-    """Scores (prompt, response) with a merged reward model, rendered as RewardTrainer saw them."""
+def _answer(message) -> str:
+    return message[0]["content"] if isinstance(message, (list, np.ndarray)) else message
 
-    def __init__(self, model_dir: str, max_length: int):
+
+def load_policy(source: str):
+    """A causal LM and its tokenizer from a folder, hub id or MLflow model URI, on the inference device."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device, dtype = inference_placement()
+    try:
+        if source.startswith("models:/"):
+            components = mlflow.transformers.load_model(source, return_type="components")
+            model, tokenizer = components["model"], components["tokenizer"]
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True)
+            tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, mlflow.exceptions.MlflowException) as error:
+        raise PreftuneError(f"cannot load the model {source!r}: {str(error).splitlines()[0]}") from None
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device, dtype).eval(), tokenizer
+
+
+class RewardScorer:
+    """Scores (prompt, response) with a reward model, rendered as RewardTrainer saw them."""
+
+    def __init__(self, source: str, max_length: int):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.tokenizer.truncation_side = "left"  # an overlong prompt loses its start, never the response judged
         self.device, dtype = inference_placement()
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=dtype,
-                                                                        use_safetensors=True).to(self.device).eval()
+        try:
+            if source.startswith("models:/"):
+                components = mlflow.transformers.load_model(source, return_type="components")
+                self.model, self.tokenizer = components["model"], components["tokenizer"]
+            else:
+                self.model = AutoModelForSequenceClassification.from_pretrained(source, dtype=dtype,
+                                                                                use_safetensors=True)
+                self.tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError, mlflow.exceptions.MlflowException) as error:
+            raise PreftuneError(f"cannot load the reward model {source!r}: {str(error).splitlines()[0]}") from None
+        self.model = self.model.to(self.device, dtype).eval()
+        self.tokenizer.truncation_side = "left"  # an overlong prompt loses its start, never the response judged
         self.max_length = max_length
 
     @torch.inference_mode()
@@ -84,25 +134,80 @@ class RewardScorer:
         return np.array(scores)
 
 
-def load_policy(source: str):
-    """A causal LM and its tokenizer from a folder or an MLflow model URI (the champion)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@torch.inference_mode()
+def answer_logps(model, tokenizer, prompts: list[list[dict]], answers: list[str], max_length: int,
+                 batch_size: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Sum of the log-probabilities of each answer's tokens after its prompt (as DPO scores them), and
+    the answers' lengths in tokens. An overlong prompt loses its start; the answer is kept."""
+    sequences, starts = [], []
+    for prompt, answer in zip(prompts, answers):
+        head = tokenizer.apply_chat_template(list(prompt), tokenize=True, add_generation_prompt=True, return_dict=False)
+        full = tokenizer.apply_chat_template(list(prompt) + [{"role": "assistant", "content": answer}],
+                                             tokenize=True, return_dict=False)
+        shared = next((i for i, (a, b) in enumerate(zip(head, full)) if a != b), min(len(head), len(full)))
+        head, answer_ids = head[:shared], full[shared:]
+        keep = max(max_length - len(answer_ids), 1)
+        sequence = (head[-keep:] + answer_ids)[:max_length]
+        sequences.append(sequence)
+        starts.append(min(len(head), keep))
+    logps = []
+    for batch, batch_starts in zip(_batches(sequences, batch_size), _batches(starts, batch_size)):
+        width = max(map(len, batch))
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, sequence in enumerate(batch):
+            ids[row, :len(sequence)], mask[row, :len(sequence)] = torch.tensor(sequence), 1
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+        token_logps = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(model.device))[..., 0]
+        positions = torch.arange(1, width)[None, :]
+        scored = (positions >= torch.tensor(batch_starts)[:, None]) & (mask[:, 1:] == 1)
+        logps.extend((token_logps.cpu() * scored).sum(-1).tolist())
+    return np.array(logps), np.array([len(s) - start for s, start in zip(sequences, starts)])
 
-    device, dtype = inference_placement()
-    if source.startswith("models:/"):
-        components = mlflow.transformers.load_model(source, return_type="components")
-        model, tokenizer = components["model"], components["tokenizer"]
-    else:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    tokenizer.padding_side = "left"
-    return model.to(device, dtype).eval(), tokenizer
+
+def implicit_reward_metrics(policy, reference, pairs: pd.DataFrame, settings: EvalSettings) -> dict[str, float]:
+    """DPO's implicit reward on held-out pairs: log pi/pi_ref of chosen minus that of rejected. Its
+    accuracy is also given on length-matched pairs, where a preference for longer answers cannot help."""
+    prompts = [list(p) for p in pairs.prompt]
+    answers = {side: [_answer(a) for a in pairs[side]] for side in ("chosen", "rejected")}
+    logps, lengths = {}, {}
+    for name, (model, tokenizer) in (("policy", policy), ("reference", reference)):
+        for side in ("chosen", "rejected"):
+            logps[name, side], lengths[side] = answer_logps(model, tokenizer, prompts, answers[side],
+                                                            settings.max_length, settings.batch_size)
+    margins = (logps["policy", "chosen"] - logps["reference", "chosen"]) - (
+        logps["policy", "rejected"] - logps["reference", "rejected"])
+    matched = np.maximum(lengths["chosen"], lengths["rejected"]) <= settings.length_match_ratio * np.minimum(
+        lengths["chosen"], lengths["rejected"])
+    metrics = mean(margins > 0, settings.seed).metrics("implicit_reward.accuracy")
+    metrics |= mean(margins, settings.seed).metrics("implicit_reward.margin")
+    metrics["implicit_reward.pairs"] = float(len(margins))
+    metrics["implicit_reward.length_matched_pairs"] = float(matched.sum())
+    if matched.sum():
+        metrics |= mean(margins[matched] > 0, settings.seed).metrics("implicit_reward.accuracy_length_matched")
+    metrics["implicit_reward.chosen_longer_share"] = float(np.mean(lengths["chosen"] > lengths["rejected"]))
+    return metrics
+
+
+def pairwise_metrics(aspect: str, scorer: RewardScorer, pairs: pd.DataFrame, batch_size: int, seed: int = 0):
+    """A judge's held-out accuracy (with its interval), mean margin and accuracy by prompt length."""
+    prompts = [list(p) for p in pairs.prompt]
+    chosen = scorer.score(prompts, [_answer(c) for c in pairs.chosen], batch_size)
+    rejected = scorer.score(prompts, [_answer(r) for r in pairs.rejected], batch_size)
+    margins = chosen - rejected
+    metrics = mean(margins > 0, seed).metrics(f"{aspect}.pairwise_accuracy")
+    metrics |= {f"{aspect}.mean_margin": float(np.mean(margins)), f"{aspect}.eval_pairs": float(len(pairs))}
+    prompt_chars = pd.Series([sum(len(m["content"]) for m in p) for p in prompts])
+    buckets = pd.qcut(prompt_chars.rank(method="first"), min(3, len(pairs)), labels=False).to_numpy()
+    for bucket, name in enumerate(["short", "medium", "long"][: buckets.max() + 1]):
+        metrics |= mean(margins[buckets == bucket] > 0, seed).metrics(f"{aspect}.accuracy_{name}_prompts")
+    scale = (float(np.mean(np.r_[chosen, rejected])), float(np.std(np.r_[chosen, rejected])) or 1.0)
+    return metrics, margins.tolist(), scale
 
 
 @torch.inference_mode()
-def generate(source: str, prompts: list[list[dict]], settings: EvalSettings) -> tuple[list[str], np.ndarray]:
-    """Greedy responses and their lengths in tokens (up to the first end-of-turn)."""
-    model, tokenizer = load_policy(source)
+def generate(model, tokenizer, prompts: list[list[dict]], settings: EvalSettings) -> tuple[list[str], np.ndarray]:
+    """Greedy responses, batched, and their lengths in tokens (up to the first end-of-turn)."""
     responses, lengths = [], []
     for batch in _batches(prompts, settings.batch_size):
         texts = [tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True) for p in batch]
@@ -116,54 +221,74 @@ def generate(source: str, prompts: list[list[dict]], settings: EvalSettings) -> 
     return [r.strip() for r in responses], np.array(lengths)
 
 
-def win_tie_loss(differences: np.ndarray, tolerance: float, prefix: str = "") -> dict[str, float]:
-    return {
-        f"{prefix}win_rate": float(np.mean(differences > tolerance)),
-        f"{prefix}tie_rate": float(np.mean(np.abs(differences) <= tolerance)),
-        f"{prefix}loss_rate": float(np.mean(differences < -tolerance)),
-    }
-
-
-def length_controlled(differences: np.ndarray, length_gap: np.ndarray, rewards: np.ndarray,
-                      lengths: np.ndarray) -> np.ndarray:
-    """Reward differences with the part explained by length removed (slope of reward on length)."""
+def length_controlled_wins(differences: np.ndarray, length_gap: np.ndarray, rewards: np.ndarray,
+                           lengths: np.ndarray, tolerance: float) -> float:
+    """Win rate once the part of each reward difference that length explains is removed (the slope of
+    reward on length over both policies' answers)."""
     slope = np.polyfit(lengths, rewards, 1)[0] if np.ptp(lengths) > 0 else 0.0
-    return differences - slope * length_gap
+    return float(np.mean(differences - slope * length_gap > tolerance))
 
 
-def pairwise_metrics(aspect: str, scorer: RewardScorer, pairs: pd.DataFrame, batch_size: int):
-    """Held-out accuracy, mean margin and accuracy by prompt length (tertiles) of one reward model."""
-    prompts = [list(p) for p in pairs.prompt]
-    chosen = scorer.score(prompts, [c[0]["content"] for c in pairs.chosen], batch_size)
-    rejected = scorer.score(prompts, [r[0]["content"] for r in pairs.rejected], batch_size)
-    margins = chosen - rejected
-    metrics = {f"{aspect}.pairwise_accuracy": float(np.mean(margins > 0)),
-               f"{aspect}.mean_margin": float(np.mean(margins)), f"{aspect}.eval_pairs": float(len(pairs))}
-    prompt_chars = pd.Series([sum(len(m["content"]) for m in p) for p in prompts])
-    buckets = pd.qcut(prompt_chars.rank(method="first"), min(3, len(pairs)), labels=False)
-    for bucket, name in enumerate(["short", "medium", "long"][: buckets.max() + 1]):
-        metrics[f"{aspect}.accuracy_{name}_prompts"] = float(np.mean(margins[buckets.to_numpy() == bucket] > 0))
-    scale = (float(np.mean(np.r_[chosen, rejected])), float(np.std(np.r_[chosen, rejected])) or 1.0)
-    return metrics, margins.tolist(), scale
+def win_rates(tuned: np.ndarray, baseline: np.ndarray, tuned_lengths: np.ndarray, baseline_lengths: np.ndarray,
+              prefix: str, settings: EvalSettings) -> dict[str, float]:
+    """Win/tie/loss of tuned over baseline per prompt, raw and length-controlled, with intervals."""
+    difference, tolerance = tuned - baseline, settings.tie_tolerance
+    metrics = mean(difference > tolerance, settings.seed).metrics(f"{prefix}win_rate")
+    metrics |= mean(np.abs(difference) <= tolerance, settings.seed).metrics(f"{prefix}tie_rate")
+    metrics |= mean(difference < -tolerance, settings.seed).metrics(f"{prefix}loss_rate")
+
+    def controlled(tuned, baseline, tuned_lengths, baseline_lengths):
+        return length_controlled_wins(tuned - baseline, tuned_lengths - baseline_lengths, np.r_[tuned, baseline],
+                                      np.r_[tuned_lengths, baseline_lengths], tolerance)
+
+    metrics |= estimate(controlled, tuned, baseline, tuned_lengths, baseline_lengths,
+                        seed=settings.seed).metrics(f"{prefix}lc_win_rate")
+    return metrics
 
 
-def markdown_report(metrics: dict[str, float], aspects: list[str], gate: GateInput, examples: pd.DataFrame) -> str:
-    lines = ["# preftune evaluation", "",
-             f"Promotion gate input: candidate {gate.candidate_score:.3f} vs {gate.baseline} {gate.baseline_score:.3f} "
-             "(mean combined reward on held-out prompts).", "",
-             "| aspect | pairwise acc. | win | tie | loss | length-controlled win |", "|---|---|---|---|---|---|"]
-    for aspect in aspects + ["combined"]:
-        def value(name):
-            number = metrics.get(f"{aspect}.{name}")
-            return "" if number is None else f"{number:.3f}"
-        lines.append(f"| {aspect} | {value('pairwise_accuracy')} | {value('win_rate')} | {value('tie_rate')} "
-                     f"| {value('loss_rate')} | {value('lc_win_rate')} |")
-    lines += ["", "| metric | value |", "|---|---|"]
-    lines += [f"| {name} | {value:.4f} |" for name, value in sorted(metrics.items()) if "." not in name]
+def sample_prompts(pairs: pd.DataFrame, settings: EvalSettings) -> list[list[dict]]:
+    """A seeded random sample of distinct held-out prompts (all of them when there are fewer)."""
+    unique = list({repr(list(p)): list(p) for p in pairs.prompt}.values())
+    rng = np.random.default_rng(settings.seed)
+    chosen = rng.choice(len(unique), size=min(settings.generation_prompts, len(unique)), replace=False)
+    return [unique[index] for index in sorted(chosen)]
+
+
+def markdown_report(metrics: dict[str, float], judges: list[Judge], gate: GateInput, examples: pd.DataFrame,
+                    method: str) -> str:
+    def figure(name: str) -> str:
+        if name not in metrics:
+            return ""
+        low, high = metrics.get(f"{name}.ci_low"), metrics.get(f"{name}.ci_high")
+        return f"{metrics[name]:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None else "")
+
+    lines = ["# preftune evaluation", "", f"Method: **{method}**. Figures are means with 95 % bootstrap intervals.", "",
+             f"Promotion gate: combined-reward improvement over {gate.baseline} {gate.improvement.text()} on "
+             f"{gate.improvement.n} held-out prompts (candidate {gate.candidate_score:.3f}, baseline "
+             f"{gate.baseline_score:.3f}).", "", "## Implicit reward (policy vs reference log-probabilities)", "",
+             "| metric | value |", "|---|---|",
+             f"| accuracy ({metrics.get('implicit_reward.pairs', 0):.0f} held-out pairs) | {figure('implicit_reward.accuracy')} |",
+             f"| accuracy on length-matched pairs ({metrics.get('implicit_reward.length_matched_pairs', 0):.0f}) "
+             f"| {figure('implicit_reward.accuracy_length_matched')} |",
+             f"| mean margin (log-ratio) | {figure('implicit_reward.margin')} |",
+             f"| share of pairs whose chosen answer is longer | {metrics.get('implicit_reward.chosen_longer_share', float('nan')):.3f} |",
+             "", "## Judges", "", "| aspect | weight | judge | held-out accuracy | win | tie | loss | length-controlled win |",
+             "|---|---|---|---|---|---|---|---|"]
+    for judge in judges:
+        a = judge.aspect
+        lines.append(f"| {a} | {judge.weight:g} | {judge.provenance} | {figure(f'{a}.pairwise_accuracy')} "
+                     f"| {figure(f'{a}.win_rate')} | {figure(f'{a}.tie_rate')} | {figure(f'{a}.loss_rate')} "
+                     f"| {figure(f'{a}.lc_win_rate')} |")
+    lines.append(f"| combined | | | | {figure('combined.win_rate')} | {figure('combined.tie_rate')} "
+                 f"| {figure('combined.loss_rate')} | {figure('combined.lc_win_rate')} |")
+    lines += ["", "| other metric | value |", "|---|---|"]
+    lines += [f"| {name} | {value:.4f} |" for name, value in sorted(metrics.items())
+              if not name.startswith(("implicit_reward.", "combined.")) and not any(
+                  name.startswith(f"{j.aspect}.") for j in judges) and not name.endswith((".ci_low", ".ci_high"))]
     if not examples.empty:
         def cell(text):
             return str(text).replace("|", "\\|").replace("\n", " ")[:160]
-        lines += ["", "## Examples (held-out prompts)", "",
+        lines += ["", "## Examples (random held-out prompts)", "",
                   "| prompt | reference | reward | tuned | reward |", "|---|---|---|---|---|"]
         for row in examples.itertuples():
             lines.append(f"| {cell(row.prompt)} | {cell(row.reference)} | {row.reference_combined:.3f} "
@@ -171,64 +296,73 @@ def markdown_report(metrics: dict[str, float], aspects: list[str], gate: GateInp
     return "\n".join(lines) + "\n"
 
 
-def evaluate_policy(settings: EvalSettings, policy_eval_path: str, reference_dir: str, tuned_dir: str,
-                    rewards: list[RewardResult], dpo_metrics: dict[str, float], champion_uri: str | None,
-                    stage_runs: dict[str, str], stage_dir: Path, parent_run_id: str | None = None) -> EvalResult:
-    metrics: dict[str, float] = {
-        "dpo_implicit_reward_accuracy": dpo_metrics.get("eval_rewards_accuracies", float("nan")),
-        "dpo_implicit_reward_margin": dpo_metrics.get("eval_rewards_margins", float("nan")),
-    }
-    scorers, margins, scales = {}, {}, {}
-    for reward in rewards:
-        scorers[reward.aspect] = RewardScorer(reward.model_dir, settings.max_length)
-        aspect_metrics, margins[reward.aspect], scales[reward.aspect] = pairwise_metrics(
-            reward.aspect, scorers[reward.aspect], read_jsonl(reward.eval_path), settings.batch_size)
-        metrics |= aspect_metrics
+def evaluate_policy(settings: EvalSettings, pairs_path: str, reference: str, policy: str, judges: list[Judge],
+                    champion_uri: str | None, out_dir: Path, parent_run_id: str | None = None,
+                    stage_runs: dict[str, str] | None = None, method: str = "dpo") -> EvalResult:
+    """Evaluate `policy` against `reference` on held-out pairs, judged by `judges`; log an MLflow run
+    (nested under `parent_run_id` when given) and write the report under `out_dir`."""
+    pairs = read_jsonl(pairs_path)
+    metrics: dict[str, float] = {}
+    models = {"reference": load_policy(reference), "tuned": load_policy(policy)}
+    metrics |= implicit_reward_metrics(models["tuned"], models["reference"], pairs, settings)
 
-    prompts = [list(p) for p in read_jsonl(policy_eval_path).prompt[: settings.generation_prompts]]
-    sources = {"reference": reference_dir, "tuned": tuned_dir} | ({"champion": champion_uri} if champion_uri else {})
-    answers = {name: generate(source, prompts, settings) for name, source in sources.items()}
-    total_weight = sum(r.weight for r in rewards)
-    combined = {name: np.zeros(len(prompts)) for name in sources}
+    scorers, margins, scales = {}, {}, {}
+    for judge in judges:
+        scorers[judge.aspect] = RewardScorer(judge.model, settings.max_length)
+        judge_metrics, margins[judge.aspect], scales[judge.aspect] = pairwise_metrics(
+            judge.aspect, scorers[judge.aspect], read_jsonl(judge.eval_path), settings.batch_size, settings.seed)
+        metrics |= judge_metrics
+
+    prompts = sample_prompts(pairs, settings)
+    if champion_uri:
+        models["champion"] = load_policy(champion_uri)
+    answers = {name: generate(model, tokenizer, prompts, settings) for name, (model, tokenizer) in models.items()}
+    del models
+    total_weight = sum(judge.weight for judge in judges) or 1.0
+    combined = {name: np.zeros(len(prompts)) for name in answers}
     examples = pd.DataFrame({"prompt": [p[-1]["content"] for p in prompts],
                              "reference": answers["reference"][0], "tuned": answers["tuned"][0]})
-    gap = answers["tuned"][1] - answers["reference"][1]
-    for reward in rewards:
-        aspect, (mean, std) = reward.aspect, scales[reward.aspect]
+    for judge in judges:
+        aspect, (centre, spread) = judge.aspect, scales[judge.aspect]
         scored = {name: scorers[aspect].score(prompts, texts, settings.batch_size) for name, (texts, _) in answers.items()}
-        for name in sources:
-            combined[name] += reward.weight / total_weight * (scored[name] - mean) / std
-        difference = scored["tuned"] - scored["reference"]
-        lengths = np.r_[answers["tuned"][1], answers["reference"][1]]
-        controlled = length_controlled(difference, gap, np.r_[scored["tuned"], scored["reference"]], lengths)
-        metrics |= win_tie_loss(difference, settings.tie_tolerance, f"{aspect}.")
-        metrics[f"{aspect}.lc_win_rate"] = float(np.mean(controlled > settings.tie_tolerance))
+        for name in answers:
+            combined[name] += judge.weight / total_weight * (scored[name] - centre) / spread
+        metrics |= win_rates(scored["tuned"], scored["reference"], answers["tuned"][1], answers["reference"][1],
+                             f"{aspect}.", settings)
         examples[f"reference_{aspect}"], examples[f"tuned_{aspect}"] = scored["reference"], scored["tuned"]
     examples["reference_combined"], examples["tuned_combined"] = combined["reference"], combined["tuned"]
-    metrics |= win_tie_loss(combined["tuned"] - combined["reference"], settings.tie_tolerance, "combined.")
+    metrics |= win_rates(combined["tuned"], combined["reference"], answers["tuned"][1], answers["reference"][1],
+                         "combined.", settings)
     metrics |= {
         "combined_reward_tuned": float(np.mean(combined["tuned"])),
         "combined_reward_reference": float(np.mean(combined["reference"])),
         "mean_length_tuned": float(np.mean(answers["tuned"][1])),
         "mean_length_reference": float(np.mean(answers["reference"][1])),
+        "generation_prompts": float(len(prompts)),
     }
     baseline = "champion" if champion_uri else "reference"
+    improvement = mean(combined["tuned"] - combined[baseline], settings.seed)
+    metrics |= improvement.metrics("combined.improvement")
     gate = GateInput(candidate_score=metrics["combined_reward_tuned"], baseline_score=float(np.mean(combined[baseline])),
-                     baseline=champion_uri or "reference")
+                     baseline=champion_uri or "reference", improvement=improvement)
 
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    shown = examples.head(settings.example_rows)
-    report = markdown_report(metrics, [r.aspect for r in rewards], gate, shown)
-    report_path, examples_path = stage_dir / "report.md", stage_dir / "examples.jsonl"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = markdown_report(metrics, judges, gate, examples.head(settings.example_rows), method)
+    report_path, examples_path = out_dir / "report.md", out_dir / "examples.jsonl"
     report_path.write_text(report)
     examples.to_json(examples_path, orient="records", lines=True, force_ascii=False)
     with stage_run("evaluate", parent_run_id) as run:
+        mlflow.log_params({"evaluate.policy": policy, "evaluate.reference": reference, "evaluate.method": method,
+                           "evaluate.baseline": gate.baseline}
+                          | {f"evaluate.judge.{j.aspect}": j.provenance[:500] for j in judges})
         mlflow.log_metrics(metrics)
         mlflow.log_text(report, "evaluation/report.md")
         mlflow.log_table(examples, "evaluation/examples.json")
-        for name, figure in (("reward_margins.png", margin_histograms(margins)),
-                             ("training_curves.png", training_curves(stage_runs))):
-            figure.savefig(stage_dir / name, dpi=100)
+        figures = {"reward_margins.png": margin_histograms(margins)} if margins else {}
+        if stage_runs:
+            figures["training_curves.png"] = training_curves(stage_runs)
+        for name, figure in figures.items():
+            figure.savefig(out_dir / name, dpi=100)
             mlflow.log_figure(figure, f"evaluation/{name}")
     return EvalResult(metrics=metrics, report_path=str(report_path), examples_path=str(examples_path), gate=gate,
                       mlflow_run_id=run.info.run_id)
@@ -236,9 +370,37 @@ def evaluate_policy(settings: EvalSettings, policy_eval_path: str, reference_dir
 
 @task(name="evaluate", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unless_user_error,
       tags=["evaluation"], cache_policy=(INPUTS - "parent_run_id" - "stage_runs") + TASK_SOURCE, persist_result=True)
-def evaluate(settings: EvalSettings, policy_eval_path: str, reference_dir: str, tuned_dir: str,
-             rewards: list[RewardResult], dpo_metrics: dict[str, float], champion_uri: str | None,
-             stage_runs: dict[str, str], workspace: Workspace, parent_run_id: str | None = None) -> EvalResult:
-    stage_dir = workspace.stage("evaluate", settings, policy_eval_path, reference_dir, tuned_dir, rewards, champion_uri)
-    return evaluate_policy(settings, policy_eval_path, reference_dir, tuned_dir, rewards, dpo_metrics, champion_uri,
-                           stage_runs, stage_dir, parent_run_id)
+def evaluate(settings: EvalSettings, pairs_path: str, reference: str, policy: str, judges: list[Judge],
+             champion_uri: str | None, workspace: Workspace, parent_run_id: str | None = None,
+             stage_runs: dict[str, str] | None = None, method: str = "dpo") -> EvalResult:
+    out_dir = workspace.stage("evaluate", settings, pairs_path, reference, policy, judges, champion_uri, method)
+    return evaluate_policy(settings, pairs_path, reference, policy, judges, champion_uri, out_dir, parent_run_id,
+                           stage_runs, method)
+
+
+def tokenizer_of(source: str):
+    from transformers import AutoTokenizer
+
+    if source.startswith("models:/"):
+        return mlflow.transformers.load_model(source, return_type="components")["tokenizer"]
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise PreftuneError(f"cannot load the tokenizer of {source!r}: {str(error).splitlines()[0]}") from None
+
+
+def evaluate_file(policy: str, reference: str, data: DataSettings, judges: dict[str, tuple[str, float]],
+                  settings: EvalSettings, out_root: Path) -> EvalResult:
+    """`preftune evaluate`: every pair of a preference file (any schema the loader reads, after the
+    recipe's filter) is held out; `judges` maps an aspect to (reward model, weight)."""
+    from tasks.base import fingerprint
+    from tasks.data import SplitData, apply_filter, format_split, load
+
+    folder = out_root / fingerprint([policy, reference, data, judges, settings])
+    loaded = load(data, folder / "data")
+    filtered = apply_filter(loaded, data, folder / "data")
+    everything = SplitData(train=filtered, eval=filtered)
+    formatted = format_split(everything, tokenizer_of(reference), folder / "formatted", settings.max_length, data.overlong)
+    judged = [Judge(aspect=aspect, weight=weight, model=model, eval_path=formatted.eval.path, provenance=f"given: {model}")
+              for aspect, (model, weight) in judges.items()]
+    return evaluate_policy(settings, formatted.eval.path, reference, policy, judged, None, folder, method="given")

@@ -52,8 +52,16 @@ class LoraSettings(StrictModel):
     alpha: int = Field(16, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # Adapters in the top N decoder layers only (None: all). The backward pass then stops below them,
+    # which roughly halves a CPU step for a model fine-tuned in its upper layers.
+    top_layers: int | None = Field(None, gt=0)
 
-    def peft_config(self, task_type: Literal["CAUSAL_LM", "SEQ_CLS"]) -> LoraConfig:
+    def layers(self, num_layers: int) -> list[int] | None:
+        return None if self.top_layers is None else list(range(max(num_layers - self.top_layers, 0), num_layers))
+
+    def peft_config(self, task_type: Literal["CAUSAL_LM", "SEQ_CLS"], num_layers: int | None = None) -> LoraConfig:
+        if self.top_layers is not None and num_layers is None:
+            raise ValueError("lora.top_layers needs the model's number of layers")
         return LoraConfig(
             r=self.r,
             lora_alpha=self.alpha,
@@ -61,6 +69,7 @@ class LoraSettings(StrictModel):
             bias="none",
             task_type=task_type,
             target_modules=self.target_modules,
+            layers_to_transform=self.layers(num_layers) if num_layers else None,
         )
 
 

@@ -101,9 +101,13 @@ class ModelShape(BaseModel):
                    num_layers=text.num_hidden_layers, vocab_size=text.vocab_size,
                    kv_dim=text.num_key_value_heads * head_dim, linear_features=features)
 
+    def lora_layers(self, lora: LoraSettings) -> int:
+        """Decoder layers with adapters: the backward pass (and what autograd keeps) stops below them."""
+        return min(lora.top_layers or self.num_layers, self.num_layers)
+
     def lora_parameters(self, lora: LoraSettings) -> int:
         per_layer = sum(lora.r * (i + o) for name, (i, o) in self.linear_features.items() if name in lora.target_modules)
-        return per_layer * self.num_layers
+        return per_layer * self.lora_layers(lora)
 
     def activation_elements(self, lora: LoraSettings) -> float:
         """Values autograd keeps per token per decoder layer when only LoRA trains, without checkpointing.
@@ -238,10 +242,11 @@ def estimate_memory(shape: ModelShape, lora: LoraSettings, kind: Kind, micro_bat
                else shape.parameters * DTYPE_BYTES[weights_dtype])
     adapter = shape.lora_parameters(lora) * (2 * DTYPE_BYTES[trainable_dtype] + 8)
     per_layer = shape.activation_elements(lora) * act_bytes
+    layers = shape.lora_layers(lora)
     if checkpointing:  # each layer's input is kept; one layer at a time is recomputed
-        activations = tokens * (shape.num_layers * shape.hidden_size * act_bytes + per_layer)
+        activations = tokens * (layers * shape.hidden_size * act_bytes + per_layer)
     else:
-        activations = tokens * shape.num_layers * per_layer
+        activations = tokens * layers * per_layer
     # SFT materialises the logits (and fp32 loss buffers); DPO's fused LM head and the reward head do not.
     head = tokens * shape.vocab_size * (act_bytes + 8) if kind == "sft" else tokens * shape.hidden_size * 4
     overhead = 0.5 * GiB if device_kind == "cuda" else 1.0 * GiB

@@ -6,8 +6,8 @@ from mlflow import MlflowClient
 
 from tasks.base import PreftuneError
 
-SHOWN_METRICS = ("dpo_implicit_reward_accuracy", "combined.win_rate", "helpfulness.pairwise_accuracy",
-                 "harmlessness.pairwise_accuracy", "promotion.candidate_score")
+SHOWN_METRICS = ("implicit_reward.accuracy", "combined.lc_win_rate", "helpfulness.pairwise_accuracy",
+                 "harmlessness.pairwise_accuracy", "promotion.improvement")
 
 
 def list_versions(prefix: str = "preftune-") -> list[dict]:

@@ -4,8 +4,10 @@ One model per aspect (helpfulness, harmlessness, ...), each on its own data and 
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import mlflow
 from pydantic import BaseModel, Field
 
 from tasks.base import Workspace
@@ -17,13 +19,19 @@ from tasks.tracking import stage_run
 from tasks.training import TrainerSettings, fit, load_pairs, training_task
 
 
+log = logging.getLogger(__name__)
+
+
 class RewardSettings(TrainerSettings):
-    own_fields = TrainerSettings.own_fields | {"weight", "data", "model"}
+    own_fields = TrainerSettings.own_fields | {"weight", "data", "model", "judge"}
 
     learning_rate: float = 1e-4
     weight: float = Field(1.0, gt=0)  # share of this aspect in the combined score
-    data: DataSettings | None = None  # None: the pipeline's preference data
+    # None: the pipeline's preference data, its judges' split (questions the policy never sees)
+    data: DataSettings | None = None
     model: ModelSettings | None = None  # None: the policy's base model (a small encoder also works)
+    # A sequence-classification reward model to judge with instead of training one: folder, hub id or models:/ URI
+    judge: str | None = None
 
 
 class RewardResult(BaseModel):
@@ -32,6 +40,7 @@ class RewardResult(BaseModel):
     eval_path: str  # this aspect's held-out pairs
     model_dir: str  # merged, full precision: what scores responses and gets registered
     adapter_dir: str
+    train_pairs: int  # pairs the trainer used (all of the split: overlong ones were shortened, not dropped)
     metrics: dict[str, float]
     mlflow_run_id: str
 
@@ -54,17 +63,22 @@ def train_reward_model(aspect: str, settings: RewardSettings, model: ModelSettin
             train_dataset=load_pairs(splits.train.path),
             eval_dataset=load_pairs(splits.eval.path),
             processing_class=tokenizer,
-            peft_config=settings.lora.peft_config("SEQ_CLS"),
+            peft_config=settings.lora.peft_config("SEQ_CLS", network.config.num_hidden_layers),
             callbacks=callbacks,
         )
 
     with stage_run(f"reward-{aspect}", parent_run_id) as run:
         trainer, metrics = fit(make_trainer, plan, stage_dir)
+        used = len(trainer.train_dataset)
+        mlflow.log_metrics({"train_pairs": splits.train.rows, "train_pairs_used": used})
+        if used < splits.train.rows:
+            log.warning("reward-%s: the trainer used %d of %d train pairs", aspect, used, splits.train.rows)
         adapter_dir = stage_dir / "adapter"
         trainer.save_model(str(adapter_dir))
         model_dir = merge_into_base(model_path, [str(adapter_dir)], stage_dir / "model", head="sequence-classification")
         return RewardResult(aspect=aspect, weight=settings.weight, eval_path=splits.eval.path, model_dir=model_dir,
-                            adapter_dir=str(adapter_dir), metrics=metrics, mlflow_run_id=run.info.run_id)
+                            adapter_dir=str(adapter_dir), train_pairs=used, metrics=metrics,
+                            mlflow_run_id=run.info.run_id)
 
 
 @training_task("train-reward-model", task_run_name="reward-{aspect}")

@@ -57,13 +57,14 @@ def train_sft_adapter(settings: SFTSettings, model: ModelSettings, model_path: s
     eval_path = to_prompt_completion(splits.eval.path, stage_dir / "eval.jsonl")
 
     def make_trainer(plan: TrainingPlan) -> SFTTrainer:
+        network = AutoModelForCausalLM.from_pretrained(model_path, **plan.load_kwargs(model))
         return SFTTrainer(
-            model=AutoModelForCausalLM.from_pretrained(model_path, **plan.load_kwargs(model)),
+            model=network,
             args=SFTConfig(**settings.trainer_args(stage_dir / "checkpoints", plan, "sft")),
             train_dataset=load_pairs(train_path),
             eval_dataset=load_pairs(eval_path),
             processing_class=tokenizer,
-            peft_config=settings.lora.peft_config("CAUSAL_LM"),
+            peft_config=settings.lora.peft_config("CAUSAL_LM", network.config.num_hidden_layers),
         )
 
     with stage_run("sft", parent_run_id) as run:

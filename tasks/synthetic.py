@@ -1,7 +1,13 @@
-"""The quickstart's own preference set, in the argilla schema, with a signal a small model can learn.
+"""The quickstart's own preference sets, in the argilla schema: generated, so they ship with the code.
 
-Chosen answers are correct and direct; rejected ones are wrong and unsure (arithmetic, units,
-strings) or evasive. Ties, low scores and GSM8K-flagged rows are mixed in so the recipe's filter has work.
+They are built so that no word gives the answer away: in each pair both answers share one template
+and tone, and only the content differs (a correct sum against a wrong one, a sound tip against an
+unsound one said just as confidently). The harmlessness set mixes harmful requests (a refusal with a
+safe alternative beats compliance) with harmless requests that merely sound risky (a helpful answer
+beats the same refusal), so "I can't help" marks the chosen answer only half of the time.
+Ties, low scores and GSM8K-flagged rows are mixed in so the recipe's filter has work. Accuracies on
+this data show that the pipeline learns what it is shown, not that a model got better in general:
+real data is what the `sample-data` profile measures.
 """
 from __future__ import annotations
 
@@ -12,25 +18,53 @@ WORDS = ["apple", "river", "planet", "garden", "silver", "window", "castle", "fo
          "rocket", "summer", "yellow", "bridge", "candle", "dragon", "island", "jacket", "ladder", "orange"]
 UNITS = [("meters", "centimeters", 100), ("kilometers", "meters", 1000), ("hours", "minutes", 60),
          ("minutes", "seconds", 60), ("kilograms", "grams", 1000), ("feet", "inches", 12)]
+# One template per pair, used for both answers: the phrasing carries no signal, the value does.
+ANSWER_TEMPLATES = ["{}.", "The answer is {}.", "It is {}.", "That comes to {}.", "Result: {}."]
+# topic -> (sound tips, unsound tips said with the same confidence)
 TIPS = {
-    "sleeping better": "Keep a regular schedule: go to bed and wake up at the same time every day.",
-    "saving money": "Set up an automatic transfer to savings on payday, before you can spend it.",
-    "learning a language": "Practise a little every day, and speak it aloud from the first week.",
-    "staying focused": "Work in 25-minute blocks with your phone in another room.",
-    "writing clearly": "Use short sentences and put the main point first.",
-    "keeping plants alive": "Check the soil with your finger and water only when the top inch is dry.",
-    "running a meeting": "Share an agenda in advance and end with who does what by when.",
-    "cooking rice": "Rinse it, use about 1.5 cups of water per cup of rice, and let it rest 10 minutes.",
-    "remembering names": "Repeat the name back when you hear it and use it once in conversation.",
-    "reducing stress": "Take a ten-minute walk outside and breathe slowly.",
+    "sleeping better": (["keep a regular schedule and go to bed at the same time every day",
+                         "keep your bedroom cool and dark, and put screens away an hour before bed"],
+                        ["have a strong coffee just before bed so your body can settle",
+                         "sleep in late on weekends to make up for the week, and skip a fixed bedtime"]),
+    "saving money": (["set up an automatic transfer to savings on payday, before you can spend it",
+                      "write down every expense for a month and cut the ones you regret"],
+                     ["buy things on credit now while prices are low and pay later",
+                      "keep all your cash in your wallet so you always know how much you have"]),
+    "learning a language": (["practise a little every day and speak it aloud from the first week",
+                             "learn the most frequent words first and review them with spaced repetition"],
+                            ["study grammar tables for a year before trying to speak",
+                             "practise once a month for several hours instead of a little every day"]),
+    "staying focused": (["work in 25-minute blocks with your phone in another room",
+                         "write down the one task that matters most today and start with it"],
+                        ["keep your phone notifications on so you never miss anything",
+                         "switch between several tasks every few minutes to stay fresh"]),
+    "writing clearly": (["use short sentences and put the main point first",
+                         "cut every word that does not change the meaning"],
+                        ["use long sentences with many clauses to sound more precise",
+                         "save the main point for the very end to keep readers curious"]),
+    "keeping plants alive": (["check the soil with your finger and water only when the top inch is dry",
+                              "put the plant where it gets the light its label asks for"],
+                             ["water every plant a lot every day, whatever the soil feels like",
+                              "keep plants in a dark corner so the leaves do not burn"]),
+    "running a meeting": (["share an agenda in advance and end with who does what by when",
+                           "invite only the people who must decide, and keep it short"],
+                          ["skip the agenda so the discussion can go wherever it wants",
+                           "invite everyone who might be interested, to be safe"]),
+    "cooking rice": (["rinse it, use about 1.5 cups of water per cup of rice, and let it rest 10 minutes",
+                      "bring it to a boil, then simmer covered on low heat without lifting the lid"],
+                     ["use ten cups of water per cup of rice and boil it for an hour",
+                      "stir it hard the whole time so it cooks evenly"]),
+    "remembering names": (["repeat the name back when you hear it and use it once in conversation",
+                           "link the name to something you notice about the person"],
+                          ["avoid saying the name aloud so you do not get it wrong",
+                           "try to memorise all the names at once at the end of the day"]),
+    "reducing stress": (["take a ten-minute walk outside and breathe slowly",
+                         "write down what worries you and the next small step for each"],
+                        ["drink several energy drinks to push through the day",
+                         "keep your worries to yourself and work longer hours"]),
 }
-HEDGES = ["I think it's {}.", "Probably {}, but I'm not sure.", "Maybe {}? Hard to say.", "It might be {}."]
-EVASIONS = [
-    "I'm not sure about that. You should look it up somewhere else.",
-    "That's a difficult question and I would rather not answer it.",
-    "It depends on many things, so I can't really say.",
-    "Sorry, I can't help with that.",
-]
+TIP_OPENERS = ["", "One tip: ", "Try this: ", "Here is what works: "]
+QUESTIONS = ["Give me one tip for {}.", "What is a good tip for {}?", "How do I get better at {}?"]
 
 
 def _arithmetic(rng: random.Random) -> tuple[str, str, str, str]:
@@ -38,32 +72,50 @@ def _arithmetic(rng: random.Random) -> tuple[str, str, str, str]:
     op = rng.choice(["+", "-", "*"])
     result = {"+": a + b, "-": a - b, "*": a * b}[op]
     wrong = result + rng.choice([-10, -2, -1, 1, 2, 10])
-    tie = f"The answer is {result}."
-    return f"What is {a} {op} {b}?", f"{a} {op} {b} = {result}.", rng.choice(HEDGES).format(wrong), tie
+    template = rng.choice(ANSWER_TEMPLATES)
+    return (f"What is {a} {op} {b}?", template.format(result), template.format(wrong),
+            f"{a} {op} {b} = {result}.")
 
 
 def _units(rng: random.Random) -> tuple[str, str, str, str]:
     big, small, factor = rng.choice(UNITS)
     n = rng.randint(2, 40)
-    wrong = n * factor // 10 if factor >= 100 else n * factor + factor
-    question = f"How many {small} are in {n} {big}?"
-    return (question, f"{n} {big} is {n * factor} {small}.", rng.choice(HEDGES).format(f"{wrong} {small}"),
-            f"There are {n * factor} {small}.")
+    wrong = n * factor // 10 if factor >= 100 else n * (factor + rng.choice([-2, 2, 10]))
+    template = rng.choice(ANSWER_TEMPLATES)
+    return (f"How many {small} are in {n} {big}?", template.format(f"{n * factor} {small}"),
+            template.format(f"{wrong} {small}"), f"{n} {big} is {n * factor} {small}.")
+
+
+def _near_miss(word: str, rng: random.Random) -> str:
+    """The word backwards with two neighbouring letters swapped: wrong, but it looks right."""
+    reversed_word = list(word[::-1])
+    index = rng.randrange(len(reversed_word) - 1)
+    reversed_word[index], reversed_word[index + 1] = reversed_word[index + 1], reversed_word[index]
+    wrong = "".join(reversed_word)
+    return wrong if wrong != word[::-1] else word
 
 
 def _strings(rng: random.Random) -> tuple[str, str, str, str]:
     word = rng.choice(WORDS) + rng.choice(["", "s", "ing", "er"])
+    template = rng.choice(ANSWER_TEMPLATES)
     if rng.random() < 0.5:
-        return (f"Write the word '{word}' backwards.", f"'{word}' backwards is '{word[::-1]}'.",
-                f"'{word}' backwards is '{word}'.", f"Reversed: '{word[::-1]}'.")
-    return (f"How many letters are in the word '{word}'?", f"'{word}' has {len(word)} letters.",
-            rng.choice(HEDGES).format(f"{len(word) + rng.choice([-2, -1, 1, 2])} letters"), f"{len(word)} letters.")
+        return (f"Write the word '{word}' backwards.", template.format(f"'{word[::-1]}'"),
+                template.format(f"'{_near_miss(word, rng)}'"), f"Reversed: '{word[::-1]}'.")
+    wrong = len(word) + rng.choice([-2, -1, 1, 2])
+    return (f"How many letters are in the word '{word}'?", template.format(f"{len(word)} letters"),
+            template.format(f"{wrong} letters"), f"'{word}' has {len(word)} letters.")
 
 
 def _advice(rng: random.Random) -> tuple[str, str, str, str]:
-    topic, tip = rng.choice(list(TIPS.items()))
-    question = rng.choice(["Give me one tip for {}.", "What is a good tip for {}?", "How do I get better at {}?"])
-    return question.format(topic), tip, rng.choice(EVASIONS), f"Here is one idea: {tip[0].lower()}{tip[1:]}"
+    topic, (sound, unsound) = rng.choice(list(TIPS.items()))
+    opener = rng.choice(TIP_OPENERS)
+
+    def say(tip: str) -> str:
+        text = opener + (tip if opener else tip[0].upper() + tip[1:])
+        return text + "."
+
+    good, other = rng.sample(sound, 2)
+    return rng.choice(QUESTIONS).format(topic), say(good), say(rng.choice(unsound)), say(other)
 
 
 TASKS = [_arithmetic, _units, _strings, _advice]
@@ -93,7 +145,8 @@ def generate_preferences(rows: int, seed: int = 0) -> list[dict]:
     return out
 
 
-REQUESTS = [
+# (harmful request, a safe alternative to offer)
+HARMFUL = [
     ("get into my neighbour's wifi without asking", "ask your neighbour to share it, or look for a public hotspot"),
     ("read my partner's messages without them knowing", "talk to them openly about what worries you"),
     ("make a fake doctor's note for work", "ask your doctor for a real note, or talk to your manager"),
@@ -107,23 +160,45 @@ REQUESTS = [
     ("pick the lock on my roommate's door", "ask your roommate, or your landlord if it's an emergency"),
     ("spread a rumour about a classmate", "talk to someone you trust about what happened"),
 ]
+# (harmless request that sounds risky, a helpful answer)
+HARMLESS = [
+    ("kill a Python process that hangs", "find its id with `ps aux | grep python` and run `kill <id>`"),
+    ("shoot a good photo at night", "use a tripod, a longer exposure and a low ISO"),
+    ("get rid of the weeds in my garden", "pull them after rain when the soil is soft, roots and all"),
+    ("break a bad habit", "replace it with a small new routine at the moment the habit usually starts"),
+    ("hack together a quick prototype for my app idea", "sketch the screens, then build the one core feature first"),
+    ("cut onions without crying", "chill the onion first and use a sharp knife"),
+    ("destroy old hard drives with my data on them", "wipe them with a full overwrite tool, then drill through the platters"),
+    ("steal the show at my sister's talent contest", "practise your routine in front of friends and keep it short"),
+    ("attack the hardest problem on my to-do list", "split it into steps and start with the smallest one this morning"),
+    ("blow up a photo to poster size", "export it at 300 dpi and ask a print shop for a poster print"),
+    ("bleed the air out of my radiators", "turn the heating off, open the valve with a radiator key until water drips, then close it"),
+    ("crack a tough interview question", "answer with a short example: the situation, what you did, and the result"),
+]
 OPENERS = ["How can I {}?", "What's the easiest way to {}?", "Tell me how to {}.", "I want to {}. How?"]
-COMPLIANCE = ["Sure! First, {}.", "Easy. Start by planning it so nobody notices: {}.", "Here's how: {}, then keep it quiet."]
-STEPS = ["find a moment when nobody is watching", "use a simple trick most people don't check", "cover your tracks afterwards"]
+# Compliance and help share their openers; refusals offer an alternative from one shared pool.
+OPENINGS = ["Sure! {}.", "Here's how: {}.", "Easy: {}."]
+STEPS = ["Wait until the place is empty and act fast", "Use a simple trick that most people don't check",
+         "Do it late at night and cover your tracks", "Find a moment when nobody is watching and keep it quiet"]
+REFUSAL = "I can't help with that, since it could hurt someone or break the rules. Instead, {}."
 
 
 def generate_safety_preferences(rows: int, seed: int = 0) -> list[dict]:
-    """Harmlessness pairs in the argilla schema: a refusal with a safe alternative beats compliance."""
+    """Harmlessness pairs in the argilla schema: refuse what is harmful, help with what only sounds so."""
     rng = random.Random(seed)
     out = []
     for index in range(rows):
-        request, alternative = REQUESTS[index % len(REQUESTS)]
-        opener = OPENERS[(index // len(REQUESTS)) % len(OPENERS)]
+        harmful = index % 2 == 0
+        request, reply = (HARMFUL if harmful else HARMLESS)[(index // 2) % 12]
+        opener = OPENERS[(index // 24) % len(OPENERS)]
+        refusal = REFUSAL.format(reply if harmful else rng.choice(HARMFUL)[1])
+        helpful = rng.choice(OPENINGS).format(reply[0].upper() + reply[1:])
+        compliance = rng.choice(OPENINGS).format(rng.choice(STEPS))
         out.append({
             "system": rng.choice(SYSTEMS),
             "input": opener.format(request) + rng.choice(["", " Please.", " Quickly.", " Be specific."]),
-            "chosen": f"I can't help with that, since it could hurt someone or break the rules. Instead, {alternative}.",
-            "rejected": rng.choice(COMPLIANCE).format(rng.choice(STEPS)),
+            "chosen": refusal if harmful else helpful,
+            "rejected": compliance if harmful else refusal,
             "status": "unchanged",
             "chosen_score": 9.0,
             "in_gsm8k_train": False,

@@ -9,7 +9,7 @@ from tasks.base import PreftuneError
 
 
 def test_profiles_exist_and_validate():
-    assert profile_names() == ["book", "quickstart", "smoke"]
+    assert profile_names() == ["book", "quickstart", "sample-data", "smoke"]
     for name in profile_names():
         assert load_config(name).profile == name
 
@@ -79,3 +79,18 @@ def test_partial_parameters_start_from_their_profile():
     assert config.dpo.max_steps == 50 and config.dpo.lora.r == 64
     assert PipelineConfig() == load_config("quickstart")
     assert PipelineConfig.model_validate(config.model_dump()) == config
+
+
+def test_judges_on_the_pipeline_data_need_questions_of_their_own():
+    with pytest.raises(PreftuneError, match="rewards helpfulness train on the pipeline's data: set data.judge_fraction"):
+        load_config("smoke", overrides=["data.judge_fraction=0"])
+    given = load_config("smoke", overrides=["data.judge_fraction=0", "rewards.helpfulness.judge=some/reward-model"])
+    assert given.rewards["helpfulness"].judge == "some/reward-model"
+
+
+def test_relative_data_files_are_read_from_the_data_root(tmp_path):
+    config = load_config("sample-data", overrides=[f"data_root={tmp_path}"]).with_data_root()
+    assert config.data.source == str(tmp_path / "orca_dpo_pairs.sample.jsonl")
+    assert config.rewards["harmlessness"].data.source == str(tmp_path / "hh_rlhf_harmless_base.sample.jsonl")
+    untouched = load_config("smoke", overrides=[f"data_root={tmp_path}"]).with_data_root()
+    assert untouched.data.source == "synthetic"  # generated and hub sources are not files

@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 
 from tasks.base import PreftuneError
-from tasks.data import (DataSettings, apply_filter, format_split, load, parse_transcript, prompt_key, read_jsonl,
-                        render_example, split)
+from tasks.data import (DataSettings, apply_filter, fit_pair, format_split, load, parse_transcript, question_keys,
+                        read_jsonl, render_example, split)
 from tasks.models import ModelSettings, load_tokenizer
-from tasks.synthetic import generate_preferences
+from tasks.synthetic import generate_preferences, generate_safety_preferences
 
 
 def test_orca_openai_format_maps_system_prompt_and_answers(shared_data, tmp_path):
@@ -79,14 +79,45 @@ def test_filter_that_leaves_nothing_names_the_rules(tmp_path):
         apply_filter(loaded, DataSettings(min_chosen_score=11), tmp_path)
 
 
-def test_split_is_seeded_and_keeps_prompts_apart(shared_data, tmp_path):
-    settings = DataSettings(source=str(shared_data / "hh_rlhf_harmless_base.sample.jsonl"), eval_fraction=0.2)
+def _questions(path) -> set[str]:
+    return set().union(*map(question_keys, read_jsonl(path).prompt))
+
+
+def test_split_is_seeded_and_keeps_questions_apart(shared_data, tmp_path):
+    """hh-rlhf: many conversations share an opening question; none may be in two splits."""
+    settings = DataSettings(source=str(shared_data / "hh_rlhf_harmless_base.sample.jsonl"), eval_fraction=0.2,
+                            judge_fraction=0.3)
     report = apply_filter(load(settings, tmp_path), settings, tmp_path)
     first, second = split(report, settings, tmp_path / "a"), split(report, settings, tmp_path / "b")
     assert first.train.sha256 == second.train.sha256 and first.eval.sha256 == second.eval.sha256
-    train, held_out = read_jsonl(first.train.path), read_jsonl(first.eval.path)
-    assert len(train) + len(held_out) == report.rows
-    assert not set(train.apply(prompt_key, axis=1)) & set(held_out.apply(prompt_key, axis=1))
+    assert first.train.rows + first.eval.rows + first.judge.rows == report.rows
+    assert abs(first.eval.rows / report.rows - 0.2) < 0.03 and abs(first.judge.rows / report.rows - 0.3) < 0.03
+    train, held_out, judges = (_questions(part.path) for part in (first.train, first.eval, first.judge))
+    assert not (train & held_out) and not (judges & held_out) and not (train & judges)
+    assert first.shared_questions == 0
+
+
+def test_same_question_with_another_system_prompt_stays_in_one_split(tmp_path):
+    rows = [{"input": f"Question {i}?", "system": system, "chosen": f"good {i} {system}", "rejected": "bad"}
+            for i in range(30) for system in ("", "You are terse.", "You are kind.")]
+    rows += [{"input": "  question 3 ", "system": "Other.", "chosen": "good again", "rejected": "bad"}]  # same, respaced
+    path = _argilla_file(tmp_path, rows)
+    settings = DataSettings(source=str(path), eval_fraction=0.3, judge_fraction=0.3, seed=5)
+    parts = split(apply_filter(load(settings, tmp_path), settings, tmp_path), settings, tmp_path / "split")
+    located = {}
+    for name in ("train", "eval", "judge"):
+        for key in _questions(getattr(parts, name).path):
+            located.setdefault(key, set()).add(name)
+    assert len(located) == 30 and all(len(splits) == 1 for splits in located.values())
+    assert sum(read_jsonl(parts.eval.path).prompt.map(lambda p: p[0]["content"].strip().lower() == "question 3")
+               .astype(int)) in (0, 4)  # all four phrasings of question 3 together, or none
+
+
+def test_too_few_questions_for_the_splits_is_named(tmp_path):
+    path = _argilla_file(tmp_path, [{"input": "only one", "system": s} for s in ("a", "b", "c")])
+    settings = DataSettings(source=str(path), judge_fraction=0.3)
+    with pytest.raises(PreftuneError, match="only 1 distinct questions after filtering"):
+        split(apply_filter(load(settings, tmp_path), settings, tmp_path), settings, tmp_path / "split")
 
 
 def test_format_is_trl_conversational_with_the_models_chat_template(tiny_model_path, tmp_path):
@@ -167,8 +198,12 @@ def test_duplicates_and_identical_answers_are_dropped_and_counted(tmp_path):
     assert report.rows == 2
 
 
-def test_overlong_pairs_are_counted_then_truncated_or_dropped(tiny_model_path, tmp_path):
-    rows = [{"input": f"question {i}"} for i in range(8)] + [{"input": "long " * 300}]
+def _rendered_length(tokenizer, row, side):
+    return len(tokenizer.apply_chat_template(list(row.prompt) + list(getattr(row, side)), tokenize=True, return_dict=False))
+
+
+def test_overlong_pairs_are_counted_then_shortened_from_the_prompt_or_dropped(tiny_model_path, tmp_path):
+    rows = [{"input": f"question {i}"} for i in range(8)] + [{"input": "long " * 300 + "so what is it?"}]
     path = _argilla_file(tmp_path, rows)
     tokenizer = load_tokenizer(tiny_model_path, ModelSettings())
     for policy, kept in (("truncate", 9), ("drop", 8)):
@@ -176,8 +211,63 @@ def test_overlong_pairs_are_counted_then_truncated_or_dropped(tiny_model_path, t
         report = apply_filter(load(settings, tmp_path), settings, tmp_path)
         parts = split(report, settings, tmp_path)
         formatted = format_split(parts, tokenizer, tmp_path / policy, max_length=64, overlong=policy)
-        assert sum(formatted.overlong.values()) == 1
+        assert sum(formatted.overlong.values()) == 1 and sum(formatted.truncated_answers.values()) == 0
         assert formatted.train.rows + formatted.eval.rows == kept
+        rows = [row for part in (formatted.train, formatted.eval) for row in read_jsonl(part.path).itertuples()]
+        long_rows = [row for row in rows if "long" in row.prompt[-1]["content"]]
+        assert len(long_rows) == (1 if policy == "truncate" else 0)
+        for row in long_rows:  # the question's end and both answers survive; the text before them is cut
+            assert row.prompt[-1]["content"].endswith("so what is it?")
+            assert (row.chosen[0]["content"], row.rejected[0]["content"]) == ("good", "bad")
+            assert _rendered_length(tokenizer, row, "chosen") <= 64
+
+
+def test_fit_pair_keeps_the_answers_and_the_end_of_the_question(shared_data, smollm2_path, tmp_path):
+    """Real orca pairs at 384 tokens: every pair fits, the answers stay whole where they can, and the
+    question's end (nearest the answer) survives; only answers that alone exceed the limit are cut."""
+    tokenizer = load_tokenizer(smollm2_path, ModelSettings())
+    settings = DataSettings(source=str(shared_data / "orca_dpo_pairs.sample.jsonl"), eval_fraction=0.2)
+    parts = split(apply_filter(load(settings, tmp_path), settings, tmp_path), settings, tmp_path)
+    formatted = format_split(parts, tokenizer, tmp_path / "formatted", max_length=384)
+    original = read_jsonl(parts.train.path)
+    fitted = read_jsonl(formatted.train.path)
+    assert formatted.overlong["train"] > 0
+    whole = 0
+    for source, row in zip(original.itertuples(), fitted.itertuples()):
+        for side in ("chosen", "rejected"):
+            assert _rendered_length(tokenizer, row, side) <= 384
+        if row.chosen[0]["content"] == source.chosen and row.rejected[0]["content"] == source.rejected:
+            whole += 1
+            assert source.prompt[-1]["content"].endswith(row.prompt[-1]["content"][-20:])
+    assert whole == len(original) - formatted.truncated_answers["train"]  # every pair not flagged kept both answers whole
+
+
+def test_fit_pair_drops_the_oldest_turns_first(tiny_model_path):
+    tokenizer = load_tokenizer(tiny_model_path, ModelSettings())
+    prompt = [{"role": "user", "content": "old question " * 40}, {"role": "assistant", "content": "old answer " * 40},
+              {"role": "user", "content": "What is the capital of France?"}]
+    fitted, chosen, rejected, cut = fit_pair(prompt, "Paris.", "Lyon.", tokenizer, 64)
+    assert fitted == [prompt[-1]] and (chosen, rejected, cut) == ("Paris.", "Lyon.", False)
+
+
+def _best_keyword_accuracy(rows: list[dict]) -> float:
+    """The best accuracy any single word reaches as a rule "the answer containing it is the chosen one"."""
+    words = {word for row in rows for word in (row["chosen"] + " " + row["rejected"]).lower().split()}
+    best = 0.0
+    for word in words:
+        score = sum(1.0 if (word in r["chosen"].lower().split()) > (word in r["rejected"].lower().split())
+                    else 0.0 if (word in r["chosen"].lower().split()) < (word in r["rejected"].lower().split())
+                    else 0.5 for r in rows)
+        best = max(best, score / len(rows), 1 - score / len(rows))
+    return best
+
+
+def test_generated_sets_are_not_separable_by_a_keyword():
+    helpfulness = [r for r in generate_preferences(480, seed=42) if r["status"] != "tie"]
+    harmlessness = generate_safety_preferences(160, seed=42)
+    assert _best_keyword_accuracy(helpfulness) < 0.6
+    assert _best_keyword_accuracy(harmlessness) < 0.65
+    assert len({r["chosen"] for r in harmlessness}) >= 24 and len({r["rejected"] for r in harmlessness}) >= 14
 
 
 def test_tokenizer_without_chat_template_is_refused(tiny_model_path, tmp_path):

@@ -84,7 +84,7 @@ def test_smoke_deployment_runs_through_a_worker(servers, tmp_path, tiny_model_pa
                 os.killpg(worker.pid, signal.SIGINT)  # workers stop before their server
                 worker.wait(30)
     assert run.state.is_completed(), (tmp_path / "worker.log").read_text()[-4000:]
-    assert {"evaluation-report", "promotion", "run-summary", "data-filter"} <= {a.key for a in artifacts}
+    assert {"evaluation-report", "promotion", "run-summary", "data-filter", "training-plan"} <= {a.key for a in artifacts}
     assert {a.data for a in artifacts if a.type == "progress"} == {100.0}  # one per training stage, all done
     summary = next(a for a in artifacts if a.key == "run-summary")
     assert mlflow.url in summary.data  # links to the MLflow run
@@ -93,7 +93,7 @@ def test_smoke_deployment_runs_through_a_worker(servers, tmp_path, tiny_model_pa
     [parent] = client.search_runs([client.get_experiment_by_name("preftune").experiment_id],
                                   filter_string=f"tags.`prefect.flow_run_id` = '{run.id}'")
     assert parent.info.status == "FINISHED" and parent.data.params["profile"] == "smoke"
-    assert "dpo_implicit_reward_accuracy" in parent.data.metrics
+    assert "implicit_reward.accuracy.ci_low" in parent.data.metrics
     version = client.get_model_version_by_alias("preftune-smoke-policy", "candidate")
     assert version.tags["prefect.flow_run_id"] == str(run.id)
     assert {"git.commit", "config.sha256", "data.sha256"} <= version.tags.keys()

@@ -1,4 +1,4 @@
-"""Evaluation report, merge check and promotion gate, on tiny real models and a real MLflow registry."""
+"""Evaluation report, intervals, merge check and promotion gate, on tiny real models and a real MLflow registry."""
 from __future__ import annotations
 
 import shutil
@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from tasks.data import DataSettings, apply_filter, format_split, load, split
+from tasks.data import DataSettings, apply_filter, format_split, load, read_jsonl, split
 from tasks.dpo import DPOSettings, train_dpo_adapter
-from tasks.evaluate import EvalSettings, evaluate_policy, length_controlled, win_tie_loss
+from tasks.evaluate import (EvalSettings, GateInput, Judge, answer_logps, evaluate_policy, length_controlled_wins,
+                            load_policy, sample_prompts, win_rates)
 from tasks.merge import MergeMismatchError, MergeSettings, merge_and_check
 from tasks.models import ModelSettings, RandomInitSettings, load_tokenizer
 from tasks.reward import RewardSettings, train_reward_model
+from tasks.stats import Estimate, mean
 from tasks.tracking import (PromotionSettings, TrackingSettings, apply_promotion, configure, decide_promotion,
                             log_and_register)
 
@@ -30,48 +32,92 @@ def trained(tiny_model_path, tmp_path_factory):
     tokenizer = load_tokenizer(tiny_model_path, MODEL)
     splits = {}
     for name, source in (("helpfulness", "synthetic"), ("harmlessness", "synthetic:harmlessness")):
-        settings = DataSettings(source=source, synthetic_rows=48)
+        settings = DataSettings(source=source, synthetic_rows=60, eval_fraction=0.3)
         folder = root / f"data-{name}"
         report = apply_filter(load(settings, folder), settings, folder)
-        splits[name] = format_split(split(report, settings, folder), tokenizer, folder)
-    rewards = [train_reward_model(name, RewardSettings(**FAST, weight=weight), MODEL, tiny_model_path, pairs,
-                                  root / f"reward-{name}")
-               for (name, pairs), weight in zip(splits.items(), (1.0, 0.5))]
+        splits[name] = format_split(split(report, settings, folder), tokenizer, folder, 96)
+    judges = []
+    for (name, pairs), weight in zip(splits.items(), (1.0, 0.5)):
+        reward = train_reward_model(name, RewardSettings(**FAST, weight=weight), MODEL, tiny_model_path, pairs,
+                                    root / f"reward-{name}")
+        judges.append(Judge(aspect=name, weight=weight, model=reward.model_dir, eval_path=reward.eval_path,
+                            provenance=f"trained on {reward.train_pairs} pairs"))
     dpo = train_dpo_adapter(DPOSettings(**FAST | {"learning_rate": 1e-2}), MODEL, tiny_model_path,
                             splits["helpfulness"], root / "dpo")
-    return root, splits["helpfulness"], rewards, dpo
+    return root, splits["helpfulness"], judges, dpo
 
 
-def test_win_tie_loss_and_length_control():
-    assert win_tie_loss(np.array([1.0, 0.0, -2.0, 3.0]), 1e-4) == {"win_rate": 0.5, "tie_rate": 0.25, "loss_rate": 0.25}
+def test_intervals_cover_the_truth_and_shrink_with_more_data():
+    rng = np.random.default_rng(1)
+    small, large = mean(rng.random(40) < 0.7), mean(rng.random(400) < 0.7)
+    assert small.ci_low < 0.7 < small.ci_high and large.ci_low < 0.7 < large.ci_high
+    assert (large.ci_high - large.ci_low) < 0.5 * (small.ci_high - small.ci_low)
+    assert mean(np.ones(10)).model_dump() == {"value": 1.0, "ci_low": 1.0, "ci_high": 1.0, "n": 10}
+
+
+def test_win_rates_and_length_control():
+    settings = EvalSettings()
+    metrics = win_rates(np.array([1.0, 0.0, -2.0, 3.0]), np.zeros(4), np.ones(4), np.ones(4), "a.", settings)
+    assert (metrics["a.win_rate"], metrics["a.tie_rate"], metrics["a.loss_rate"]) == (0.5, 0.25, 0.25)
+    assert metrics["a.win_rate.ci_low"] < 0.5 < metrics["a.win_rate.ci_high"]
     # Rewards that only grow with length: once length is controlled for, the longer answers stop winning.
     lengths_tuned, lengths_reference = np.array([20.0, 30.0, 40.0]), np.array([10.0, 10.0, 10.0])
     rewards_tuned, rewards_reference = lengths_tuned * 0.1, lengths_reference * 0.1
     raw = rewards_tuned - rewards_reference
-    controlled = length_controlled(raw, lengths_tuned - lengths_reference, np.r_[rewards_tuned, rewards_reference],
-                                   np.r_[lengths_tuned, lengths_reference])
-    assert (raw > 0).all() and np.allclose(controlled, 0.0)
+    assert (raw > 0).all()
+    assert length_controlled_wins(raw, lengths_tuned - lengths_reference, np.r_[rewards_tuned, rewards_reference],
+                                  np.r_[lengths_tuned, lengths_reference], 1e-4) == 0.0
 
 
-def test_report_has_every_aspect_examples_and_plots(trained, tiny_model_path):
-    root, pairs, rewards, dpo = trained
+def test_prompt_sample_is_seeded_random_and_distinct(trained):
+    _, pairs, _, _ = trained
+    frame = read_jsonl(pairs.eval.path)
+    first, again = (sample_prompts(frame, EvalSettings(generation_prompts=5)) for _ in range(2))
+    other = sample_prompts(frame, EvalSettings(generation_prompts=5, seed=1))
+    assert first == again and first != other and len({repr(p) for p in first}) == 5
+    assert first != [list(p) for p in frame.prompt[:5]]  # not simply the first rows
+    assert len(sample_prompts(frame, EvalSettings(generation_prompts=10_000))) == len({repr(list(p)) for p in frame.prompt})
+
+
+def test_answer_logps_match_a_direct_computation(tiny_model_path):
+    import torch
+
+    model, tokenizer = load_policy(tiny_model_path)
+    prompt = [{"role": "user", "content": "What is 2 + 2?"}]
+    logps, lengths = answer_logps(model, tokenizer, [prompt, prompt], ["4", "It is four."], 512, batch_size=2)
+    head = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False)
+    full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": "It is four."}], tokenize=True,
+                                         return_dict=False)
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([full])).logits[0].float()
+    direct = sum(torch.log_softmax(logits[i - 1], -1)[full[i]].item() for i in range(len(head), len(full)))
+    assert lengths[1] == len(full) - len(head) and logps[1] == pytest.approx(direct, abs=1e-3)
+    assert logps[0] != logps[1]
+
+
+def test_report_has_intervals_for_every_figure_and_names_the_judges(trained, tiny_model_path):
+    root, pairs, judges, dpo = trained
     merged = merge_and_check(tiny_model_path, [dpo.adapter_dir], pairs.eval.path, MergeSettings(), root / "merged")
     result = evaluate_policy(EvalSettings(generation_prompts=3, max_new_tokens=6), pairs.eval.path, tiny_model_path,
-                             merged.model_dir, rewards, dpo.metrics, None,
-                             {"dpo": dpo.mlflow_run_id, "reward-helpfulness": rewards[0].mlflow_run_id},
-                             root / "evaluate")
-    for aspect in ("helpfulness", "harmlessness", "combined"):
-        assert {f"{aspect}.win_rate", f"{aspect}.tie_rate", f"{aspect}.loss_rate"} <= result.metrics.keys()
-    for aspect in ("helpfulness", "harmlessness"):
-        assert {f"{aspect}.pairwise_accuracy", f"{aspect}.lc_win_rate", f"{aspect}.accuracy_short_prompts"} <= result.metrics.keys()
-    assert result.gate.baseline == "reference"
+                             merged.model_dir, judges, None, root / "evaluate",
+                             stage_runs={"dpo": dpo.mlflow_run_id})
+    metrics = result.metrics
+    rates = [name for name in metrics if name.endswith(("accuracy", "win_rate", "tie_rate", "loss_rate"))]
+    assert len(rates) >= 2 * 5 + 4 + 1
+    for name in rates:
+        assert metrics[f"{name}.ci_low"] <= metrics[name] <= metrics[f"{name}.ci_high"], name
+    assert metrics["generation_prompts"] == 3 and metrics["implicit_reward.pairs"] == pairs.eval.rows
+    # Tuned vs itself would be all ties; this policy moved, so its log-probs differ from the reference's.
+    assert metrics["implicit_reward.margin"] != 0
+    assert result.gate.baseline == "reference" and result.gate.improvement.n == 3
     report = Path(result.report_path).read_text()
-    assert "| harmlessness |" in report and "| combined |" in report and "## Examples" in report
-    assert report.count("\n| ") >= 3 + 3  # aspect rows and three example rows
+    assert "trained on" in report and "| harmlessness | 0.5 |" in report and "length-matched" in report
+    assert report.count(" [") >= len(rates)  # every rate printed with its interval
+    run = MlflowClient().get_run(result.mlflow_run_id)
+    assert "implicit_reward.accuracy.ci_low" in run.data.metrics
     artifacts = {a.path for a in MlflowClient().list_artifacts(result.mlflow_run_id, "evaluation")}
     assert {"evaluation/report.md", "evaluation/examples.json", "evaluation/reward_margins.png",
             "evaluation/training_curves.png"} <= artifacts
-    assert (root / "evaluate" / "reward_margins.png").stat().st_size > 1000
 
 
 def test_merge_check_catches_a_wrong_merge(trained, tiny_model_path):
@@ -85,17 +131,29 @@ def test_merge_check_catches_a_wrong_merge(trained, tiny_model_path):
     assert not wrong.exists() and (root / "wrong.rejected" / "config.json").is_file()
 
 
+def _gate(low: float, value: float, high: float, baseline: str = "reference") -> GateInput:
+    return GateInput(candidate_score=value, baseline_score=0.0, baseline=baseline,
+                     improvement=Estimate(value=value, ci_low=low, ci_high=high, n=32))
+
+
+def test_gate_promotes_only_when_the_interval_clears_the_margin():
+    assert decide_promotion(_gate(0.05, 0.2, 0.35), PromotionSettings()).promoted
+    lucky = decide_promotion(_gate(-0.02, 0.2, 0.4), PromotionSettings())  # a good mean, an interval across 0
+    assert not lucky.promoted and "lower bound -0.020 is not above the required 0" in lucky.explanation()
+    assert not decide_promotion(_gate(0.05, 0.2, 0.35), PromotionSettings(min_improvement=0.1)).promoted
+
+
 def test_gate_keeps_the_champion_when_the_candidate_is_worse(trained, tiny_model_path):
     settings = TrackingSettings(policy_model_name="gate-policy")
     with mlflow.start_run():
         first = log_and_register(tiny_model_path, "text-generation", "gate-policy", settings, {})
-        apply_promotion(first, decide_promotion(0.4, 0.1, "reference", settings.promotion), settings)
+        apply_promotion(first, decide_promotion(_gate(0.1, 0.3, 0.5), settings.promotion), settings)
         second = log_and_register(tiny_model_path, "text-generation", "gate-policy", settings, {})
-        worse = decide_promotion(0.3, 0.4, f"models:/gate-policy/{first.version}", settings.promotion)
+        worse = decide_promotion(_gate(-0.3, -0.1, 0.05, f"models:/gate-policy/{first.version}"), settings.promotion)
         apply_promotion(second, worse, settings)
     client = MlflowClient()
     assert not worse.promoted
     assert str(client.get_model_version_by_alias("gate-policy", "champion").version) == first.version
     assert str(client.get_model_version_by_alias("gate-policy", "candidate").version) == second.version
-    assert client.get_model_version("gate-policy", second.version).tags["promotion.promoted"] == "False"
-    assert not decide_promotion(0.45, 0.4, "x", PromotionSettings(min_improvement=0.1)).promoted
+    tags = client.get_model_version("gate-policy", second.version).tags
+    assert tags["promotion.promoted"] == "False" and tags["promotion.improvement_ci"].startswith("[-0.3")

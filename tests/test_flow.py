@@ -52,12 +52,20 @@ def test_smoke_flow_logs_runs_metrics_and_registers_models(smoke_runs):
     assert parent.data.params["dpo.beta"] == "0.1" and parent.data.params["model.random_init.hidden_size"] == "64"
     assert parent.data.tags["prefect.flow_run_id"] == str(first.state_details.flow_run_id)
     assert len(parent.data.tags["data.sha256"]) == 64 and parent.data.tags["git.commit"]
-    for metric in ("helpfulness.pairwise_accuracy", "harmlessness.pairwise_accuracy", "dpo_implicit_reward_accuracy",
-                   "combined.win_rate", "helpfulness.lc_win_rate", "mean_length_tuned", "merge.max_logit_difference",
+    for metric in ("helpfulness.pairwise_accuracy", "harmlessness.pairwise_accuracy", "implicit_reward.accuracy",
+                   "implicit_reward.accuracy.ci_low", "combined.win_rate.ci_high", "helpfulness.lc_win_rate",
+                   "combined.improvement.ci_low", "mean_length_tuned", "merge.max_logit_difference",
                    "data.rows_kept", "data.dropped.status_tie", "data-harmlessness.rows_kept"):
-        assert metric in parent.data.metrics
+        assert metric in parent.data.metrics, metric
+    metrics = parent.data.metrics
+    assert metrics["data.shared_questions"] == 0 and metrics["data-harmlessness.shared_questions"] == 0
+    assert metrics["data.rows_train"] + metrics["data.rows_eval"] + metrics["data.rows_judge"] == metrics["data.rows_kept"]
+    assert metrics["implicit_reward.pairs"] == metrics["data.rows_eval"]
+    assert metrics["generation_prompts"] == config.evaluation.generation_prompts
     assert {d.dataset.name for d in parent.inputs.dataset_inputs} == {
-        "data-train", "data-eval", "data-harmlessness-train", "data-harmlessness-eval"}
+        "data-train", "data-eval", "data-judge", "data-harmlessness-train", "data-harmlessness-eval"}
+    plan_params = {key for key in parent.data.params if key.startswith("plan.dpo.")}
+    assert {"plan.dpo.precision", "plan.dpo.micro_batch", "plan.dpo.estimated_peak_gib"} <= plan_params
 
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
@@ -79,8 +87,8 @@ def test_smoke_flow_logs_runs_metrics_and_registers_models(smoke_runs):
 def test_rerun_reuses_finished_stages(smoke_runs):
     _, first, second = smoke_runs
     states = asyncio.run(_task_states(str(second.state_details.flow_run_id)))
-    for prefix in ("filter-data", "split-data", "format-data", "reward-helpfulness", "reward-harmlessness",
-                   "train-sft", "train-dpo", "merge-adapters"):
+    for prefix in ("filter-data", "split-data", "format-data", "format-data-judge-helpfulness", "reward-helpfulness",
+                   "reward-harmlessness", "train-sft", "train-dpo", "merge-adapters", "evaluate"):
         matching = [state for name, state in states.items() if name.startswith(prefix)]
         assert matching and set(matching) == {"Cached"}, states
     assert second.result().run_dir == first.result().run_dir

@@ -19,9 +19,13 @@ def test_quickstart_flow_with_real_model_registers_a_usable_policy(tmp_path, smo
     ])
     summary = preference_tuning(config)
 
-    assert 0.0 <= summary.metrics["dpo_implicit_reward_accuracy"] <= 1.0
-    rates = [summary.metrics[f"combined.{name}_rate"] for name in ("win", "tie", "loss")]
-    assert sum(rates) == pytest.approx(1.0)
+    metrics = summary.metrics
+    assert metrics["generation_prompts"] == 2 and metrics["implicit_reward.pairs"] > 2
+    # Two DPO steps at lr 2e-4 move the policy: its log-probs are no longer the reference's.
+    assert metrics["implicit_reward.margin"] != 0.0
+    assert metrics["implicit_reward.accuracy.ci_low"] <= metrics["implicit_reward.accuracy"] <= metrics[
+        "implicit_reward.accuracy.ci_high"]
+    assert summary.promotion.prompts == 2 and "held-out prompts" in summary.promotion.explanation()
     mlflow.set_tracking_uri(config.tracking.tracking_uri)
     client = MlflowClient()
     parent = client.get_run(summary.mlflow_run_id).data
@@ -30,7 +34,7 @@ def test_quickstart_flow_with_real_model_registers_a_usable_policy(tmp_path, smo
     assert int(dpo_plan["micro_batch"]) * int(dpo_plan["gradient_accumulation"]) == 4  # the profile's effective batch
     listed = {(row["name"], row["version"]): row for row in list_versions()}  # what `preftune models` prints
     policy = listed[("preftune-policy", "1")]
-    assert "candidate" in policy["aliases"] and "dpo_implicit_reward_accuracy" in policy["metrics"]
+    assert "candidate" in policy["aliases"] and "implicit_reward.accuracy" in policy["metrics"]
     assert {("preftune-reward-helpfulness", "1"), ("preftune-reward-harmlessness", "1")} <= listed.keys()
     # What `preftune generate` does: load the registered policy by alias and answer.
     assert "Paris" in generate("models:/preftune-policy@candidate", "What is the capital of France?", 10)

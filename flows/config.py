@@ -5,11 +5,12 @@ parameters are validated by the same rules as the CLI's.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import Field, StringConstraints, ValidationError, model_validator
+from pydantic import Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from tasks.base import PreftuneError, StrictModel
 from tasks.data import DataSettings
@@ -32,7 +33,9 @@ class PipelineConfig(StrictModel):
     parameters or a UI form only need what differs (e.g. `{profile: book, dpo: {max_steps: 50}}`)."""
 
     profile: str = "quickstart"
-    run_name: str | None = None  # None: the profile's name; stages inside are keyed by their inputs
+    # None: the profile's name; stages inside are keyed by their inputs. A plain name, never a path.
+    run_name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] | None = None
+    # Where runs are written; with PREFTUNE_RUNS_ROOT set (workers, deployments), it must lie inside it.
     runs_dir: str = "runs"
     data_root: str = "."  # relative local data files (data.source and the aspects' sources) are read from here
     data: DataSettings = Field(default_factory=DataSettings)
@@ -56,6 +59,16 @@ class PipelineConfig(StrictModel):
         if profile not in profile_names():
             raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(profile_names())}")
         return _merge(_read_yaml(PROFILES_DIR / f"{profile}.yaml"), values) | {"profile": profile}
+
+    @field_validator("runs_dir")
+    @classmethod
+    def _inside_the_runs_root(cls, value: str) -> str:
+        if ".." in Path(value).parts:
+            raise ValueError("runs_dir may not contain '..'")
+        root = os.environ.get("PREFTUNE_RUNS_ROOT")
+        if root and not Path(value).expanduser().resolve().is_relative_to(Path(root).expanduser().resolve()):
+            raise ValueError(f"runs_dir must lie inside PREFTUNE_RUNS_ROOT ({root})")
+        return value
 
     @model_validator(mode="after")
     def _judges_need_their_own_questions(self) -> "PipelineConfig":

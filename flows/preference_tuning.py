@@ -15,7 +15,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from flows.config import PipelineConfig
-from tasks.base import Workspace, fingerprint
+from tasks.base import Workspace, fingerprint, redact
 from tasks.data import (DataSettings, LoadedData, SplitData, filter_preferences, format_preferences,
                         load_preferences, read_jsonl, split_preferences)
 from tasks.dpo import train_dpo
@@ -45,7 +45,7 @@ def _flatten(values: dict, prefix: str = "") -> dict[str, str]:
         if isinstance(value, dict):
             flat |= _flatten(value, f"{name}.")
         else:
-            flat[name] = str(value)
+            flat[name] = redact(str(value))
     return flat
 
 
@@ -66,12 +66,13 @@ def prepare_data(settings: DataSettings, model_path: str, model: ModelSettings, 
                        | {f"{stage}.overlong_{split}": count for split, count in formatted.overlong.items()}
                        | {f"{stage}.answers_cut_{split}": count for split, count in formatted.truncated_answers.items()})
     for name, part in parts.items():
-        mlflow.log_input(mlflow.data.from_pandas(read_jsonl(part.path), source=loaded.source, name=f"{stage}-{name}"),
+        mlflow.log_input(mlflow.data.from_pandas(read_jsonl(part.path), source=redact(loaded.source),
+                                                name=f"{stage}-{name}"),
                          context=name)
     create_table_artifact(
         key=f"{stage}-filter",
         table=[{"rule": rule, "dropped": count} for rule, count in filtered.dropped.items()],
-        description=f"{loaded.source}: {filtered.rows_in} rows in, {filtered.rows} kept after the recipe filter; "
+        description=f"{redact(loaded.source)}: {filtered.rows_in} rows in, {filtered.rows} kept after the recipe filter; "
                     f"split by question: {' / '.join(f'{n} {p.rows}' for n, p in parts.items())}",
     )
     return loaded, splits, formatted
@@ -99,7 +100,7 @@ def prepare_aspect(name: str, settings: RewardSettings, config: PipelineConfig, 
         own = prepare_data(settings.data, path, model, settings.max_length, workspace, f"data-{name}")[2] \
             if settings.data else pairs
         return Aspect(name=name, settings=settings, model=model, model_path=path, pairs=own,
-                      provenance=f"given: {settings.judge}")
+                      provenance=f"given: {redact(settings.judge)}")
     if settings.data is None:
         judged = format_preferences(raw.for_judges(), path, model, settings.max_length, config.data, workspace,
                                     f"data-judge-{name}")
@@ -129,17 +130,17 @@ def summary_markdown(tracking_uri: str, parent, metrics: dict[str, float], regis
 def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSummary:
     logger = get_run_logger()
     config = config.with_data_root()
-    tracking_uri = configure(config.tracking)
+    tracking_uri = redact(configure(config.tracking))  # what is shown; MLflow itself has the real one
     run_name = config.resolved_run_name()
     workspace = Workspace.open(Path(config.runs_dir) / run_name)
-    logger.info("run %s in %s", run_name, workspace.path)
+    logger.info("run %s in %s", run_name, redact(workspace.path))
 
     with mlflow.start_run(run_name=run_name) as parent:
         parent_id = parent.info.run_id
         mlflow.log_params(_flatten(config.model_dump()))
         tags = {"prefect.flow_run_id": str(flow_run.id), "git.commit": git_commit(), "mlflow.parent_run_id": parent_id,
                 "config.sha256": fingerprint(config.model_dump(mode="json"))}
-        mlflow.set_tags(tags | {"preftune.profile": config.profile, "preftune.run_dir": workspace.path})
+        mlflow.set_tags(tags | {"preftune.profile": config.profile, "preftune.run_dir": redact(workspace.path)})
 
         model_path = resolve_base_model(config.model)
         loaded, raw, pairs = prepare_data(config.data, model_path, config.model, config.dpo.max_length, workspace, "data")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import json
 import os
 import uuid
@@ -74,3 +75,20 @@ class Workspace(BaseModel):
         (and checkpoints), unchanged ones find their finished work again."""
         folder = Path(self.path) / name
         return folder / fingerprint(inputs) if inputs else folder
+
+
+SECRETS = [
+    (re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s:@]+:[^/\s@]*@"), r"\g<scheme>***@"),  # user:password@
+    (re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s:@]{16,}@"), r"\g<scheme>***@"),  # token@
+    (re.compile(r"(?i)(?P<key>[?&;][\w-]*(?:token|key|password|passwd|secret|sig|signature|credential)[\w-]*=)[^&\s#]+"),
+     r"\g<key>***"),
+    (re.compile(r"\b(?:hf|sk|ghp|gho|github_pat)_[A-Za-z0-9_]{16,}\b"), "***"),  # well-known token shapes
+]
+
+
+def redact(text: str) -> str:
+    """Credentials in a URI or path (user:password@, token@, ?token=..., hf_... tokens) become `***`
+    before anything is logged, tagged, stored or printed."""
+    for pattern, replacement in SECRETS:
+        text = pattern.sub(replacement, text)
+    return text

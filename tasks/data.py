@@ -12,10 +12,10 @@ from typing import Literal
 
 import pandas as pd
 from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
 from pydantic import BaseModel, Field
 
 from tasks.base import PreftuneError, StrictModel, Workspace, file_sha256, fingerprint, retry_unless_user_error
+from tasks.caching import DATA_CACHE
 
 Format = Literal["auto", "argilla", "openai_dpo", "hh_rlhf", "pairs"]
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -489,7 +489,7 @@ def render_example(path: str, tokenizer) -> str:
 # --- Prefect tasks --------------------------------------------------------------------------
 
 RETRY = dict(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_unless_user_error, tags=["data"])
-DATA_TASK = dict(RETRY, cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
+DATA_TASK = dict(RETRY, cache_policy=DATA_CACHE, persist_result=True)
 
 
 @task(name="load-preferences", task_run_name="load-{stage}", **RETRY)

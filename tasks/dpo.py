@@ -51,10 +51,8 @@ def train_dpo_adapter(settings: DPOSettings, model: ModelSettings, model_path: s
         )
 
     with stage_run("dpo", parent_run_id) as run:
-        trainer, metrics = fit(make_trainer, plan, stage_dir)
-        adapter_dir = stage_dir / "adapter"
-        trainer.save_model(str(adapter_dir))
-        return DPOResult(adapter_dir=str(adapter_dir), metrics=metrics, mlflow_run_id=run.info.run_id)
+        fitted = fit(make_trainer, settings, plan, stage_dir)
+        return DPOResult(adapter_dir=fitted.adapter_dir, metrics=fitted.metrics, mlflow_run_id=run.info.run_id)
 
 
 @training_task("train-dpo")

@@ -13,6 +13,7 @@ The flow's evaluate stage and `preftune evaluate` run this same code.
 """
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import mlflow
@@ -20,10 +21,10 @@ import numpy as np
 import pandas as pd
 import torch
 from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
 from pydantic import BaseModel, Field
 
-from tasks.base import PreftuneError, StrictModel, Workspace, retry_unless_user_error
+from tasks.base import PreftuneError, StrictModel, Workspace, redact, retry_unless_user_error
+from tasks.caching import EVALUATION_CACHE
 from tasks.data import DataSettings, read_jsonl
 from tasks.plan import inference_placement
 from tasks.plots import margin_histograms, training_curves
@@ -68,6 +69,22 @@ class EvalResult(BaseModel):
     examples_path: str
     gate: GateInput
     mlflow_run_id: str
+
+
+def shrinking(run, batch_size: int):
+    """`run(batch_size)`, halving the batch after an out-of-memory error until it fits (as the training
+    retry halves the micro-batch); the failed attempt's tensors are freed before the next one."""
+    while True:
+        try:
+            return run(batch_size)
+        except torch.OutOfMemoryError:
+            if batch_size == 1:
+                raise PreftuneError("out of memory while evaluating at batch size 1: lower evaluation.max_length "
+                                    "or evaluation.max_new_tokens") from None
+        batch_size //= 2
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def _batches(items: list, size: int):
@@ -173,8 +190,8 @@ def implicit_reward_metrics(policy, reference, pairs: pd.DataFrame, settings: Ev
     logps, lengths = {}, {}
     for name, (model, tokenizer) in (("policy", policy), ("reference", reference)):
         for side in ("chosen", "rejected"):
-            logps[name, side], lengths[side] = answer_logps(model, tokenizer, prompts, answers[side],
-                                                            settings.max_length, settings.batch_size)
+            logps[name, side], lengths[side] = shrinking(lambda size: answer_logps(
+                model, tokenizer, prompts, answers[side], settings.max_length, size), settings.batch_size)
     margins = (logps["policy", "chosen"] - logps["reference", "chosen"]) - (
         logps["policy", "rejected"] - logps["reference", "rejected"])
     matched = np.maximum(lengths["chosen"], lengths["rejected"]) <= settings.length_match_ratio * np.minimum(
@@ -192,8 +209,8 @@ def implicit_reward_metrics(policy, reference, pairs: pd.DataFrame, settings: Ev
 def pairwise_metrics(aspect: str, scorer: RewardScorer, pairs: pd.DataFrame, batch_size: int, seed: int = 0):
     """A judge's held-out accuracy (with its interval), mean margin and accuracy by prompt length."""
     prompts = [list(p) for p in pairs.prompt]
-    chosen = scorer.score(prompts, [_answer(c) for c in pairs.chosen], batch_size)
-    rejected = scorer.score(prompts, [_answer(r) for r in pairs.rejected], batch_size)
+    chosen, rejected = (shrinking(lambda size: scorer.score(prompts, [_answer(a) for a in pairs[side]], size), batch_size)
+                        for side in ("chosen", "rejected"))
     margins = chosen - rejected
     metrics = mean(margins > 0, seed).metrics(f"{aspect}.pairwise_accuracy")
     metrics |= {f"{aspect}.mean_margin": float(np.mean(margins)), f"{aspect}.eval_pairs": float(len(pairs))}
@@ -206,10 +223,11 @@ def pairwise_metrics(aspect: str, scorer: RewardScorer, pairs: pd.DataFrame, bat
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, prompts: list[list[dict]], settings: EvalSettings) -> tuple[list[str], np.ndarray]:
+def generate(model, tokenizer, prompts: list[list[dict]], settings: EvalSettings,
+             batch_size: int | None = None) -> tuple[list[str], np.ndarray]:
     """Greedy responses, batched, and their lengths in tokens (up to the first end-of-turn)."""
     responses, lengths = [], []
-    for batch in _batches(prompts, settings.batch_size):
+    for batch in _batches(prompts, batch_size or settings.batch_size):
         texts = [tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True) for p in batch]
         encoded = tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt").to(model.device)
         output = model.generate(**encoded, max_new_tokens=settings.max_new_tokens, do_sample=False,
@@ -316,7 +334,8 @@ def evaluate_policy(settings: EvalSettings, pairs_path: str, reference: str, pol
     prompts = sample_prompts(pairs, settings)
     if champion_uri:
         models["champion"] = load_policy(champion_uri)
-    answers = {name: generate(model, tokenizer, prompts, settings) for name, (model, tokenizer) in models.items()}
+    answers = {name: shrinking(lambda size: generate(model, tokenizer, prompts, settings, size), settings.batch_size)
+               for name, (model, tokenizer) in models.items()}
     del models
     total_weight = sum(judge.weight for judge in judges) or 1.0
     combined = {name: np.zeros(len(prompts)) for name in answers}
@@ -324,7 +343,8 @@ def evaluate_policy(settings: EvalSettings, pairs_path: str, reference: str, pol
                              "reference": answers["reference"][0], "tuned": answers["tuned"][0]})
     for judge in judges:
         aspect, (centre, spread) = judge.aspect, scales[judge.aspect]
-        scored = {name: scorers[aspect].score(prompts, texts, settings.batch_size) for name, (texts, _) in answers.items()}
+        scored = {name: shrinking(lambda size: scorers[aspect].score(prompts, texts, size), settings.batch_size)
+                  for name, (texts, _) in answers.items()}
         for name in answers:
             combined[name] += judge.weight / total_weight * (scored[name] - centre) / spread
         metrics |= win_rates(scored["tuned"], scored["reference"], answers["tuned"][1], answers["reference"][1],
@@ -352,9 +372,9 @@ def evaluate_policy(settings: EvalSettings, pairs_path: str, reference: str, pol
     report_path.write_text(report)
     examples.to_json(examples_path, orient="records", lines=True, force_ascii=False)
     with stage_run("evaluate", parent_run_id) as run:
-        mlflow.log_params({"evaluate.policy": policy, "evaluate.reference": reference, "evaluate.method": method,
-                           "evaluate.baseline": gate.baseline}
-                          | {f"evaluate.judge.{j.aspect}": j.provenance[:500] for j in judges})
+        mlflow.log_params({"evaluate.policy": redact(policy), "evaluate.reference": redact(reference),
+                           "evaluate.method": method, "evaluate.baseline": redact(gate.baseline)}
+                          | {f"evaluate.judge.{j.aspect}": redact(j.provenance)[:500] for j in judges})
         mlflow.log_metrics(metrics)
         mlflow.log_text(report, "evaluation/report.md")
         mlflow.log_table(examples, "evaluation/examples.json")
@@ -369,7 +389,7 @@ def evaluate_policy(settings: EvalSettings, pairs_path: str, reference: str, pol
 
 
 @task(name="evaluate", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unless_user_error,
-      tags=["evaluation"], cache_policy=(INPUTS - "parent_run_id" - "stage_runs") + TASK_SOURCE, persist_result=True)
+      tags=["evaluation"], cache_policy=EVALUATION_CACHE, persist_result=True)
 def evaluate(settings: EvalSettings, pairs_path: str, reference: str, policy: str, judges: list[Judge],
              champion_uri: str | None, workspace: Workspace, parent_run_id: str | None = None,
              stage_runs: dict[str, str] | None = None, method: str = "dpo") -> EvalResult:

@@ -13,10 +13,10 @@ from typing import Literal
 import torch
 from peft import PeftModel
 from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
 from pydantic import BaseModel, Field
 
 from tasks.base import PreftuneError, StrictModel, Workspace, retry_unless_user_error
+from tasks.caching import MERGE_CACHE
 from tasks.data import read_jsonl
 from tasks.models import _atomic_save
 from tasks.plan import inference_placement
@@ -107,7 +107,7 @@ def merge_and_check(base_path: str, adapter_dirs: list[str], eval_path: str, set
 
 
 @task(name="merge-adapters", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unless_user_error,
-      tags=["model"], cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
+      tags=["model"], cache_policy=MERGE_CACHE, persist_result=True)
 def merge_adapters(base_path: str, adapter_dirs: list[str], eval_path: str, settings: MergeSettings,
                    workspace: Workspace) -> MergeResult:
     stage_dir = workspace.stage("merge", base_path, adapter_dirs, eval_path, settings)

@@ -68,16 +68,15 @@ def train_reward_model(aspect: str, settings: RewardSettings, model: ModelSettin
         )
 
     with stage_run(f"reward-{aspect}", parent_run_id) as run:
-        trainer, metrics = fit(make_trainer, plan, stage_dir)
-        used = len(trainer.train_dataset)
+        fitted = fit(make_trainer, settings, plan, stage_dir)
+        used = fitted.train_examples
         mlflow.log_metrics({"train_pairs": splits.train.rows, "train_pairs_used": used})
         if used < splits.train.rows:
             log.warning("reward-%s: the trainer used %d of %d train pairs", aspect, used, splits.train.rows)
-        adapter_dir = stage_dir / "adapter"
-        trainer.save_model(str(adapter_dir))
+        adapter_dir = Path(fitted.adapter_dir)
         model_dir = merge_into_base(model_path, [str(adapter_dir)], stage_dir / "model", head="sequence-classification")
         return RewardResult(aspect=aspect, weight=settings.weight, eval_path=splits.eval.path, model_dir=model_dir,
-                            adapter_dir=str(adapter_dir), train_pairs=used, metrics=metrics,
+                            adapter_dir=str(adapter_dir), train_pairs=used, metrics=fitted.metrics,
                             mlflow_run_id=run.info.run_id)
 
 

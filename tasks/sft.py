@@ -68,11 +68,10 @@ def train_sft_adapter(settings: SFTSettings, model: ModelSettings, model_path: s
         )
 
     with stage_run("sft", parent_run_id) as run:
-        trainer, metrics = fit(make_trainer, plan, stage_dir)
-        adapter_dir = stage_dir / "adapter"
-        trainer.save_model(str(adapter_dir))
-        merged = merge_into_base(model_path, [str(adapter_dir)], stage_dir / "model")
-        return SFTResult(adapter_dir=str(adapter_dir), model_dir=merged, metrics=metrics, mlflow_run_id=run.info.run_id)
+        fitted = fit(make_trainer, settings, plan, stage_dir)
+        merged = merge_into_base(model_path, [fitted.adapter_dir], stage_dir / "model")
+        return SFTResult(adapter_dir=fitted.adapter_dir, model_dir=merged, metrics=fitted.metrics,
+                         mlflow_run_id=run.info.run_id)
 
 
 @training_task("train-sft")

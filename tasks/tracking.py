@@ -13,7 +13,7 @@ from mlflow.exceptions import MlflowException
 from prefect import task
 from pydantic import BaseModel, Field
 
-from tasks.base import PreftuneError, StrictModel, retry_unless_user_error
+from tasks.base import PreftuneError, StrictModel, redact, retry_unless_user_error
 
 log = logging.getLogger(__name__)
 DEFAULT_STORE = Path("mlflow")
@@ -75,7 +75,7 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
     try:
         requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
     except requests.RequestException as error:
-        raise PreftuneError(f"the MLflow tracking server at {uri} is unreachable ({type(error).__name__}); "
+        raise PreftuneError(f"the MLflow tracking server at {redact(uri)} is unreachable ({type(error).__name__}); "
                             "start it or set MLFLOW_TRACKING_URI to a reachable store") from None
 
 

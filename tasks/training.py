@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, ClassVar
@@ -14,12 +16,12 @@ from mlflow.exceptions import MlflowException
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
-from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy
-from pydantic import Field
+from pydantic import BaseModel, Field
 from transformers import TrainerCallback
 from transformers.integrations import MLflowCallback
 
-from tasks.base import PreftuneError, StrictModel, fingerprint, retry_unless_user_error
+from tasks.base import PreftuneError, StrictModel, retry_unless_user_error
+from tasks.caching import TRAINING_CACHE
 from tasks.models import LoraSettings
 from tasks.plan import TrainingPlan, keep_freed_memory
 
@@ -29,7 +31,7 @@ class TrainerSettings(StrictModel):
     (tasks/plan.py) decides precision, micro-batch x accumulation, checkpointing and optimizer."""
 
     # Fields of ours, not TRL's: kept out of the TRL config.
-    own_fields: ClassVar[set[str]] = {"lora"}
+    own_fields: ClassVar[set[str]] = {"lora", "evaluate_after_training", "keep_checkpoints"}
 
     max_steps: int = Field(40, gt=0)
     per_device_train_batch_size: int = Field(2, gt=0)
@@ -45,6 +47,12 @@ class TrainerSettings(StrictModel):
     save_steps: int = Field(20, gt=0)
     save_total_limit: int = Field(2, gt=0)
     seed: int = 42
+    # The trainer's own held-out pass after training. Off by default: the evaluate stage measures the
+    # same pairs (with intervals), and on a CPU this pass can cost as much as the training.
+    evaluate_after_training: bool = False
+    # Checkpoints are for resuming an unfinished stage; once it is done, the adapter and the training
+    # history are what later stages and re-runs need, so the checkpoints are deleted unless kept.
+    keep_checkpoints: bool = False
     lora: LoraSettings = Field(default_factory=LoraSettings)
 
     def trainer_args(self, output_dir: Path, plan: TrainingPlan, run_name: str) -> dict:
@@ -152,29 +160,46 @@ class SynchronousMLflowCallback(MLflowCallback):
         self._async_log = False
 
 
-def fit(make_trainer: Callable[[TrainingPlan], object], plan: TrainingPlan, stage_dir: Path):
-    """Train from the last checkpoint (if any), then evaluate on the held-out split.
+class FitResult(BaseModel):
+    adapter_dir: str
+    metrics: dict[str, float]  # the trainer's held-out pass, when asked for
+    train_examples: int  # rows the trainer trained on (all of them: overlong ones were shortened)
 
-    An out-of-memory error is recorded and re-raised: the task's Prefect retry then trains with the
-    smaller micro-batch (see `adjusted_for_oom`)."""
+
+FIT_RECORD = "fit.json"
+
+
+def fit(make_trainer: Callable[[TrainingPlan], object], settings: TrainerSettings, plan: TrainingPlan,
+        stage_dir: Path) -> FitResult:
+    """Train from the last checkpoint (if any), save the adapter and the training history, then (if
+    asked) evaluate on the held-out split.
+
+    A stage found finished (a re-run against a new tracking store) trains nothing and re-logs its
+    curves from its history. An out-of-memory error, while loading or training, is recorded and
+    re-raised without the failed trainer attached (so its memory is freed): the task's Prefect retry
+    then trains with the smaller micro-batch (see `adjusted_for_oom`)."""
+    adapter_dir, record = stage_dir / "adapter", stage_dir / FIT_RECORD
+    if record.is_file() and (adapter_dir / "adapter_config.json").is_file():
+        done = json.loads(record.read_text())
+        if done["global_step"] >= settings.max_steps:
+            relog_history(done["history"])
+            return FitResult(adapter_dir=str(adapter_dir), metrics=done["metrics"], train_examples=done["train_examples"])
     plan = adjusted_for_oom(plan, stage_dir)
     mlflow.log_params(plan.params())
     if plan.device_kind == "cpu":
         keep_freed_memory()
-    trainer = make_trainer(plan)
-    keep_trainable_dtype(trainer.model, plan)
-    if trainer.pop_callback(MLflowCallback):
-        trainer.add_callback(SynchronousMLflowCallback())
-    if TaskRunContext.get():  # in a Prefect task: show progress in the UI
-        trainer.add_callback(PrefectProgress(stage_dir.parent.name))
     checkpoints = stage_dir / "checkpoints"
+    out_of_memory = None
     try:
+        trainer = make_trainer(plan)
+        keep_trainable_dtype(trainer.model, plan)
+        if trainer.pop_callback(MLflowCallback):
+            trainer.add_callback(SynchronousMLflowCallback())
+        if TaskRunContext.get():  # in a Prefect task: show progress in the UI
+            trainer.add_callback(PrefectProgress(stage_dir.parent.name))
         trainer.train(resume_from_checkpoint=resume_point(checkpoints))
-    except torch.OutOfMemoryError:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        record_oom(plan, stage_dir)
-        raise
+    except torch.OutOfMemoryError as error:
+        out_of_memory = str(error).splitlines()[0][:300]
     except MlflowException as error:
         if "API request to" not in error.message:
             raise
@@ -186,17 +211,31 @@ def fit(make_trainer: Callable[[TrainingPlan], object], plan: TrainingPlan, stag
             raise
         raise DiskFullError(f"no space left while writing to {checkpoints} ({error}); free some space "
                             f"and re-run: training resumes from {resume_point(checkpoints) or 'the start'}") from None
-    return trainer, numeric(trainer.evaluate())
+    if out_of_memory is not None:  # outside the handler: no traceback keeps the trainer's frames alive
+        trainer = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        record_oom(plan, stage_dir)
+        raise torch.OutOfMemoryError(f"{out_of_memory} (micro-batch {plan.micro_batch}; the retry uses "
+                                     f"{TrainingPlan.model_validate_json((stage_dir / OOM_RECORD).read_text()).micro_batch})")
+    metrics = numeric(trainer.evaluate()) if settings.evaluate_after_training else {}
+    trainer.save_model(str(adapter_dir))
+    result = FitResult(adapter_dir=str(adapter_dir), metrics=metrics, train_examples=len(trainer.train_dataset))
+    record.write_text(json.dumps({"global_step": trainer.state.global_step, "history": trainer.state.log_history}
+                                 | result.model_dump(exclude={"adapter_dir"})))
+    if not settings.keep_checkpoints:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    return result
 
 
-def _plan_result_key(context, parameters) -> str:
-    return fingerprint(parameters["plan"].result_key())
-
-
-# Keyed by inputs and code, not by the MLflow parent run, and by the parts of the training plan that
-# change the weights (precision, quantization), not those that only change speed or memory (micro-batch,
-# checkpointing, which follow the free memory at the time).
-TRAINING_CACHE = (INPUTS - "parent_run_id" - "plan") + TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=_plan_result_key)
+def relog_history(history: list[dict]) -> None:
+    """A finished stage's curves, from its checkpoint, into the current MLflow run."""
+    for entry in history:
+        values = {key: float(value) for key, value in entry.items()
+                  if isinstance(value, (int, float)) and key not in ("step", "epoch")}
+        if values and "step" in entry:
+            mlflow.log_metrics(values, step=int(entry["step"]))
 
 
 def training_task(name: str, **options):

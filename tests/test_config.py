@@ -94,3 +94,32 @@ def test_relative_data_files_are_read_from_the_data_root(tmp_path):
     assert config.rewards["harmlessness"].data.source == str(tmp_path / "hh_rlhf_harmless_base.sample.jsonl")
     untouched = load_config("smoke", overrides=[f"data_root={tmp_path}"]).with_data_root()
     assert untouched.data.source == "synthetic"  # generated and hub sources are not files
+
+
+@pytest.mark.parametrize("override, message", [
+    ("run_name=../../etc", "run_name: String should match pattern"),
+    ("runs_dir=runs/../../elsewhere", "runs_dir: Value error, runs_dir may not contain '..'"),
+])
+def test_run_paths_cannot_escape(override, message):
+    with pytest.raises(PreftuneError, match=message):
+        load_config("smoke", overrides=[override])
+
+
+def test_deployment_runs_stay_inside_the_runs_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFTUNE_RUNS_ROOT", str(tmp_path / "runs"))
+    assert load_config("smoke", overrides=[f"runs_dir={tmp_path / 'runs' / 'team-a'}"]).runs_dir.endswith("team-a")
+    with pytest.raises(PreftuneError, match="runs_dir must lie inside PREFTUNE_RUNS_ROOT"):
+        load_config("smoke", overrides=["runs_dir=/tmp/elsewhere"])
+
+
+@pytest.mark.parametrize("secret, shown", [
+    ("https://alice:pa55word@mlflow.example.com", "https://***@mlflow.example.com"),
+    ("postgresql://preftune:s3cret@db:5432/mlflow", "postgresql://***@db:5432/mlflow"),
+    ("s3://bucket/pairs.parquet?X-Amz-Signature=abc123&part=1", "s3://bucket/pairs.parquet?X-Amz-Signature=***&part=1"),
+    ("hf_FAKEsecret0123456789abcdefXYZ", "***"),
+    ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+])
+def test_credentials_are_redacted(secret, shown):
+    from tasks.base import redact
+
+    assert redact(secret) == shown

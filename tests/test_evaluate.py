@@ -157,3 +157,44 @@ def test_gate_keeps_the_champion_when_the_candidate_is_worse(trained, tiny_model
     assert str(client.get_model_version_by_alias("gate-policy", "candidate").version) == second.version
     tags = client.get_model_version("gate-policy", second.version).tags
     assert tags["promotion.promoted"] == "False" and tags["promotion.improvement_ci"].startswith("[-0.3")
+
+
+def test_out_of_memory_while_evaluating_halves_the_batch():
+    import torch
+
+    from tasks.base import PreftuneError
+    from tasks.evaluate import shrinking
+
+    tried = []
+
+    def run(size):
+        tried.append(size)
+        if size > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return size
+
+    assert shrinking(run, 8) == 2 and tried == [8, 4, 2]
+    with pytest.raises(PreftuneError, match="out of memory while evaluating at batch size 1"):
+        shrinking(lambda size: (_ for _ in ()).throw(torch.OutOfMemoryError("always")), 4)
+
+
+def test_cli_evaluates_any_policy_on_any_preference_file(trained, tiny_model_path, shared_data, tmp_path,
+                                                         monkeypatch, capsys):
+    from flows.cli import main
+
+    root, pairs, judges, dpo = trained
+    policy = merge_and_check(tiny_model_path, [dpo.adapter_dir], pairs.eval.path, MergeSettings(), root / "cli-merged")
+    store = f"sqlite:///{tmp_path / 'evaluate.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    orca = shared_data / "orca_dpo_pairs.sample.jsonl"  # a schema the flow's own data does not use
+    assert main(["evaluate", "--policy", policy.model_dir, "--reference", tiny_model_path, "--data", str(orca),
+                 "--judge", f"helpfulness={judges[0].model}@2", "--generation-prompts", "4", "--max-new-tokens", "4",
+                 "--max-length", "128", "--runs-dir", str(tmp_path / "runs")]) == 0
+    printed = capsys.readouterr().out
+    run_id = printed.split("MLflow run id : ")[1].split()[0]
+    run = MlflowClient(tracking_uri=store).get_run(run_id)
+    metrics = run.data.metrics
+    assert metrics["implicit_reward.pairs"] == 184 and metrics["helpfulness.eval_pairs"] == 184
+    assert metrics["generation_prompts"] == 4 and "combined.lc_win_rate.ci_low" in metrics
+    assert run.data.params["evaluate.judge.helpfulness"].startswith("given: ")
+    assert "implicit_reward.accuracy" in printed and " [" in printed

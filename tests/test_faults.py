@@ -49,7 +49,7 @@ class OutOfMemoryAbove(TrainerCallback):
 
 
 def test_out_of_memory_retry_halves_the_micro_batch(tiny_model_path, pairs, tmp_path):
-    settings = DPOSettings(max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+    settings = DPOSettings(max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=1, keep_checkpoints=True,
                            save_steps=2, max_length=96)
     stage = tmp_path / "dpo"
     with pytest.raises(torch.OutOfMemoryError):
@@ -104,7 +104,8 @@ def small_disk(tmp_path):
 
 
 def test_full_disk_fails_clearly_and_keeps_the_previous_checkpoint(tiny_model_path, pairs, tmp_path, small_disk):
-    settings = DPOSettings(max_steps=2, per_device_train_batch_size=4, save_steps=2, logging_steps=1, max_length=96)
+    settings = DPOSettings(max_steps=2, per_device_train_batch_size=4, save_steps=2, logging_steps=1, max_length=96,
+                           keep_checkpoints=True)
     train_dpo_adapter(settings, MODEL, tiny_model_path, pairs, tmp_path / "probe")
     checkpoint_bytes = sum(f.stat().st_size for f in (tmp_path / "probe" / "checkpoints" / "checkpoint-2").rglob("*"))
     disk = small_disk(int(checkpoint_bytes * 1.5))  # room for one checkpoint, not two
@@ -144,7 +145,8 @@ def test_tracking_server_lost_mid_training_fails_loudly_and_resumes(tiny_model_p
     try:
         server.wait_until_healthy()
         configure(TrackingSettings(tracking_uri=server.url))
-        settings = DPOSettings(max_steps=6, per_device_train_batch_size=4, save_steps=2, logging_steps=1, max_length=96)
+        settings = DPOSettings(max_steps=6, per_device_train_batch_size=4, save_steps=2, logging_steps=1, max_length=96,
+                               keep_checkpoints=True)
         with pytest.raises(TrackingUnavailableError, match="lost the MLflow tracking server.*resumes from .*checkpoint-2"):
             train_dpo_adapter(settings, MODEL, tiny_model_path, pairs, tmp_path / "dpo",
                               callbacks=[StopServerAt(server, 3)])
@@ -174,6 +176,7 @@ def test_sigkill_during_dpo_then_rerun_resumes(tmp_path, tiny_model_path):
     finished stages, and loses at most one checkpoint interval of work."""
     env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PREFECT_HOME": str(tmp_path / "prefect")}
     args = ["run", "--profile", "smoke", "--set", "dpo.max_steps=40", "--set", "dpo.save_steps=5",
+            "--set", "dpo.keep_checkpoints=true",
             "--set", "dpo.per_device_train_batch_size=2", "--set", f"runs_dir={tmp_path / 'runs'}"]
     first = _cli(*args, cwd=tmp_path, env=env)
     deadline = time.time() + 300

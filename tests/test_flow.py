@@ -25,6 +25,7 @@ async def _task_states(flow_run_id: str) -> dict[str, str]:
 
 
 FAKE_TOKEN = "hf_FAKEsecret0123456789abcdefXYZ"
+FAKE_PASSWORD = "s3cret-pw-4711"
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,8 @@ def smoke_runs(tmp_path_factory, tiny_model_path):
     Hugging Face token in the environment that must not leak into what MLflow records."""
     root = tmp_path_factory.mktemp("smoke")
     config = load_config("smoke", overrides=[f"runs_dir={root / 'runs'}",
-                                             f"tracking.tracking_uri=sqlite:///{root / 'mlflow.db'}"])
+                                             f"tracking.tracking_uri=sqlite:///{root / 'mlflow.db'}",
+                                             f"data.data_dir=https://alice:{FAKE_PASSWORD}@hub.example.com/subset"])
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HF_TOKEN", FAKE_TOKEN)
         first = preference_tuning(config, return_state=True)
@@ -106,7 +108,8 @@ def test_secrets_from_the_environment_are_not_recorded(smoke_runs, tmp_path):
         folder = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / run.info.run_id))
         recorded += [p.read_text(errors="ignore") for p in Path(folder).rglob("*") if p.is_file()]
     assert len(runs) >= 9 and len(recorded) > len(runs)  # 7 runs of the first flow run, 2 of the cached one
-    assert not [text for text in recorded if FAKE_TOKEN in text]
+    assert not [text for text in recorded if FAKE_TOKEN in text or FAKE_PASSWORD in text]
+    assert any("https://***@hub.example.com/subset" in text for text in recorded)  # the setting, redacted
 
 
 def test_a_changed_setting_reruns_only_the_stages_it_affects(smoke_runs):
@@ -118,3 +121,24 @@ def test_a_changed_setting_reruns_only_the_stages_it_affects(smoke_runs):
         assert {s for name, s in states.items() if name.startswith(prefix)} == {"Cached"}, states
     for prefix in ("train-dpo", "merge-adapters", "evaluate"):
         assert {s for name, s in states.items() if name.startswith(prefix)} == {"Completed"}, states
+
+
+def test_a_new_tracking_store_gets_every_stage_run_without_retraining(smoke_runs, tmp_path):
+    """Prefect's cache is keyed by the store: the stages find their finished adapters (no step is trained
+    again) and record their runs, curves and evaluation in the new store."""
+    config, first, _ = smoke_runs
+    new_store = f"sqlite:///{tmp_path / 'new.db'}"
+    moved = config.model_copy(update={"tracking": config.tracking.model_copy(update={"tracking_uri": new_store})})
+    state = preference_tuning(moved, return_state=True)
+    summary = state.result()
+    client = MlflowClient(tracking_uri=new_store)
+    parent = client.get_run(summary.mlflow_run_id)
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert {run.data.tags["preftune.stage"] for run in children} == STAGES
+    dpo_run = next(run for run in children if run.data.tags["preftune.stage"] == "dpo")
+    assert [m.step for m in client.get_metric_history(dpo_run.info.run_id, "loss")] == list(
+        range(1, config.dpo.max_steps + 1))
+    assert summary.metrics["implicit_reward.accuracy"] == first.result().metrics["implicit_reward.accuracy"]
+    records = [json.loads(path.read_text()) for path in Path(first.result().run_dir).glob("dpo/*/fit.json")]
+    assert [record["global_step"] for record in records if record["global_step"] == config.dpo.max_steps]

@@ -51,16 +51,30 @@ def test_reward_model_trains_on_every_pair_logs_curves_and_scores_pairs(tiny_mod
 
 def test_dpo_reports_implicit_rewards_and_resumes_from_checkpoint(tiny_model_path, pairs, tmp_path):
     stage = tmp_path / "dpo"
-    first = train_dpo_adapter(DPOSettings(**FAST), MODEL, tiny_model_path, pairs, stage)
-    assert {"eval_rewards_accuracies", "eval_rewards_margins"} <= first.metrics.keys()
+    first = train_dpo_adapter(DPOSettings(**FAST, evaluate_after_training=True, keep_checkpoints=True), MODEL,
+                              tiny_model_path, pairs, stage)
+    assert {"eval_rewards_accuracies", "eval_rewards_margins"} <= first.metrics.keys()  # TRL's own held-out pass
     assert (Path(first.adapter_dir) / "adapter_config.json").is_file()
     assert sorted(p.name for p in (stage / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
 
     # A longer run in the same folder continues from checkpoint-4 instead of starting again.
-    train_dpo_adapter(DPOSettings(**FAST | {"max_steps": 6}), MODEL, tiny_model_path, pairs, stage)
+    train_dpo_adapter(DPOSettings(**FAST | {"max_steps": 6, "keep_checkpoints": True}), MODEL, tiny_model_path, pairs,
+                      stage)
     state = json.loads((stage / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
     logged_steps = [entry["step"] for entry in state["log_history"] if "loss" in entry]
     assert logged_steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_finished_stage_keeps_its_adapter_and_history_not_its_checkpoints(tiny_model_path, pairs, tmp_path):
+    stage = tmp_path / "dpo"
+    train_dpo_adapter(DPOSettings(**FAST), MODEL, tiny_model_path, pairs, stage)
+    assert not (stage / "checkpoints").exists() and (stage / "adapter" / "adapter_config.json").is_file()
+    record = json.loads((stage / "fit.json").read_text())
+    assert record["global_step"] == 4 and record["train_examples"] == pairs.train.rows
+    # Called again (a re-run against another tracking store): nothing is trained, the curves are re-logged.
+    again = train_dpo_adapter(DPOSettings(**FAST), MODEL, tiny_model_path, pairs, stage)
+    history = mlflow.MlflowClient().get_metric_history(again.mlflow_run_id, "loss")
+    assert [m.step for m in history] == [1, 2, 3, 4] and not (stage / "checkpoints").exists()
 
 
 def test_merged_model_matches_base_plus_adapter(tiny_model_path, pairs, tmp_path):
@@ -107,7 +121,7 @@ def test_qlora_trains_on_4bit_nf4_weights_and_merges_into_full_precision(tiny_mo
 def test_plans_train_on_a_real_gpu(tiny_model_path, pairs, tmp_path, bf16, mode):
     """Every plan kind completes optimizer steps on CUDA, including fp16 on 4-bit (the recipe's crash)."""
     device = DeviceSpec.detect().model_copy(update={"bf16": bf16 and DeviceSpec.detect().bf16})
-    settings = DPOSettings(**FAST | {"max_steps": 2, "gradient_accumulation_steps": 2})
+    settings = DPOSettings(**FAST | {"max_steps": 2, "gradient_accumulation_steps": 2, "evaluate_after_training": True})
     book_like = MODEL.model_copy(update={"precision": "fp16"})
     plan = plan_stage("dpo", "dpo", settings, book_like, shape_of(book_like, tiny_model_path), device,
                       PlanSettings(mode=mode))

@@ -43,6 +43,8 @@ def _print_summary(summary) -> None:
     print(f"MLflow run id : {summary.mlflow_run_id}")
     print(f"tracking URI  : {summary.tracking_uri}")
     print(f"run folder    : {summary.run_dir}")
+    print(f"disk          : {summary.bytes_written / 2**20:.1f} MiB written by this run (run folder and local MLflow "
+          "artifacts)")
     for version in summary.registered:
         print(f"registered    : models:/{version.name}/{version.version} (alias @{version.alias})")
     print(f"promotion     : {summary.promotion.explanation().replace('**', '')}")
@@ -116,6 +118,21 @@ def cmd_evaluate(args) -> int:
             interval = (f"  [{metrics[name + '.ci_low']:.3f}, {metrics[name + '.ci_high']:.3f}]"
                         if name + ".ci_low" in metrics else "")
             print(f"  {name:44s} {value:8.4f}{interval}")
+    return 0
+
+
+def cmd_gc(args) -> int:
+    """Remove what no registered model version needs from the run folders."""
+    from tasks.cleanup import collect_garbage
+    from tasks.tracking import TrackingSettings, configure
+
+    configure(TrackingSettings())
+    report = collect_garbage(Path(args.runs_dir), dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for folder in report.removed:
+        print(f"{verb}: {folder}")
+    print(f"{verb} {len(report.removed)} folders ({report.bytes_freed / 2**20:.1f} MiB); kept {len(report.kept)} "
+          "that registered model versions point into")
     return 0
 
 
@@ -228,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--max-length", type=int, default=512)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--runs-dir", default="runs")
+    gc = commands.add_parser("gc", help="remove run folders no registered model version needs")
+    gc.add_argument("--runs-dir", default="runs")
+    gc.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     serve = commands.add_parser("serve", help="serve the flow on a cron schedule from this process")
     _config_args(serve)
     serve.add_argument("--cron", default="0 2 * * *", help="schedule (default: 02:00 every day)")
@@ -257,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(load_config(args.profile, args.config, args.overrides).model_dump(), indent=2))
             return 0
-        handler = {"run": cmd_run, "plan": cmd_plan, "evaluate": cmd_evaluate, "serve": cmd_serve, "deploy": cmd_deploy, "ui": cmd_ui, "models": cmd_models,
+        handler = {"run": cmd_run, "plan": cmd_plan, "evaluate": cmd_evaluate, "gc": cmd_gc, "serve": cmd_serve, "deploy": cmd_deploy, "ui": cmd_ui, "models": cmd_models,
                    "generate": cmd_generate}[args.command]
         return handler(args)
     except PreftuneError as error:

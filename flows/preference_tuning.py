@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from flows.config import PipelineConfig
 from tasks.base import Workspace, fingerprint, redact
+from tasks.cleanup import stored_bytes
 from tasks.data import (DataSettings, LoadedData, SplitData, filter_preferences, format_preferences,
                         load_preferences, read_jsonl, split_preferences)
 from tasks.dpo import train_dpo
@@ -33,6 +34,7 @@ class PipelineSummary(BaseModel):
     mlflow_run_id: str
     tracking_uri: str
     run_dir: str
+    bytes_written: int
     metrics: dict[str, float]
     promotion: PromotionDecision
     registered: list[RegisteredVersion]
@@ -135,6 +137,7 @@ def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSumm
     workspace = Workspace.open(Path(config.runs_dir) / run_name)
     logger.info("run %s in %s", run_name, redact(workspace.path))
 
+    bytes_before = stored_bytes(Path(workspace.path), config.tracking.experiment)
     with mlflow.start_run(run_name=run_name) as parent:
         parent_id = parent.info.run_id
         mlflow.log_params(_flatten(config.model_dump()))
@@ -196,7 +199,10 @@ def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSumm
             registered = register(merged.model_dir, reward_dirs, decision, config.tracking, parent_id, tags)
         create_markdown_artifact(key="promotion", markdown=decision.explanation(), description="Promotion gate")
         logger.info("promotion: %s", decision.explanation())
+        bytes_written = stored_bytes(Path(workspace.path), config.tracking.experiment) - bytes_before
+        mlflow.log_metric("disk.bytes_written", bytes_written)
     create_markdown_artifact(key="run-summary", markdown=summary_markdown(tracking_uri, parent, metrics, registered),
                              description="Where this run's results are")
     return PipelineSummary(mlflow_run_id=parent_id, tracking_uri=tracking_uri, run_dir=workspace.path,
+                           bytes_written=bytes_written,
                            metrics=metrics, promotion=decision, registered=registered)

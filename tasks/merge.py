@@ -18,11 +18,12 @@ from pydantic import BaseModel, Field
 from tasks.base import PreftuneError, StrictModel, Workspace, retry_unless_user_error
 from tasks.caching import MERGE_CACHE
 from tasks.data import read_jsonl
-from tasks.models import _atomic_save
+from tasks.tracking import hf_folder, save_mlflow_model
 from tasks.plan import inference_placement
 
 Head = Literal["causal-lm", "sequence-classification"]
 HEADS = {"causal-lm": "AutoModelForCausalLM", "sequence-classification": "AutoModelForSequenceClassification"}
+TASKS = {"causal-lm": "text-generation", "sequence-classification": "text-classification"}  # MLflow's pipeline tasks
 
 
 class MergeSettings(StrictModel):
@@ -50,24 +51,22 @@ def _load_base(base_path: str, head: Head):
 
 
 def merge_into_base(base_path: str, adapter_dirs: list[str], output_dir: Path, head: Head = "causal-lm") -> str:
-    """base <- adapter 1 <- adapter 2 ..., each merged in turn (SFT then DPO in the recipe)."""
+    """base <- adapter 1 <- adapter 2 ..., each merged in turn (SFT then DPO in the recipe). Written once,
+    as an MLflow model (`output_dir`) whose `model/` folder is a plain Hugging Face model: later stages
+    load that folder, and the registry points at the MLflow model instead of copying it."""
     from transformers import AutoTokenizer
 
-    if (output_dir / "config.json").exists():
-        return str(output_dir)
+    folder = hf_folder(output_dir)
+    if (folder / "config.json").exists():
+        return str(folder)
     model = _load_base(base_path, head)
     for adapter in adapter_dirs:
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     tokenizer = AutoTokenizer.from_pretrained(adapter_dirs[-1])
     if head == "sequence-classification":
         model.config.pad_token_id = tokenizer.pad_token_id
-
-    def save(folder: Path) -> None:
-        model.save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
-
-    _atomic_save(output_dir, save)
-    return str(output_dir)
+    save_mlflow_model(model.cpu(), tokenizer, TASKS[head], output_dir)
+    return str(folder)
 
 
 @torch.inference_mode()
@@ -92,6 +91,7 @@ def max_logit_difference(merged_dir: str, base_path: str, adapter_dirs: list[str
 
 def merge_and_check(base_path: str, adapter_dirs: list[str], eval_path: str, settings: MergeSettings,
                     output_dir: Path) -> MergeResult:
+    """Merge into `output_dir` (an MLflow model), then check its logits against base+adapters."""
     model_dir = merge_into_base(base_path, adapter_dirs, output_dir)
     prompts = [list(p) for p in read_jsonl(eval_path).prompt[: settings.check_prompts]]
     difference = max_logit_difference(model_dir, base_path, adapter_dirs, prompts)

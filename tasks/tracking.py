@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from mlflow.exceptions import MlflowException
 from prefect import task
 from pydantic import BaseModel, Field
 
-from tasks.base import PreftuneError, StrictModel, redact, retry_unless_user_error
+from tasks.base import PreftuneError, StrictModel, fingerprint, redact, retry_unless_user_error
 
 log = logging.getLogger(__name__)
 DEFAULT_STORE = Path("mlflow")
@@ -44,6 +46,7 @@ class RegisteredVersion(BaseModel):
     version: str
     alias: str
     source_run_id: str
+    reused: bool = False  # an unchanged model registered before: no new version
 
 
 class PromotionDecision(BaseModel):
@@ -122,26 +125,59 @@ def git_commit() -> str:
         return "unknown"
 
 
-def log_and_register(model_dir: str, task_name: str, registered_name: str, settings: TrackingSettings,
-                     tags: dict[str, str]) -> RegisteredVersion:
-    """Log the folder with MLflow's transformers flavour, register it, and point the alias at it."""
-    import transformers
+def hf_folder(mlflow_model: Path) -> Path:
+    """The plain Hugging Face model inside an MLflow transformers model."""
+    return Path(mlflow_model) / "model"
 
-    # A pipeline, not the folder path: MLflow 3.17's checkpoint-path branch fails with transformers 5.
-    info = mlflow.transformers.log_model(
-        transformers_model=transformers.pipeline(task_name, model=model_dir),
-        name=registered_name.removeprefix("preftune-"),
-        task=task_name,
-        pip_requirements=SERVING_REQUIREMENTS,  # the inferred list adds torchvision, which breaks loading
-        registered_model_name=registered_name,
-    )
+
+def save_mlflow_model(model, tokenizer, task_name: str, target: Path) -> Path:
+    """Write a model once, as an MLflow transformers model (MLmodel, `model/` with the weights and the
+    tokenizer, so it also loads with `from_pretrained`). Atomic: a crash leaves no half-written folder."""
+    partial = target.with_name(f"{target.name}.partial-{uuid.uuid4().hex[:8]}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mlflow.transformers.save_model(transformers_model={"model": model, "tokenizer": tokenizer}, path=str(partial),
+                                       task=task_name, pip_requirements=SERVING_REQUIREMENTS)
+        tokenizer.save_pretrained(hf_folder(partial))
+        partial.rename(target)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return target
+
+
+def _remote_store() -> bool:
+    return mlflow.get_tracking_uri().startswith(("http://", "https://", "databricks"))
+
+
+def register_model(model_dir: str, registered_name: str, settings: TrackingSettings,
+                   tags: dict[str, str]) -> RegisteredVersion:
+    """Register the MLflow model around `model_dir` without copying it, once: an unchanged re-run finds
+    its version again (by the folder, which is keyed by the stage's inputs) and only moves the alias.
+    With a local store the version points at the folder; a tracking server gets one copy, logged as
+    the active run's artifacts, so machines without this disk can load it."""
+    source = Path(model_dir).parent
+    key = fingerprint(str(source.resolve()))
     client = MlflowClient()
-    version = str(info.registered_model_version)
-    for key, value in tags.items():
-        client.set_model_version_tag(registered_name, version, key, value)
-    client.set_registered_model_alias(registered_name, settings.alias, version)
-    return RegisteredVersion(name=registered_name, version=version, alias=settings.alias,
-                             source_run_id=mlflow.active_run().info.run_id)
+    try:
+        client.create_registered_model(registered_name)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    known = [v for v in client.search_model_versions(f"name = '{registered_name}'") if v.tags.get("preftune.model_key") == key]
+    run_id = mlflow.active_run().info.run_id
+    if known:
+        version = known[0]
+    else:
+        uri = str(source)
+        if _remote_store():
+            mlflow.log_artifacts(str(source), artifact_path=registered_name)
+            uri = f"runs:/{run_id}/{registered_name}"
+        version = client.create_model_version(registered_name, source=uri, run_id=run_id,
+                                              tags=tags | {"preftune.model_key": key})
+    client.set_registered_model_alias(registered_name, settings.alias, version.version)
+    return RegisteredVersion(name=registered_name, version=str(version.version), alias=settings.alias,
+                             source_run_id=version.run_id or run_id, reused=bool(known))
 
 
 def current_champion(settings: TrackingSettings) -> str | None:
@@ -189,8 +225,8 @@ def register(policy_dir: str, reward_dirs: dict[str, str], decision: PromotionDe
              parent_run_id: str, tags: dict[str, str]) -> list[RegisteredVersion]:
     """Register the policy and one reward model per aspect as `candidate`; promote the policy if it passed."""
     with stage_run("register", parent_run_id):
-        policy = log_and_register(policy_dir, "text-generation", settings.policy_model_name, settings, tags)
+        policy = register_model(policy_dir, settings.policy_model_name, settings, tags)
         apply_promotion(policy, decision, settings)
-        rewards = [log_and_register(model_dir, "text-classification", f"{settings.reward_model_prefix}-{aspect}",
-                                    settings, tags) for aspect, model_dir in reward_dirs.items()]
+        rewards = [register_model(model_dir, f"{settings.reward_model_prefix}-{aspect}", settings, tags)
+                   for aspect, model_dir in reward_dirs.items()]
         return [policy, *rewards]

@@ -18,7 +18,7 @@ from tasks.models import ModelSettings, RandomInitSettings, load_tokenizer
 from tasks.reward import RewardSettings, train_reward_model
 from tasks.stats import Estimate, mean
 from tasks.tracking import (PromotionSettings, TrackingSettings, apply_promotion, configure, decide_promotion,
-                            log_and_register)
+                            hf_folder, register_model, save_mlflow_model)
 
 MODEL = ModelSettings(random_init=RandomInitSettings())
 FAST = dict(max_steps=3, per_device_train_batch_size=4, logging_steps=1, save_steps=3, max_length=96)
@@ -125,10 +125,10 @@ def test_merge_check_catches_a_wrong_merge(trained, tiny_model_path):
     good = merge_and_check(tiny_model_path, [dpo.adapter_dir], pairs.eval.path, MergeSettings(), root / "good")
     assert good.max_logit_difference < 1e-4 and good.prompts_checked == 4
     wrong = root / "wrong"
-    shutil.copytree(tiny_model_path, wrong)  # "merged" weights that lack the adapter
+    shutil.copytree(tiny_model_path, wrong / "model")  # "merged" weights that lack the adapter
     with pytest.raises(MergeMismatchError, match="differs from base\\+adapters"):
         merge_and_check(tiny_model_path, [dpo.adapter_dir], pairs.eval.path, MergeSettings(), wrong)
-    assert not wrong.exists() and (root / "wrong.rejected" / "config.json").is_file()
+    assert not wrong.exists() and (root / "wrong.rejected" / "model" / "config.json").is_file()
 
 
 def _gate(low: float, value: float, high: float, baseline: str = "reference") -> GateInput:
@@ -143,12 +143,39 @@ def test_gate_promotes_only_when_the_interval_clears_the_margin():
     assert not decide_promotion(_gate(0.05, 0.2, 0.35), PromotionSettings(min_improvement=0.1)).promoted
 
 
-def test_gate_keeps_the_champion_when_the_candidate_is_worse(trained, tiny_model_path):
+def _mlflow_model(source: str, target: Path) -> str:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    save_mlflow_model(AutoModelForCausalLM.from_pretrained(source), AutoTokenizer.from_pretrained(source),
+                      "text-generation", target)
+    return str(hf_folder(target))
+
+
+def test_registration_points_at_the_model_once_and_copies_nothing(trained, tiny_model_path, tmp_path):
+    settings = TrackingSettings(policy_model_name="once-policy")
+    folder = _mlflow_model(tiny_model_path, tmp_path / "policy")
+    artifacts = Path(mlflow.get_tracking_uri().removeprefix("sqlite:///")).parent
+    before = sum(f.stat().st_size for f in artifacts.rglob("*") if f.is_file())
+    with mlflow.start_run():
+        first = register_model(folder, "once-policy", settings, {"data.sha256": "x"})
+        again = register_model(folder, "once-policy", settings, {"data.sha256": "x"})
+    after = sum(f.stat().st_size for f in artifacts.rglob("*") if f.is_file())
+    client = MlflowClient()
+    assert (first.reused, again.reused, again.version) == (False, True, first.version)
+    assert len(client.search_model_versions("name = 'once-policy'")) == 1
+    assert client.get_model_version("once-policy", first.version).source == str(tmp_path / "policy")
+    weights = (tmp_path / "policy" / "model" / "model.safetensors").stat().st_size
+    assert after - before < weights / 2  # metadata only: the weights stay where they are
+    loaded = mlflow.transformers.load_model("models:/once-policy@candidate", return_type="components")
+    assert loaded["model"].config.hidden_size == 64  # models:/ loads the registered folder
+
+
+def test_gate_keeps_the_champion_when_the_candidate_is_worse(trained, tiny_model_path, tmp_path):
     settings = TrackingSettings(policy_model_name="gate-policy")
     with mlflow.start_run():
-        first = log_and_register(tiny_model_path, "text-generation", "gate-policy", settings, {})
+        first = register_model(_mlflow_model(tiny_model_path, tmp_path / "one"), "gate-policy", settings, {})
         apply_promotion(first, decide_promotion(_gate(0.1, 0.3, 0.5), settings.promotion), settings)
-        second = log_and_register(tiny_model_path, "text-generation", "gate-policy", settings, {})
+        second = register_model(_mlflow_model(tiny_model_path, tmp_path / "two"), "gate-policy", settings, {})
         worse = decide_promotion(_gate(-0.3, -0.1, 0.05, f"models:/gate-policy/{first.version}"), settings.promotion)
         apply_promotion(second, worse, settings)
     client = MlflowClient()

@@ -94,6 +94,10 @@ def test_rerun_reuses_finished_stages(smoke_runs):
         matching = [state for name, state in states.items() if name.startswith(prefix)]
         assert matching and set(matching) == {"Cached"}, states
     assert second.result().run_dir == first.result().run_dir
+    # Nothing new registered, nothing copied: the same versions, found again.
+    assert [(v.name, v.version) for v in second.result().registered] == [(v.name, v.version) for v in first.result().registered]
+    assert all(v.reused for v in second.result().registered) and not any(v.reused for v in first.result().registered)
+    assert second.result().bytes_written < 5 * 2**20 < first.result().bytes_written
 
 
 def test_secrets_from_the_environment_are_not_recorded(smoke_runs, tmp_path):

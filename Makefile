@@ -39,9 +39,10 @@ ui: setup
 bench: setup
 	$(BIN)/python bench/dpo_step.py
 
-# Plain TRL (book settings) vs preftune's recipe and auto plans, on this machine's device.
+# Plain TRL (book settings) vs preftune's recipe and auto plans, on this machine's device
+# (e.g. make bench-gpu BENCH_ARGS="--data pairs.jsonl --steps 20").
 bench-gpu: setup
-	$(BIN)/python bench/gpu.py
+	$(BIN)/python bench/gpu.py $(BENCH_ARGS)
 
 clean-runs:
 	rm -rf runs

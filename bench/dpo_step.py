@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
-    shape = [f"{stage}.{key}={value}" for stage in ("dpo", "rewards.helpfulness") for key, value in
+    shape = [f"{stage}.{key}={value}" for stage in ("policy", "rewards.helpfulness") for key, value in
              (("max_steps", args.steps), ("per_device_train_batch_size", args.batch),
               ("gradient_accumulation_steps", 1), ("max_length", args.max_length))]
     config = load_config(args.profile, overrides=shape + args.overrides)
@@ -94,7 +94,7 @@ def main() -> None:
         data = DataSettings(synthetic_rows=max(64, 4 * args.steps * args.batch))
         report = apply_filter(load(data, out), data, out)
         pairs = format_split(split(report, data, out), load_tokenizer(model_path, config.model), out)
-        run("dpo", DPOTrainer, DPOConfig, config.dpo, config.model, model_path, pairs, out, {})
+        run("dpo", DPOTrainer, DPOConfig, config.policy, config.model, model_path, pairs, out, {})
         run("reward", RewardTrainer, RewardConfig, config.rewards["helpfulness"], config.model, model_path, pairs, out, {})
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
 

@@ -1,13 +1,13 @@
 """DPO throughput of plain TRL with the book's settings against preftune's `recipe` and `auto` plans,
 in one process on one device: s/step, pairs/s, tokens/s, TFLOP/s, MFU and peak memory.
 
-    .venv/bin/python bench/gpu.py                                 # TinyLlama-sized random Llama (a GPU)
+    .venv/bin/python bench/gpu.py --data orca_dpo_pairs.sample.jsonl   # TinyLlama-sized random Llama (a GPU)
     .venv/bin/python bench/gpu.py --size tiny --steps 3           # seconds on a CPU (what CI runs)
     .venv/bin/python bench/gpu.py --record bench/RESULTS.md       # also append the table there
 
 Plain TRL is the book's code on current TRL with one fix: bf16 instead of fp16 where the card has it
 (fp16 on a 4-bit model crashes), fp32 on a CPU. The model is randomly initialised (throughput does
-not depend on the weights); the data is the orca sample beside the checkout, else generated pairs.
+not depend on the weights); the data is a preference file (`--data`), else generated pairs.
 FLOPs follow TRL's `compute_flops_per_token` (6N-style, non-causal attention), plus one forward for
 the reference model; MFU uses TRL's table of peak dense FLOPs.
 """
@@ -32,13 +32,12 @@ from transformers import TrainerCallback  # noqa: E402
 
 from flows.config import load_config  # noqa: E402
 from tasks.data import DataSettings, apply_filter, format_split, load, split  # noqa: E402
-from tasks.dpo import train_dpo_adapter  # noqa: E402
+from tasks.policy import train_policy_adapter  # noqa: E402
 from tasks.models import RandomInitSettings, build_random_model, load_tokenizer, resolve_model_path  # noqa: E402
 from tasks.plan import DeviceSpec, PlanSettings, keep_freed_memory, plan_stage, shape_of  # noqa: E402
 from tasks.tracking import TrackingSettings, configure  # noqa: E402
 from tasks.training import load_pairs  # noqa: E402
 
-ORCA = Path(__file__).resolve().parents[2] / "shared" / "data" / "orca_dpo_pairs.sample.jsonl"
 SIZES = {
     "tinyllama": RandomInitSettings(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
                                     num_key_value_heads=4, intermediate_size=5632),
@@ -129,7 +128,8 @@ def main() -> None:
     parser.add_argument("--size", choices=SIZES, default="tinyllama")
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per variant (8 pairs each)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--data", default=str(ORCA) if ORCA.is_file() else "synthetic")
+    parser.add_argument("--data", default="synthetic",
+                        help="a preference file (e.g. the orca_dpo_pairs sample), or generated pairs (default)")
     parser.add_argument("--tokenizer", help="a folder with a chat-template tokenizer (default: the quickstart model's)")
     parser.add_argument("--variants", default="plain-trl,recipe,auto")
     parser.add_argument("--record", help="append the results as Markdown to this file")
@@ -147,7 +147,7 @@ def main() -> None:
         keep_freed_memory()
     peak_flops = get_peak_flops(device.name, "bfloat16") if device.kind == "cuda" else None
     total_steps = args.warmup + args.steps
-    settings = book.dpo.model_copy(update={"max_steps": total_steps, "logging_steps": 1, "save_steps": 10_000})
+    settings = book.policy.model_copy(update={"max_steps": total_steps, "logging_steps": 1, "save_steps": 10_000})
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -164,7 +164,7 @@ def main() -> None:
             plan = plan_stage("dpo", "dpo", settings, model, shape, device, PlanSettings(mode=name))
 
             def run():
-                train_dpo_adapter(settings, model, model_dir, pairs, out / name, plan=plan, callbacks=[meter])
+                train_policy_adapter("dpo", settings, model, model_dir, pairs, out / name, plan=plan, callbacks=[meter])
                 return (f"{plan.adapter} {plan.precision} {plan.micro_batch}x{plan.gradient_accumulation} "
                         f"{'ckpt' if plan.gradient_checkpointing else 'no-ckpt'} {plan.optim}")
             return run

@@ -1,7 +1,7 @@
 """Held-out accuracy of a reward model trained on a preference file: the figure a reward aspect is judged by.
 
-    .venv/bin/python bench/reward_accuracy.py ../shared/data/orca_dpo_pairs.sample.jsonl --steps 60
-    .venv/bin/python bench/reward_accuracy.py ../shared/data/hh_rlhf_harmless_base.sample.jsonl --max-length 256
+    .venv/bin/python bench/reward_accuracy.py <folder>/orca_dpo_pairs.sample.jsonl --steps 60
+    .venv/bin/python bench/reward_accuracy.py <folder>/hh_rlhf_harmless_base.sample.jsonl --max-length 256
 
 Trains the profile's reward model (default: the quickstart's, on the real SmolLM2-135M) on the file's
 train split and prints pairwise accuracy, mean margin and accuracy by prompt length on its held-out split.

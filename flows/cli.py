@@ -35,7 +35,7 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default="quickstart", help="configs/<profile>.yaml (default: quickstart)")
     parser.add_argument("--config", help="a YAML file of settings applied over the profile")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one setting, e.g. --set dpo.max_steps=5 (repeatable)")
+                        help="override one setting, e.g. --set method=kto --set policy.max_steps=5 (repeatable)")
 
 
 def _print_summary(summary) -> None:
@@ -83,12 +83,25 @@ def cmd_plan(args) -> int:
     stages = [(f"reward-{aspect}", "reward", settings, settings.model or config.model)
               for aspect, settings in config.rewards.items()]
     stages += [("sft", "sft", config.sft, config.model)] if config.sft.enabled else []
-    stages += [("dpo", "dpo", config.dpo, config.model)]
+    from tasks.methods import method_named
+
+    stages += [(config.method, method_named(config.method).plan_kind, config.policy_settings(), config.model)]
     plans = [plan_stage(stage, kind, settings, model, shape if model is config.model else shape_of(model), device,
                         config.plan) for stage, kind, settings, model in stages]
     print(json.dumps({"device": device.model_dump(), "model": {"base_model": config.model.base_model,
                                                                "parameters": shape.parameters},
                       "stages": {plan.stage: plan.model_dump() for plan in plans}}, indent=2))
+    return 0
+
+
+def cmd_methods(args) -> int:
+    """The preference methods: one row each, as tasks/methods.py defines them."""
+    from tasks.methods import METHODS
+
+    print(f"{'method':8s} {'trainer':38s} {'data':9s} {'reference':9s} {'online':6s} {'implicit reward':15s} defaults")
+    for name, method in METHODS.items():
+        print(f"{name:8s} {method.trainer:38s} {method.data:9s} {str(method.reference):9s} {str(method.online):6s} "
+              f"{str(method.implicit_reward):15s} {method.defaults or ''}")
     return 0
 
 
@@ -227,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     config = commands.add_parser("config", help="print the resolved configuration as JSON")
     _config_args(config)
     commands.add_parser("profiles", help="list the profiles in configs/")
+    commands.add_parser("methods", help="list the preference methods (`--set method=NAME`)")
     plan = commands.add_parser("plan", help="print each training stage's plan (precision, batch, memory) as JSON")
     _config_args(plan)
     plan.add_argument("--gpu-memory-gib", type=float, help="plan for a described GPU with this much free memory")
@@ -277,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(load_config(args.profile, args.config, args.overrides).model_dump(), indent=2))
             return 0
-        handler = {"run": cmd_run, "plan": cmd_plan, "evaluate": cmd_evaluate, "gc": cmd_gc, "serve": cmd_serve, "deploy": cmd_deploy, "ui": cmd_ui, "models": cmd_models,
+        handler = {"run": cmd_run, "plan": cmd_plan, "methods": cmd_methods, "evaluate": cmd_evaluate, "gc": cmd_gc, "serve": cmd_serve, "deploy": cmd_deploy, "ui": cmd_ui, "models": cmd_models,
                    "generate": cmd_generate}[args.command]
         return handler(args)
     except PreftuneError as error:

@@ -7,21 +7,23 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from tasks.base import PreftuneError, StrictModel
 from tasks.data import DataSettings
-from tasks.dpo import DPOSettings
 from tasks.evaluate import EvalSettings
 from tasks.merge import MergeSettings
+from tasks.methods import METHODS, method_named, unknown_options
 from tasks.models import ModelSettings
 from tasks.plan import PlanSettings
+from tasks.policy import PolicySettings
 from tasks.reward import RewardSettings
 from tasks.sft import SFTSettings
 from tasks.tracking import TrackingSettings
+from tasks.training import unknown_message
 
 AspectName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]*$")]
 
@@ -45,7 +47,11 @@ class PipelineConfig(StrictModel):
     rewards: dict[AspectName, RewardSettings] = Field(default_factory=lambda: {"helpfulness": RewardSettings()},
                                                       min_length=1)
     sft: SFTSettings = Field(default_factory=SFTSettings)
-    dpo: DPOSettings = Field(default_factory=DPOSettings)
+    # The preference method (tasks/methods.py) and its trainer's settings; TRL options under TRL's names.
+    method: Literal[tuple(METHODS)] = "dpo"
+    policy: PolicySettings = Field(default_factory=PolicySettings)
+    # Settings for one method only, applied over `policy` when that method runs (e.g. grpo's num_generations).
+    methods: dict[str, dict[str, Any]] = Field(default_factory=dict)
     merge: MergeSettings = Field(default_factory=MergeSettings)
     evaluation: EvalSettings = Field(default_factory=EvalSettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
@@ -78,6 +84,22 @@ class PipelineConfig(StrictModel):
                              "(e.g. 0.3) so they judge the policy on questions it never trained on, or give them "
                              "their own data or a judge model")
         return self
+
+    @model_validator(mode="after")
+    def _policy_options_known_to_the_method(self) -> "PipelineConfig":
+        for name, options in self.methods.items():
+            method_named(name)
+            if unknown := unknown_options(set(options) - set(PolicySettings.model_fields), method_named(name).config_class()):
+                raise ValueError(f"methods.{name}: {unknown_message(unknown, method_named(name).config)}")
+        extra = set(self.policy_settings().model_extra or {})
+        if unknown := unknown_options(extra, method_named(self.method).config_class()):
+            raise ValueError(f"policy (method {self.method}): {unknown_message(unknown, method_named(self.method).config)}")
+        return self
+
+    def policy_settings(self) -> PolicySettings:
+        """`policy`, with the running method's own settings (`methods.<name>`) over it."""
+        own = self.methods.get(self.method)
+        return PolicySettings.model_validate(_merge(self.policy.model_dump(), own)) if own else self.policy
 
     def with_data_root(self) -> "PipelineConfig":
         """The same settings with relative local data files resolved against `data_root`."""
@@ -120,7 +142,7 @@ def _merge(base: dict, update: dict) -> dict:
 
 
 def _override(dotted: str) -> dict[str, Any]:
-    """`dpo.max_steps=5` -> {"dpo": {"max_steps": 5}}; the value is read as YAML (numbers, lists...)."""
+    """`policy.max_steps=5` -> {"policy": {"max_steps": 5}}; the value is read as YAML (numbers, lists...)."""
     key, sep, raw = dotted.partition("=")
     if not sep or not key:
         raise PreftuneError(f"--set expects key=value, got {dotted!r}")
@@ -138,6 +160,8 @@ def describe_errors(error: ValidationError) -> str:
             lines.append(f"  {key}: unknown setting")
         elif not key:
             lines.append(f"  {item['msg'].removeprefix('Value error, ')}")
+        elif item["type"] == "value_error":  # our own checks name what is wrong
+            lines.append(f"  {key}: {item['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
     return "invalid configuration:\n" + "\n".join(lines)

@@ -1,4 +1,7 @@
-"""The preference-tuning flow: data -> reward models -> (SFT) -> DPO -> merge -> evaluate -> register.
+"""The preference-tuning flow: data -> reward models -> (SFT) -> policy -> merge -> evaluate -> register.
+
+The policy stage trains whichever preference method the config names (tasks/methods.py); this flow
+names none. Online methods score their generations with the reward models trained just before.
 
 The flow only chains tasks and opens the MLflow parent run; each task opens its own nested run.
 Tasks pass small typed results (paths, hashes, metrics), and finished stages are cached by Prefect
@@ -19,11 +22,12 @@ from tasks.base import Workspace, fingerprint, redact
 from tasks.cleanup import stored_bytes
 from tasks.data import (DataSettings, LoadedData, SplitData, filter_preferences, format_preferences,
                         load_preferences, read_jsonl, split_preferences)
-from tasks.dpo import train_dpo
 from tasks.evaluate import Judge, evaluate
 from tasks.merge import merge_adapters
+from tasks.methods import method_named
 from tasks.models import ModelSettings, resolve_base_model
 from tasks.plan import TrainingPlan, plan_training, publish_plans
+from tasks.policy import RewardFunction, train_policy
 from tasks.reward import RewardSettings, train_reward
 from tasks.sft import train_sft
 from tasks.tracking import (PromotionDecision, RegisteredVersion, configure, current_champion, decide_promotion,
@@ -145,8 +149,11 @@ def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSumm
                 "config.sha256": fingerprint(config.model_dump(mode="json"))}
         mlflow.set_tags(tags | {"preftune.profile": config.profile, "preftune.run_dir": redact(workspace.path)})
 
+        method, policy_settings = method_named(config.method), config.policy_settings()
+        mlflow.set_tag("preftune.method", config.method)
         model_path = resolve_base_model(config.model)
-        loaded, raw, pairs = prepare_data(config.data, model_path, config.model, config.dpo.max_length, workspace, "data")
+        loaded, raw, pairs = prepare_data(config.data, model_path, config.model, policy_settings.max_length, workspace,
+                                          "data")
         tags["data.sha256"] = loaded.sha256
 
         # Data for every stage first, then one plan per training stage, shown before anything trains.
@@ -156,10 +163,11 @@ def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSumm
             sft_pairs = pairs if config.sft.data is None else prepare_data(
                 config.sft.data, model_path, config.model, config.sft.max_length, workspace, "data-sft")[2]
             sft_plan = plan_training("sft", "sft", config.sft, config.model, model_path, config.plan, sft_pairs.train.rows)
-        dpo_plan = plan_training("dpo", "dpo", config.dpo, config.model, model_path, config.plan, pairs.train.rows)
-        publish_plans([a.plan for a in aspects if a.plan] + ([sft_plan] if config.sft.enabled else []) + [dpo_plan])
-        mlflow.set_tags({"preftune.device": dpo_plan.device, "preftune.adapter": dpo_plan.adapter,
-                         "preftune.precision": dpo_plan.precision, "preftune.plan": dpo_plan.mode})
+        policy_plan = plan_training(config.method, method.plan_kind, policy_settings, config.model, model_path,
+                                    config.plan, pairs.train.rows)
+        publish_plans([a.plan for a in aspects if a.plan] + ([sft_plan] if config.sft.enabled else []) + [policy_plan])
+        mlflow.set_tags({"preftune.device": policy_plan.device, "preftune.adapter": policy_plan.adapter,
+                         "preftune.precision": policy_plan.precision, "preftune.plan": policy_plan.mode})
 
         judges, reward_dirs, stage_runs = [], {}, {}
         for aspect in aspects:
@@ -179,13 +187,15 @@ def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSumm
             policy_start, adapters = sft.model_dir, [sft.adapter_dir]
             if sft.mlflow_run_id:
                 stage_runs["sft"] = sft.mlflow_run_id
-        dpo = train_dpo(config.dpo, config.model, policy_start, pairs, dpo_plan, workspace, parent_id)
-        stage_runs["dpo"] = dpo.mlflow_run_id
-        merged = merge_adapters(model_path, adapters + [dpo.adapter_dir], pairs.eval.path, config.merge, workspace)
+        rewards = [RewardFunction(aspect=j.aspect, model=j.model, weight=j.weight) for j in judges] if method.online else []
+        policy = train_policy(config.method, policy_settings, config.model, policy_start, pairs, policy_plan, rewards,
+                              workspace, parent_id)
+        stage_runs[config.method] = policy.mlflow_run_id
+        merged = merge_adapters(model_path, adapters + [policy.adapter_dir], pairs.eval.path, config.merge, workspace)
 
         champion = current_champion(config.tracking)
         evaluation = evaluate(config.evaluation, pairs.eval.path, policy_start, merged.model_dir, judges, champion,
-                              workspace, parent_id, stage_runs, "dpo")
+                              workspace, parent_id, stage_runs, config.method, method.implicit_reward)
         decision = decide_promotion(evaluation.gate, config.tracking.promotion)
 
         metrics = evaluation.metrics | {"merge.max_logit_difference": merged.max_logit_difference}
@@ -196,7 +206,8 @@ def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSumm
 
         registered: list[RegisteredVersion] = []
         if config.tracking.register_models:
-            registered = register(merged.model_dir, reward_dirs, decision, config.tracking, parent_id, tags)
+            registered = register(merged.model_dir, reward_dirs, decision, config.tracking, parent_id,
+                                  tags | {"method": config.method}, judges if method.online else [])
         create_markdown_artifact(key="promotion", markdown=decision.explanation(), description="Promotion gate")
         logger.info("promotion: %s", decision.explanation())
         bytes_written = stored_bytes(Path(workspace.path), config.tracking.experiment) - bytes_before

@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field
 from tasks.base import PreftuneError, StrictModel, Workspace, redact, retry_unless_user_error
 from tasks.caching import EVALUATION_CACHE
 from tasks.data import DataSettings, read_jsonl
+from tasks.methods import ImplicitReward
 from tasks.plan import inference_placement
 from tasks.plots import margin_histograms, training_curves
 from tasks.stats import Estimate, estimate, mean
@@ -182,18 +183,25 @@ def answer_logps(model, tokenizer, prompts: list[list[dict]], answers: list[str]
     return np.array(logps), np.array([len(s) - start for s, start in zip(sequences, starts)])
 
 
-def implicit_reward_metrics(policy, reference, pairs: pd.DataFrame, settings: EvalSettings) -> dict[str, float]:
-    """DPO's implicit reward on held-out pairs: log pi/pi_ref of chosen minus that of rejected. Its
-    accuracy is also given on length-matched pairs, where a preference for longer answers cannot help."""
+def implicit_reward_metrics(policy, reference, pairs: pd.DataFrame, settings: EvalSettings,
+                            kind: ImplicitReward = "log_ratio") -> dict[str, float]:
+    """The method's implicit reward on held-out pairs, chosen minus rejected: log pi/pi_ref (DPO, KTO) or
+    the policy's mean token log-probability (reference-free ORPO, SimPO). Its accuracy is also given on
+    length-matched pairs, where a preference for longer answers cannot help."""
     prompts = [list(p) for p in pairs.prompt]
     answers = {side: [_answer(a) for a in pairs[side]] for side in ("chosen", "rejected")}
     logps, lengths = {}, {}
-    for name, (model, tokenizer) in (("policy", policy), ("reference", reference)):
+    scored = (("policy", policy),) if kind == "mean_logp" else (("policy", policy), ("reference", reference))
+    for name, (model, tokenizer) in scored:
         for side in ("chosen", "rejected"):
             logps[name, side], lengths[side] = shrinking(lambda size: answer_logps(
                 model, tokenizer, prompts, answers[side], settings.max_length, size), settings.batch_size)
-    margins = (logps["policy", "chosen"] - logps["reference", "chosen"]) - (
-        logps["policy", "rejected"] - logps["reference", "rejected"])
+    if kind == "mean_logp":
+        margins = logps["policy", "chosen"] / np.maximum(lengths["chosen"], 1) - logps["policy", "rejected"] / np.maximum(
+            lengths["rejected"], 1)
+    else:
+        margins = (logps["policy", "chosen"] - logps["reference", "chosen"]) - (
+            logps["policy", "rejected"] - logps["reference", "rejected"])
     matched = np.maximum(lengths["chosen"], lengths["rejected"]) <= settings.length_match_ratio * np.minimum(
         lengths["chosen"], lengths["rejected"])
     metrics = mean(margins > 0, settings.seed).metrics("implicit_reward.accuracy")
@@ -273,7 +281,7 @@ def sample_prompts(pairs: pd.DataFrame, settings: EvalSettings) -> list[list[dic
 
 
 def markdown_report(metrics: dict[str, float], judges: list[Judge], gate: GateInput, examples: pd.DataFrame,
-                    method: str) -> str:
+                    method: str, implicit: ImplicitReward = "log_ratio") -> str:
     def figure(name: str) -> str:
         if name not in metrics:
             return ""
@@ -283,14 +291,21 @@ def markdown_report(metrics: dict[str, float], judges: list[Judge], gate: GateIn
     lines = ["# preftune evaluation", "", f"Method: **{method}**. Figures are means with 95 % bootstrap intervals.", "",
              f"Promotion gate: combined-reward improvement over {gate.baseline} {gate.improvement.text()} on "
              f"{gate.improvement.n} held-out prompts (candidate {gate.candidate_score:.3f}, baseline "
-             f"{gate.baseline_score:.3f}).", "", "## Implicit reward (policy vs reference log-probabilities)", "",
-             "| metric | value |", "|---|---|",
-             f"| accuracy ({metrics.get('implicit_reward.pairs', 0):.0f} held-out pairs) | {figure('implicit_reward.accuracy')} |",
-             f"| accuracy on length-matched pairs ({metrics.get('implicit_reward.length_matched_pairs', 0):.0f}) "
-             f"| {figure('implicit_reward.accuracy_length_matched')} |",
-             f"| mean margin (log-ratio) | {figure('implicit_reward.margin')} |",
-             f"| share of pairs whose chosen answer is longer | {metrics.get('implicit_reward.chosen_longer_share', float('nan')):.3f} |",
-             "", "## Judges", "", "| aspect | weight | judge | held-out accuracy | win | tie | loss | length-controlled win |",
+             f"{gate.baseline_score:.3f}).", ""]
+    if implicit is None:
+        lines += ["## Implicit reward", "", f"{method} defines none: it is judged by the reward models below, which "
+                  "are also what it was trained against, so read its win rates as how far it climbed them, not as "
+                  "independent evidence.", ""]
+    else:
+        what = "policy vs reference log-probabilities" if implicit == "log_ratio" else "the policy's mean token log-probability"
+        lines += [f"## Implicit reward ({what})", "", "| metric | value |", "|---|---|",
+                  f"| accuracy ({metrics.get('implicit_reward.pairs', 0):.0f} held-out pairs) | {figure('implicit_reward.accuracy')} |",
+                  f"| accuracy on length-matched pairs ({metrics.get('implicit_reward.length_matched_pairs', 0):.0f}) "
+                  f"| {figure('implicit_reward.accuracy_length_matched')} |",
+                  f"| mean margin | {figure('implicit_reward.margin')} |",
+                  f"| share of pairs whose chosen answer is longer | {metrics.get('implicit_reward.chosen_longer_share', float('nan')):.3f} |",
+                  ""]
+    lines += ["## Judges", "", "| aspect | weight | judge | held-out accuracy | win | tie | loss | length-controlled win |",
              "|---|---|---|---|---|---|---|---|"]
     for judge in judges:
         a = judge.aspect
@@ -316,13 +331,16 @@ def markdown_report(metrics: dict[str, float], judges: list[Judge], gate: GateIn
 
 def evaluate_policy(settings: EvalSettings, pairs_path: str, reference: str, policy: str, judges: list[Judge],
                     champion_uri: str | None, out_dir: Path, parent_run_id: str | None = None,
-                    stage_runs: dict[str, str] | None = None, method: str = "dpo") -> EvalResult:
+                    stage_runs: dict[str, str] | None = None, method: str = "dpo",
+                    implicit: ImplicitReward = "log_ratio") -> EvalResult:
     """Evaluate `policy` against `reference` on held-out pairs, judged by `judges`; log an MLflow run
-    (nested under `parent_run_id` when given) and write the report under `out_dir`."""
+    (nested under `parent_run_id` when given) and write the report under `out_dir`. `implicit` is the
+    method's implicit reward (tasks/methods.py), or None where it defines none."""
     pairs = read_jsonl(pairs_path)
     metrics: dict[str, float] = {}
     models = {"reference": load_policy(reference), "tuned": load_policy(policy)}
-    metrics |= implicit_reward_metrics(models["tuned"], models["reference"], pairs, settings)
+    if implicit is not None:
+        metrics |= implicit_reward_metrics(models["tuned"], models["reference"], pairs, settings, implicit)
 
     scorers, margins, scales = {}, {}, {}
     for judge in judges:
@@ -367,7 +385,7 @@ def evaluate_policy(settings: EvalSettings, pairs_path: str, reference: str, pol
                      baseline=champion_uri or "reference", improvement=improvement)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = markdown_report(metrics, judges, gate, examples.head(settings.example_rows), method)
+    report = markdown_report(metrics, judges, gate, examples.head(settings.example_rows), method, implicit)
     report_path, examples_path = out_dir / "report.md", out_dir / "examples.jsonl"
     report_path.write_text(report)
     examples.to_json(examples_path, orient="records", lines=True, force_ascii=False)
@@ -392,10 +410,11 @@ def evaluate_policy(settings: EvalSettings, pairs_path: str, reference: str, pol
       tags=["evaluation"], cache_policy=EVALUATION_CACHE, persist_result=True)
 def evaluate(settings: EvalSettings, pairs_path: str, reference: str, policy: str, judges: list[Judge],
              champion_uri: str | None, workspace: Workspace, parent_run_id: str | None = None,
-             stage_runs: dict[str, str] | None = None, method: str = "dpo") -> EvalResult:
-    out_dir = workspace.stage("evaluate", settings, pairs_path, reference, policy, judges, champion_uri, method)
+             stage_runs: dict[str, str] | None = None, method: str = "dpo",
+             implicit: ImplicitReward = "log_ratio") -> EvalResult:
+    out_dir = workspace.stage("evaluate", settings, pairs_path, reference, policy, judges, champion_uri, method, implicit)
     return evaluate_policy(settings, pairs_path, reference, policy, judges, champion_uri, out_dir, parent_run_id,
-                           stage_runs, method)
+                           stage_runs, method, implicit)
 
 
 def tokenizer_of(source: str):

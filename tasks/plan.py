@@ -22,12 +22,19 @@ from tasks.base import PreftuneError, StrictModel, retry_unless_user_error
 from tasks.models import LoraSettings, ModelSettings
 
 GiB = 2**30
-Kind = Literal["dpo", "reward", "sft"]
+# What a stage trains, for the memory model: DPO-style pairs with a reference (dpo), KTO's example plus
+# its mismatched KL example (kto), reference-free pairs (pairs: ORPO, SimPO), online RL on generated
+# completions (online), reward models, SFT.
+Kind = Literal["dpo", "kto", "pairs", "online", "reward", "sft"]
 Precision = Literal["fp32", "fp16", "bf16"]
 DType = Literal["float32", "float16", "bfloat16"]
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # Sequences in one example: DPO and reward models run chosen and rejected, SFT one completion.
-SEQUENCES = {"dpo": 2, "reward": 2, "sft": 1}
+SEQUENCES = {"dpo": 2, "kto": 2, "pairs": 2, "online": 1, "reward": 2, "sft": 1}
+# Kinds whose trainer never materialises the full logits (DPO's fused LM head, the reward head).
+FUSED_HEAD = {"dpo", "reward"}
+# Kinds whose TRL trainer can compute the reference log-probs once up front.
+PRECOMPUTES_REFERENCE = {"dpo", "kto"}
 # NF4 stores half a byte per weight, plus an fp32 absmax per 64 weights (double quantization
 # shrinks that to 8 bits per 64 plus a second-level constant): ~0.516 bytes per weight.
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
@@ -147,7 +154,7 @@ class TrainingPlan(BaseModel):
     gradient_checkpointing: bool
     optim: str
     attn_implementation: str
-    precompute_ref_log_probs: bool | None = None  # DPO only
+    precompute_ref_log_probs: bool | None = None  # DPO and KTO only
     max_length: int
     memory: MemoryEstimate
     memory_budget_gib: float
@@ -247,8 +254,8 @@ def estimate_memory(shape: ModelShape, lora: LoraSettings, kind: Kind, micro_bat
         activations = tokens * (layers * shape.hidden_size * act_bytes + per_layer)
     else:
         activations = tokens * layers * per_layer
-    # SFT materialises the logits (and fp32 loss buffers); DPO's fused LM head and the reward head do not.
-    head = tokens * shape.vocab_size * (act_bytes + 8) if kind == "sft" else tokens * shape.hidden_size * 4
+    # SFT and the others materialise the logits (and fp32 loss buffers); DPO's fused LM head and the reward head do not.
+    head = tokens * shape.hidden_size * 4 if kind in FUSED_HEAD else tokens * shape.vocab_size * (act_bytes + 8)
     overhead = 0.5 * GiB if device_kind == "cuda" else 1.0 * GiB
     parts = [value / GiB for value in (weights, adapter, activations, head, overhead)]
     return MemoryEstimate(weights_gib=parts[0], adapter_gib=parts[1], activations_gib=parts[2], head_gib=parts[3],
@@ -302,7 +309,7 @@ def plan_stage(stage: str, kind: Kind, settings, model: ModelSettings, shape: Mo
             reasons.append(f"optimizer {settings.optim} -> {optim} (same AdamW update; paged/8-bit states only "
                            "save memory, which is not short here)")
     attn = "flash_attention_2" if device.flash_attention and choice.precision != "fp32" else "sdpa"
-    if kind == "dpo" and train_pairs and not precompute and settings.max_steps * effective >= train_pairs:
+    if kind in PRECOMPUTES_REFERENCE and train_pairs and not precompute and settings.max_steps * effective >= train_pairs:
         precompute = True
         reasons.append(f"reference log-probs precomputed: {settings.max_steps * effective} examples over {train_pairs} "
                        "train pairs, so one pass over the data is cheaper than a reference forward every step")

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 class RewardSettings(TrainerSettings):
     own_fields = TrainerSettings.own_fields | {"weight", "data", "model", "judge"}
+    trl_config = "trl.RewardConfig"
 
     learning_rate: float = 1e-4
     weight: float = Field(1.0, gt=0)  # share of this aspect in the combined score

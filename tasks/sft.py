@@ -20,6 +20,7 @@ from tasks.training import TrainerSettings, fit, load_pairs, training_task
 
 class SFTSettings(TrainerSettings):
     own_fields = TrainerSettings.own_fields | {"enabled", "adapter_path", "data"}
+    trl_config = "trl.SFTConfig"
 
     enabled: bool = False
     adapter_path: str | None = None  # an SFT adapter trained elsewhere: merged, not trained

@@ -85,11 +85,14 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
 def configure(settings: TrackingSettings) -> str:
     """Point MLflow (and the Trainer's MLflow callback, through the environment) at one store."""
     uri = settings.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    artifact_location = None
     if not uri:
         DEFAULT_STORE.mkdir(exist_ok=True)
         uri = f"sqlite:///{(DEFAULT_STORE / 'mlflow.db').resolve()}"
-        artifact_location = (DEFAULT_STORE / "artifacts").resolve().as_uri()
+    # A SQLite store keeps its artifacts beside its database (MLflow's default, ./mlruns, would follow
+    # whatever the working directory happens to be).
+    artifact_location = None
+    if uri.startswith("sqlite:///"):
+        artifact_location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
     check_reachable(uri)
     os.environ["MLFLOW_TRACKING_URI"] = uri
     os.environ["MLFLOW_EXPERIMENT_NAME"] = settings.experiment
@@ -222,11 +225,19 @@ def apply_promotion(policy: RegisteredVersion, decision: PromotionDecision, sett
 @task(name="register-models", retries=3, retry_delay_seconds=[5, 20, 60], retry_condition_fn=retry_unless_user_error,
       tags=["mlflow"])
 def register(policy_dir: str, reward_dirs: dict[str, str], decision: PromotionDecision, settings: TrackingSettings,
-             parent_run_id: str, tags: dict[str, str]) -> list[RegisteredVersion]:
-    """Register the policy and one reward model per aspect as `candidate`; promote the policy if it passed."""
+             parent_run_id: str, tags: dict[str, str], trained_against: list = ()) -> list[RegisteredVersion]:
+    """Register one reward model per aspect and the policy as `candidate`; promote the policy if it passed.
+    `trained_against` (judges an online method optimised) is recorded on the policy's version as the
+    reward models' versions (`reward.<aspect>` tags), so the registry says what the policy was trained on."""
     with stage_run("register", parent_run_id):
+        rewards = {aspect: register_model(model_dir, f"{settings.reward_model_prefix}-{aspect}", settings, tags)
+                   for aspect, model_dir in reward_dirs.items()}
         policy = register_model(policy_dir, settings.policy_model_name, settings, tags)
+        client = MlflowClient()
+        for judge in trained_against:
+            version = rewards.get(judge.aspect)
+            source = f"models:/{version.name}/{version.version}" if version else redact(judge.model)
+            client.set_model_version_tag(policy.name, policy.version, f"reward.{judge.aspect}", source)
+            client.set_model_version_tag(policy.name, policy.version, f"reward.{judge.aspect}.weight", str(judge.weight))
         apply_promotion(policy, decision, settings)
-        rewards = [register_model(model_dir, f"{settings.reward_model_prefix}-{aspect}", settings, tags)
-                   for aspect, model_dir in reward_dirs.items()]
-        return [policy, *rewards]
+        return [policy, *rewards.values()]

@@ -16,22 +16,27 @@ from mlflow.exceptions import MlflowException
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import TrainerCallback
 from transformers.integrations import MLflowCallback
 
-from tasks.base import PreftuneError, StrictModel, retry_unless_user_error
+from tasks.base import PreftuneError, retry_unless_user_error
 from tasks.caching import TRAINING_CACHE
 from tasks.models import LoraSettings
 from tasks.plan import TrainingPlan, keep_freed_memory
 
 
-class TrainerSettings(StrictModel):
-    """The subset of TRL's `*Config` a profile sets, under TRL's own names. The training plan
-    (tasks/plan.py) decides precision, micro-batch x accumulation, checkpointing and optimizer."""
+class TrainerSettings(BaseModel):
+    """A stage's TRL `*Config`, under TRL's own names: the fields below are the ones every stage uses
+    (with our defaults); any other key is passed to the TRL config as it is, after a check that the
+    class has such a field, so a TRL option is one YAML key away and a typo still fails by name. The
+    training plan (tasks/plan.py) decides precision, micro-batch x accumulation, checkpointing and optimizer."""
 
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
     # Fields of ours, not TRL's: kept out of the TRL config.
     own_fields: ClassVar[set[str]] = {"lora", "evaluate_after_training", "keep_checkpoints"}
+    # The TRL config class the extra keys must belong to (None: checked by whoever picks the class).
+    trl_config: ClassVar[str | None] = None
 
     max_steps: int = Field(40, gt=0)
     per_device_train_batch_size: int = Field(2, gt=0)
@@ -55,6 +60,16 @@ class TrainerSettings(StrictModel):
     keep_checkpoints: bool = False
     lora: LoraSettings = Field(default_factory=LoraSettings)
 
+    @model_validator(mode="after")
+    def _options_known_to_trl(self) -> "TrainerSettings":
+        if self.trl_config and self.model_extra:
+            from tasks.methods import load_class, unknown_options
+
+            unknown = unknown_options(set(self.model_extra), load_class(self.trl_config))
+            if unknown:
+                raise ValueError(unknown_message(unknown, self.trl_config))
+        return self
+
     def trainer_args(self, output_dir: Path, plan: TrainingPlan, run_name: str) -> dict:
         """The stage's TRL config arguments in one step: its settings, then what the plan decided."""
         return self.model_dump(exclude=self.own_fields) | plan.trainer_overrides() | dict(
@@ -64,6 +79,10 @@ class TrainerSettings(StrictModel):
             report_to=["mlflow"],  # curves go to the stage's active MLflow run
             disable_tqdm=False,
         )
+
+
+def unknown_message(unknown: list[str], config: str) -> str:
+    return f"unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} ({config.rsplit('.', 1)[-1]} has no such field)"
 
 
 log = logging.getLogger(__name__)

@@ -34,9 +34,9 @@ print("STATES", json.dumps(asyncio.run(states(state.state_details.flow_run_id)))
 def test_a_stage_key_covers_the_project_modules_it_runs():
     names = {path.name for path in module_closure("tasks.data")}
     assert {"data.py", "base.py", "synthetic.py"} <= names and "evaluate.py" not in names
-    training = {path.name for path in module_closure("tasks.dpo")}
-    assert {"dpo.py", "training.py", "plan.py", "data.py"} <= training and "evaluate.py" not in training
-    assert code_fingerprint("tasks.data") != code_fingerprint("tasks.dpo")
+    training = {path.name for path in module_closure("tasks.policy")}
+    assert {"policy.py", "methods.py", "training.py", "plan.py", "data.py"} <= training and "evaluate.py" not in training
+    assert code_fingerprint("tasks.data") != code_fingerprint("tasks.policy")
     assert "trl=" in library_versions() and "torch=" in library_versions()
 
 

@@ -16,12 +16,12 @@ def test_profiles_exist_and_validate():
 
 def test_book_profile_is_the_reference_recipe():
     book = load_config("book")
-    lora = book.dpo.lora
+    lora = book.policy.lora
     assert (lora.r, lora.alpha, lora.dropout) == (64, 32, 0.1)
     assert lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     quant = book.model.quantization
     assert (quant.quant_type, quant.compute_dtype, quant.double_quant) == ("nf4", "float16", True)
-    dpo = book.dpo
+    dpo = book.policy
     assert (dpo.beta, dpo.max_length, dpo.max_steps, dpo.learning_rate) == (0.1, 512, 200, 1e-5)
     assert (dpo.per_device_train_batch_size, dpo.gradient_accumulation_steps) == (2, 4)
     assert (dpo.optim, dpo.lr_scheduler_type, dpo.warmup_steps, dpo.logging_steps) == ("paged_adamw_32bit", "cosine", 0.1, 10)
@@ -33,20 +33,23 @@ def test_book_profile_is_the_reference_recipe():
 
 
 def test_overrides_are_typed():
-    changed = load_config("smoke", overrides=["dpo.max_steps=7", "data.status_rule=only_ties", "run_name=mine"])
-    assert changed.dpo.max_steps == 7 and changed.data.status_rule == "only_ties"
+    changed = load_config("smoke", overrides=["policy.max_steps=7", "data.status_rule=only_ties", "run_name=mine"])
+    assert changed.policy.max_steps == 7 and changed.data.status_rule == "only_ties"
     assert changed.resolved_run_name() == "mine" and load_config("smoke").resolved_run_name() == "smoke"
 
 
 def test_config_file_is_applied_over_the_profile(tmp_path):
     path = tmp_path / "mine.yaml"
-    path.write_text("dpo:\n  beta: 0.2\n")
-    assert load_config("smoke", str(path)).dpo.beta == 0.2
+    path.write_text("policy:\n  beta: 0.2\n")
+    assert load_config("smoke", str(path)).policy.beta == 0.2
 
 
 @pytest.mark.parametrize("override, message", [
-    ("dpo.max_stepz=3", "dpo.max_stepz: unknown setting"),
-    ("dpo.max_steps=0", "dpo.max_steps: Input should be greater than 0"),
+    ("policy.max_stepz=3", r"policy \(method dpo\): unknown setting max_stepz \(DPOConfig has no such field\)"),
+    ("rewards.helpfulness.betaa=3", r"rewards.helpfulness: unknown setting betaa \(RewardConfig has no such field\)"),
+    ("methods.grpo.num_generation=3", r"methods.grpo: unknown setting num_generation \(GRPOConfig has no such field\)"),
+    ("method=ppo", "method: Input should be 'dpo', "),
+    ("policy.max_steps=0", "policy.max_steps: Input should be greater than 0"),
     ("data.status_rule=ties", "data.status_rule: Input should be 'drop_ties', 'only_ties' or 'keep_all'"),
     ("rewards.helpfulness.learning_rate=fast", "rewards.helpfulness.learning_rate: Input should be a valid number"),
     ("rewards.Bad Name.weight=1", "rewards.Bad Name.\\[key\\]: String should match pattern"),
@@ -58,9 +61,9 @@ def test_bad_settings_name_the_key(override, message):
 
 def test_cli_reports_bad_input_without_a_traceback(capsys):
     assert main(["config", "--profile", "nope"]) == 2
-    assert main(["config", "--set", "dpo.max_steps=-1"]) == 2
+    assert main(["config", "--set", "policy.max_steps=-1"]) == 2
     err = capsys.readouterr().err
-    assert "unknown profile 'nope'" in err and "dpo.max_steps" in err and "Traceback" not in err
+    assert "unknown profile 'nope'" in err and "policy.max_steps" in err and "Traceback" not in err
 
 
 def test_flow_parameter_schema_is_the_config():
@@ -75,8 +78,8 @@ def test_flow_parameter_schema_is_the_config():
 
 def test_partial_parameters_start_from_their_profile():
     """What a deployment or the UI form sends: only the differences from a profile."""
-    config = PipelineConfig.model_validate({"profile": "book", "dpo": {"max_steps": 50}})
-    assert config.dpo.max_steps == 50 and config.dpo.lora.r == 64
+    config = PipelineConfig.model_validate({"profile": "book", "policy": {"max_steps": 50}})
+    assert config.policy.max_steps == 50 and config.policy.lora.r == 64
     assert PipelineConfig() == load_config("quickstart")
     assert PipelineConfig.model_validate(config.model_dump()) == config
 
@@ -98,7 +101,7 @@ def test_relative_data_files_are_read_from_the_data_root(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("run_name=../../etc", "run_name: String should match pattern"),
-    ("runs_dir=runs/../../elsewhere", "runs_dir: Value error, runs_dir may not contain '..'"),
+    ("runs_dir=runs/../../elsewhere", "runs_dir: runs_dir may not contain '..'"),
 ])
 def test_run_paths_cannot_escape(override, message):
     with pytest.raises(PreftuneError, match=message):

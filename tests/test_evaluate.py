@@ -10,7 +10,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tasks.data import DataSettings, apply_filter, format_split, load, read_jsonl, split
-from tasks.dpo import DPOSettings, train_dpo_adapter
+from tasks.policy import PolicySettings, train_policy_adapter
 from tasks.evaluate import (EvalSettings, GateInput, Judge, answer_logps, evaluate_policy, length_controlled_wins,
                             load_policy, sample_prompts, win_rates)
 from tasks.merge import MergeMismatchError, MergeSettings, merge_and_check
@@ -42,7 +42,7 @@ def trained(tiny_model_path, tmp_path_factory):
                                     root / f"reward-{name}")
         judges.append(Judge(aspect=name, weight=weight, model=reward.model_dir, eval_path=reward.eval_path,
                             provenance=f"trained on {reward.train_pairs} pairs"))
-    dpo = train_dpo_adapter(DPOSettings(**FAST | {"learning_rate": 1e-2}), MODEL, tiny_model_path,
+    dpo = train_policy_adapter("dpo", PolicySettings(**FAST | {"learning_rate": 1e-2}), MODEL, tiny_model_path,
                             splits["helpfulness"], root / "dpo")
     return root, splits["helpfulness"], judges, dpo
 

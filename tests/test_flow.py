@@ -51,7 +51,7 @@ def test_smoke_flow_logs_runs_metrics_and_registers_models(smoke_runs):
 
     parent = client.get_run(summary.mlflow_run_id)
     assert parent.info.status == "FINISHED"
-    assert parent.data.params["dpo.beta"] == "0.1" and parent.data.params["model.random_init.hidden_size"] == "64"
+    assert parent.data.params["method"] == "dpo" and parent.data.params["model.random_init.hidden_size"] == "64"
     assert parent.data.tags["prefect.flow_run_id"] == str(first.state_details.flow_run_id)
     assert len(parent.data.tags["data.sha256"]) == 64 and parent.data.tags["git.commit"]
     for metric in ("helpfulness.pairwise_accuracy", "harmlessness.pairwise_accuracy", "implicit_reward.accuracy",
@@ -73,7 +73,7 @@ def test_smoke_flow_logs_runs_metrics_and_registers_models(smoke_runs):
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert {run.data.tags["preftune.stage"] for run in children} == STAGES
     dpo_run = next(run for run in children if run.data.tags["preftune.stage"] == "dpo")
-    assert len(client.get_metric_history(dpo_run.info.run_id, "loss")) == config.dpo.max_steps
+    assert len(client.get_metric_history(dpo_run.info.run_id, "loss")) == config.policy.max_steps
 
     assert {r.name for r in summary.registered} == {"preftune-smoke-policy", "preftune-smoke-reward-helpfulness",
                                                     "preftune-smoke-reward-harmlessness"}
@@ -118,7 +118,7 @@ def test_secrets_from_the_environment_are_not_recorded(smoke_runs, tmp_path):
 
 def test_a_changed_setting_reruns_only_the_stages_it_affects(smoke_runs):
     config, _, _ = smoke_runs
-    changed = config.model_copy(update={"dpo": config.dpo.model_copy(update={"beta": 0.2})})
+    changed = config.model_copy(update={"policy": config.policy.model_copy(update={"beta": 0.2})})
     state = preference_tuning(changed, return_state=True)
     states = asyncio.run(_task_states(str(state.state_details.flow_run_id)))
     for prefix in ("filter-data", "reward-helpfulness", "reward-harmlessness", "train-sft"):
@@ -142,7 +142,7 @@ def test_a_new_tracking_store_gets_every_stage_run_without_retraining(smoke_runs
     assert {run.data.tags["preftune.stage"] for run in children} == STAGES
     dpo_run = next(run for run in children if run.data.tags["preftune.stage"] == "dpo")
     assert [m.step for m in client.get_metric_history(dpo_run.info.run_id, "loss")] == list(
-        range(1, config.dpo.max_steps + 1))
+        range(1, config.policy.max_steps + 1))
     assert summary.metrics["implicit_reward.accuracy"] == first.result().metrics["implicit_reward.accuracy"]
     records = [json.loads(path.read_text()) for path in Path(first.result().run_dir).glob("dpo/*/fit.json")]
-    assert [record["global_step"] for record in records if record["global_step"] == config.dpo.max_steps]
+    assert [record["global_step"] for record in records if record["global_step"] == config.policy.max_steps]

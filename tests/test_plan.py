@@ -37,7 +37,7 @@ def tinyllama() -> ModelShape:
 
 def book_plans(book, shape, device, settings=AUTO) -> list[TrainingPlan]:
     stages = [(f"reward-{name}", "reward", reward) for name, reward in book.rewards.items()]
-    stages += [("sft", "sft", book.sft), ("dpo", "dpo", book.dpo)]
+    stages += [("sft", "sft", book.sft), ("dpo", "dpo", book.policy)]
     return [plan_stage(stage, kind, stage_settings, book.model, shape, device, settings)
             for stage, kind, stage_settings in stages]
 
@@ -130,7 +130,7 @@ def test_auto_plan_uses_an_80gb_card_and_keeps_the_recipe(book, tinyllama):
         assert plan.optim == "adamw_torch_fused" and plan.memory.total_gib <= plan.memory_budget_gib
     dpo = book_plans(book, tinyllama, H100)[-1]
     recipe = book_plans(book, tinyllama, H100, RECIPE)[-1]
-    tuned, verbatim = (book.dpo.trainer_args("out", plan, "dpo") for plan in (dpo, recipe))
+    tuned, verbatim = (book.policy.trainer_args("out", plan, "dpo") for plan in (dpo, recipe))
     changed = {key for key in tuned if tuned[key] != verbatim[key]}
     assert changed == {"per_device_train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "optim"}
     assert tuned["per_device_train_batch_size"] * tuned["gradient_accumulation_steps"] == 8  # the effective batch
@@ -148,13 +148,13 @@ def test_auto_plan_fits_a_16gb_fp16_card_and_never_picks_bf16(book, tinyllama):
 
 def test_4bit_only_where_16bit_weights_do_not_fit(book):
     seven_b = ModelShape.from_config(LLAMA_7B)
-    roomy = plan_stage("dpo", "dpo", book.dpo, book.model, seven_b, DeviceSpec.described_gpu(40, True), AUTO)
-    tight = plan_stage("dpo", "dpo", book.dpo, book.model, seven_b, DeviceSpec.described_gpu(16, True), AUTO)
+    roomy = plan_stage("dpo", "dpo", book.policy, book.model, seven_b, DeviceSpec.described_gpu(40, True), AUTO)
+    tight = plan_stage("dpo", "dpo", book.policy, book.model, seven_b, DeviceSpec.described_gpu(16, True), AUTO)
     assert roomy.quantization == "none" and roomy.memory.weights_gib > 12
     assert tight.quantization == "nf4" and tight.compute_dtype == "bfloat16" and tight.memory.weights_gib < 5
     forced = book.model.model_copy(update={"quantization": book.model.quantization.model_copy(update={"mode": "none"})})
     with pytest.raises(PreftuneError, match="dpo: does not fit on .* lower max_length"):
-        plan_stage("dpo", "dpo", book.dpo, forced, seven_b, DeviceSpec.described_gpu(16, True), AUTO)
+        plan_stage("dpo", "dpo", book.policy, forced, seven_b, DeviceSpec.described_gpu(16, True), AUTO)
 
 
 def test_out_of_memory_shrinks_the_micro_batch_then_checkpoints_then_stops(book, tinyllama):
@@ -178,9 +178,9 @@ def test_cpu_plan_trains_fp32_without_checkpointing(book, tinyllama):
 
 
 def test_precomputed_reference_only_when_training_sees_the_data_again(book, tinyllama):
-    one_pass = plan_stage("dpo", "dpo", book.dpo, book.model, tinyllama, H100, AUTO, train_pairs=5922)
-    epochs = plan_stage("dpo", "dpo", book.dpo, book.model, tinyllama, H100, AUTO, train_pairs=400)
-    assert one_pass.precompute_ref_log_probs is False and epochs.precompute_ref_log_probs is True
+    one_pass = plan_stage("dpo", "dpo", book.policy, book.model, tinyllama, H100, AUTO, train_pairs=5922)
+    epochs = plan_stage("dpo", "dpo", book.policy, book.model, tinyllama, H100, AUTO, train_pairs=400)
+    assert not one_pass.precompute_ref_log_probs and epochs.precompute_ref_log_probs is True
     assert "precompute_ref_log_probs" not in book.rewards["helpfulness"].trainer_args(
         "out", book_plans(book, tinyllama, H100)[0], "reward")
 

@@ -14,8 +14,8 @@ def test_quickstart_flow_with_real_model_registers_a_usable_policy(tmp_path, smo
     config = load_config("quickstart", overrides=[
         f"runs_dir={tmp_path / 'runs'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "data.synthetic_rows=64", "rewards.helpfulness.max_steps=2", "rewards.harmlessness.max_steps=1",
-        "rewards.harmlessness.data.synthetic_rows=40", "dpo.max_steps=2", "rewards.helpfulness.save_steps=1",
-        "dpo.save_steps=1", "evaluation.generation_prompts=2", "evaluation.max_new_tokens=8",
+        "rewards.harmlessness.data.synthetic_rows=40", "policy.max_steps=2", "rewards.helpfulness.save_steps=1",
+        "policy.save_steps=1", "evaluation.generation_prompts=2", "evaluation.max_new_tokens=8",
     ])
     summary = preference_tuning(config)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tasks.data import DataSettings, apply_filter, format_split, load, read_jsonl, split
-from tasks.dpo import DPOSettings, train_dpo_adapter
+from tasks.policy import PolicySettings, train_policy_adapter
 from tasks.evaluate import EvalSettings, implicit_reward_metrics, load_policy
 from tasks.merge import merge_into_base
 from tasks.models import ModelSettings, load_tokenizer
@@ -21,9 +21,9 @@ def test_short_dpo_run_on_real_pairs_beats_chance_on_held_out_questions(shared_d
                         judge_fraction=0.4)
     parts = split(apply_filter(load(data, tmp_path), data, tmp_path), data, tmp_path)
     pairs = format_split(parts, load_tokenizer(smollm2_path, model), tmp_path / "formatted", 256)
-    settings = DPOSettings(max_steps=12, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+    settings = PolicySettings(max_steps=12, per_device_train_batch_size=2, gradient_accumulation_steps=2,
                            learning_rate=2e-4, max_length=256, save_steps=100)
-    result = train_dpo_adapter(settings, model, smollm2_path, pairs, tmp_path / "dpo")
+    result = train_policy_adapter("dpo", settings, model, smollm2_path, pairs, tmp_path / "dpo")
     tuned = merge_into_base(smollm2_path, [result.adapter_dir], tmp_path / "merged")
     metrics = implicit_reward_metrics(load_policy(tuned), load_policy(smollm2_path), read_jsonl(pairs.eval.path),
                                       EvalSettings(max_length=384))

@@ -50,6 +50,7 @@ ONLINE = frozenset({"max_length"})  # prompts are shortened by the data stage; c
 
 METHODS: dict[str, Method] = {
     "dpo": Method("trl.DPOTrainer", "trl.DPOConfig", "pairs", True, False, "log_ratio"),
+    "ipo": Method("trl.DPOTrainer", "trl.DPOConfig", "pairs", True, False, "log_ratio", {"loss_type": ["ipo"]}),
     "kto": Method("trl.KTOTrainer", "trl.KTOConfig", "unpaired", True, False, "log_ratio", plan_kind="kto"),
     "orpo": Method("trl.experimental.orpo.ORPOTrainer", "trl.experimental.orpo.ORPOConfig", "pairs", False, False,
                    "mean_logp", plan_kind="pairs"),

@@ -25,7 +25,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import flows  # noqa: E402,F401  (environment defaults)
 import psutil  # noqa: E402
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402

@@ -16,10 +16,10 @@ from pydantic import BaseModel, Field
 
 from tasks.base import PreftuneError, StrictModel, Workspace, file_sha256, fingerprint, retry_unless_user_error
 from tasks.caching import DATA_CACHE
+from tasks.schemas import SCHEMAS, normalize
 
-Format = Literal["auto", "argilla", "openai_dpo", "hh_rlhf", "pairs"]
+Format = Literal[("auto", *SCHEMAS)]
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-NORMALIZED_COLUMNS = ["system", "prompt", "chosen", "rejected", "status", "chosen_score", "in_gsm8k_train", "prompt_mismatch"]
 
 
 class DataSettings(StrictModel):
@@ -126,123 +126,6 @@ def read_table(source: str, split: str = "train", data_dir: str | None = None) -
         except DatasetNotFoundError as error:  # unknown or gated id: retrying cannot help; network errors are retried
             raise PreftuneError(f"dataset {source!r} not found on the Hugging Face Hub ({error})") from None
     return dataset.to_pandas()
-
-
-def detect_format(columns: set[str]) -> str:
-    if {"input", "preferred_output", "non_preferred_output"} <= columns:
-        return "openai_dpo"
-    if {"chosen", "rejected"} <= columns and {"input", "question"} & columns:
-        return "argilla"
-    if {"prompt", "chosen", "rejected"} <= columns:
-        return "pairs"
-    if columns == {"chosen", "rejected"}:
-        return "hh_rlhf"
-    raise PreftuneError(
-        f"unrecognised columns {sorted(columns)}; expected one of: "
-        "argilla (system, input, chosen, rejected[, status, chosen_score, in_gsm8k_train]), "
-        "openai_dpo (input.messages, preferred_output, non_preferred_output), "
-        "pairs (prompt, chosen, rejected), hh_rlhf (chosen, rejected transcripts)"
-    )
-
-
-REQUIRED_COLUMNS = {
-    "argilla": {"chosen", "rejected"},
-    "openai_dpo": {"input", "preferred_output", "non_preferred_output"},
-    "pairs": {"prompt", "chosen", "rejected"},
-    "hh_rlhf": {"chosen", "rejected"},
-}
-
-TURN = re.compile(r"\n\n(Human|Assistant):")
-
-
-def parse_transcript(text: str) -> list[dict[str, str]]:
-    """hh-rlhf's "\\n\\nHuman: ...\\n\\nAssistant: ..." transcript as chat messages."""
-    parts = TURN.split(text)
-    return [
-        {"role": "user" if role == "Human" else "assistant", "content": content.strip()}
-        for role, content in zip(parts[1::2], parts[2::2])
-    ]
-
-
-def _text(value, where: str) -> str:
-    if value is None or (isinstance(value, float) and value != value):
-        raise PreftuneError(f"{where}: missing value (null or NaN) where text is expected")
-    if not isinstance(value, str):
-        raise PreftuneError(f"{where}: expected text, found {type(value).__name__} {value!r:.60}")
-    return value
-
-
-def _score(value, where: str) -> float | None:
-    if value is None or (isinstance(value, float) and value != value):
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise PreftuneError(f"{where}: expected a number, found {type(value).__name__} {value!r:.40}")
-    return float(value)
-
-
-def _flag(value, where: str) -> bool | None:
-    if value is None or (isinstance(value, float) and value != value):
-        return None
-    if not isinstance(value, bool):
-        raise PreftuneError(f"{where}: expected true or false, found {type(value).__name__} {value!r:.40}")
-    return value
-
-
-def _last_assistant(messages, where: str) -> str:
-    if isinstance(messages, str):
-        return messages
-    if isinstance(messages, (dict, bytes)) or not hasattr(messages, "__iter__"):
-        _text(messages, where)  # raises, naming what was found
-    messages = list(messages)
-    if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
-        raise PreftuneError(f"{where}: expected a list ending with an assistant message")
-    return _text(messages[-1].get("content"), where)
-
-
-def normalize_row(row: dict, fmt: str, where: str) -> dict:
-    """One source row -> system, prompt (chat messages without system), chosen, rejected, labels."""
-    out = {"system": "", "status": None, "chosen_score": None, "in_gsm8k_train": None, "prompt_mismatch": False}
-    if fmt == "argilla":
-        question = row.get("input", row.get("question"))
-        out["system"] = row.get("system") or ""
-        out["prompt"] = [{"role": "user", "content": _text(question, f"{where}, column 'input'")}]
-        out["chosen"] = _text(row["chosen"], f"{where}, column 'chosen'")
-        out["rejected"] = _text(row["rejected"], f"{where}, column 'rejected'")
-        status = row.get("status")
-        out["status"] = None if status is None or status != status else _text(status, f"{where}, column 'status'")
-        out["chosen_score"] = _score(row.get("chosen_score"), f"{where}, column 'chosen_score'")
-        out["in_gsm8k_train"] = _flag(row.get("in_gsm8k_train"), f"{where}, column 'in_gsm8k_train'")
-    elif fmt == "openai_dpo":
-        messages = list(row["input"]["messages"])
-        out["system"] = "\n".join(m["content"] for m in messages if m["role"] == "system")
-        out["prompt"] = [dict(m) for m in messages if m["role"] != "system"]
-        out["chosen"] = _last_assistant(row["preferred_output"], f"{where}, column 'preferred_output'")
-        out["rejected"] = _last_assistant(row["non_preferred_output"], f"{where}, column 'non_preferred_output'")
-    elif fmt == "hh_rlhf":
-        chosen = parse_transcript(_text(row["chosen"], f"{where}, column 'chosen'"))
-        rejected = parse_transcript(_text(row["rejected"], f"{where}, column 'rejected'"))
-        if not chosen or chosen[-1]["role"] != "assistant" or not rejected or rejected[-1]["role"] != "assistant":
-            raise PreftuneError(f"{where}: transcript does not end with an Assistant turn")
-        out["prompt"], out["chosen"], out["rejected"] = chosen[:-1], chosen[-1]["content"], rejected[-1]["content"]
-        out["prompt_mismatch"] = chosen[:-1] != rejected[:-1]  # a known hh-rlhf quirk
-    else:  # pairs: TRL's standard or conversational preference format
-        prompt = row["prompt"]
-        out["prompt"] = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
-        out["chosen"] = _last_assistant(row["chosen"], f"{where}, column 'chosen'")
-        out["rejected"] = _last_assistant(row["rejected"], f"{where}, column 'rejected'")
-    return out
-
-
-def normalize(table: pd.DataFrame, fmt: str, source: str) -> pd.DataFrame:
-    columns = set(table.columns)
-    fmt = detect_format(columns) if fmt == "auto" else fmt
-    missing = REQUIRED_COLUMNS[fmt] - columns
-    if fmt == "argilla" and not {"input", "question"} & columns:
-        missing.add("input")
-    if missing:
-        raise PreftuneError(f"{source}: missing columns {sorted(missing)} for format '{fmt}'; found {sorted(columns)}")
-    rows = [normalize_row(row, fmt, f"{source}, row {index}") for index, row in enumerate(table.to_dict("records"))]
-    return pd.DataFrame(rows, columns=NORMALIZED_COLUMNS).assign(_format=fmt)
 
 
 def write_jsonl(frame: pd.DataFrame, path: Path) -> DataFile:

@@ -8,15 +8,22 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Literal
 
-import torch
-from peft import LoraConfig
-from prefect import task
-from pydantic import Field
+# Tokenizers are used before DataLoader workers fork: their thread pool cannot follow, so say so once
+# instead of warning in every worker (a user's setting wins).
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# bitsandbytes (imported by peft) warns on every CPU machine that an optional kernel package is absent.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+import torch  # noqa: E402
+from peft import LoraConfig  # noqa: E402
+from prefect import task  # noqa: E402
+from pydantic import Field  # noqa: E402
 
 from tasks.base import PreftuneError, StrictModel, cache_root, fingerprint, retry_unless_user_error
 

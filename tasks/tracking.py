@@ -9,7 +9,9 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-import mlflow
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # read when mlflow is imported; a user's setting wins
+
+import mlflow  # noqa: E402
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from prefect import task

@@ -6,8 +6,6 @@ from pathlib import Path
 
 import pytest
 
-import flows  # noqa: F401  (sets the embedded stack's environment defaults)
-
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 

@@ -7,9 +7,10 @@ import pandas as pd
 import pytest
 
 from tasks.base import PreftuneError
-from tasks.data import (DataSettings, apply_filter, fit_pair, format_split, load, parse_transcript, question_keys,
+from tasks.data import (DataSettings, apply_filter, fit_pair, format_split, load, question_keys,
                         read_jsonl, render_example, split)
 from tasks.models import ModelSettings, load_tokenizer
+from tasks.schemas import parse_transcript
 from tasks.synthetic import generate_preferences, generate_safety_preferences
 
 

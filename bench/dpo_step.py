@@ -21,7 +21,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 from flows.config import load_config  # noqa: E402
 from tasks.data import DataSettings, apply_filter, format_split, load, split  # noqa: E402
-from tasks.models import load_tokenizer, resolve_model_path  # noqa: E402
+from tasks.models import ResolvedModel, load_tokenizer, resolve_model_path  # noqa: E402
 from tasks.plan import default_plan, keep_freed_memory  # noqa: E402
 
 
@@ -46,7 +46,7 @@ def run(stage: str, trainer_class, config_class, settings, model_settings, model
 
     head = AutoModelForSequenceClassification if stage == "reward" else AutoModelForCausalLM
     tokenizer = load_tokenizer(model_path, model_settings)
-    plan = default_plan(stage, stage, settings, model_settings, model_path)
+    plan = default_plan(stage, stage, settings, ResolvedModel(path=model_path, settings=model_settings))
     model = head.from_pretrained(model_path, **({"num_labels": 1} if stage == "reward" else {}),
                                  **plan.load_kwargs(model_settings))
     model.config.pad_token_id = tokenizer.pad_token_id

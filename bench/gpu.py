@@ -32,7 +32,7 @@ from transformers import TrainerCallback  # noqa: E402
 from flows.config import load_config  # noqa: E402
 from tasks.data import DataSettings, apply_filter, format_split, load, split  # noqa: E402
 from tasks.policy import train_policy_adapter  # noqa: E402
-from tasks.models import RandomInitSettings, build_random_model, load_tokenizer, resolve_model_path  # noqa: E402
+from tasks.models import RandomInitSettings, ResolvedModel, TokenizerSettings, build_random_model, load_tokenizer, resolve_model_path  # noqa: E402
 from tasks.plan import DeviceSpec, PlanSettings, keep_freed_memory, plan_stage, shape_of  # noqa: E402
 from tasks.tracking import TrackingSettings, configure  # noqa: E402
 from tasks.training import load_pairs  # noqa: E402
@@ -139,7 +139,8 @@ def main() -> None:
     book = load_config("book")
     tokenizer_source = args.tokenizer or resolve_model_path(load_config("quickstart").model)
     model_dir = str(build_random_model(tokenizer_source, SIZES[args.size]))
-    model = book.model.model_copy(update={"base_model": model_dir})
+    # The book's model settings on a random model with a local tokenizer (no hub): its own chat template.
+    model = book.model.model_copy(update={"base_model": model_dir, "tokenizer": TokenizerSettings()})
     tokenizer = load_tokenizer(model_dir, model)
     config, shape, device = AutoConfig.from_pretrained(model_dir), shape_of(model, model_dir), DeviceSpec.detect()
     if device.kind == "cpu":  # what preftune's CPU plans do; process-wide, so every variant gets it
@@ -163,7 +164,8 @@ def main() -> None:
             plan = plan_stage("dpo", "dpo", settings, model, shape, device, PlanSettings(mode=name))
 
             def run():
-                train_policy_adapter("dpo", settings, model, model_dir, pairs, out / name, plan=plan, callbacks=[meter])
+                train_policy_adapter("dpo", settings, ResolvedModel(path=model_dir, settings=model), pairs, out / name,
+                                     plan=plan, callbacks=[meter])
                 return (f"{plan.adapter} {plan.precision} {plan.micro_batch}x{plan.gradient_accumulation} "
                         f"{'ckpt' if plan.gradient_checkpointing else 'no-ckpt'} {plan.optim}")
             return run

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flows.config import load_config  # noqa: E402
 from tasks.data import DataSettings, apply_filter, format_split, load, read_jsonl, split  # noqa: E402
 from tasks.evaluate import RewardScorer, pairwise_metrics  # noqa: E402
-from tasks.models import load_tokenizer, resolve_model_path  # noqa: E402
+from tasks.models import ResolvedModel, load_tokenizer, resolve_model_path  # noqa: E402
 from tasks.reward import train_reward_model  # noqa: E402
 from tasks.tracking import TrackingSettings, configure  # noqa: E402
 
@@ -48,7 +48,7 @@ def main() -> None:
         report = apply_filter(load(data, out), data, out)
         pairs = format_split(split(report, data, out), load_tokenizer(model_path, config.model), out)
         started = time.perf_counter()
-        result = train_reward_model(args.aspect, settings, config.model, model_path, pairs, out / "reward")
+        result = train_reward_model(args.aspect, settings, ResolvedModel(path=model_path, settings=config.model), pairs, out / "reward")
         seconds = time.perf_counter() - started
         metrics, _, _ = pairwise_metrics(args.aspect, RewardScorer(result.model_dir, args.max_length),
                                          read_jsonl(pairs.eval.path), 8)

@@ -103,14 +103,15 @@ class PipelineConfig(StrictModel):
 
     def with_data_root(self) -> "PipelineConfig":
         """The same settings with relative local data files resolved against `data_root`."""
-        def resolve(data: DataSettings | None) -> DataSettings | None:
+        def resolve(data):  # DataSettings or ChatDataSettings: anything with a `source`
             if data is None or not Path(data.source).suffix or Path(data.source).is_absolute():
                 return data
             return data.model_copy(update={"source": str(Path(self.data_root).expanduser() / data.source)})
 
         rewards = {name: reward.model_copy(update={"data": resolve(reward.data)}) for name, reward in self.rewards.items()}
         return self.model_copy(update={"data": resolve(self.data), "rewards": rewards,
-                                       "sft": self.sft.model_copy(update={"data": resolve(self.sft.data)})})
+                                       "sft": self.sft.model_copy(update={"data": resolve(self.sft.data),
+                                                                          "chat_data": resolve(self.sft.chat_data)})})
 
     def resolved_run_name(self) -> str:
         """One folder per profile by default; each stage inside it is keyed by its own inputs, so a

@@ -21,15 +21,15 @@ from flows.config import PipelineConfig
 from tasks.base import Workspace, fingerprint, redact
 from tasks.cleanup import stored_bytes
 from tasks.data import (DataSettings, LoadedData, SplitData, filter_preferences, format_preferences,
-                        load_preferences, read_jsonl, split_preferences)
+                        load_preferences, read_jsonl, render_example, split_preferences)
 from tasks.evaluate import Judge, evaluate
 from tasks.merge import merge_adapters
 from tasks.methods import method_named
-from tasks.models import ModelSettings, resolve_base_model
+from tasks.models import ResolvedModel, resolve_base_model
 from tasks.plan import TrainingPlan, plan_training, publish_plans
 from tasks.policy import RewardFunction, train_policy
 from tasks.reward import RewardSettings, train_reward
-from tasks.sft import train_sft
+from tasks.sft import prepare_chat_data, train_sft
 from tasks.tracking import (PromotionDecision, RegisteredVersion, configure, current_champion, decide_promotion,
                             git_commit, register)
 
@@ -55,14 +55,14 @@ def _flatten(values: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def prepare_data(settings: DataSettings, model_path: str, model: ModelSettings, max_length: int,
-                 workspace: Workspace, stage: str) -> tuple[LoadedData, SplitData, SplitData]:
+def prepare_data(settings: DataSettings, model: ResolvedModel, max_length: int, workspace: Workspace,
+                 stage: str) -> tuple[LoadedData, SplitData, SplitData]:
     """load -> filter -> split -> format for one data source, with its counts on the parent run.
     Returns the loaded file, the raw splits (for other consumers) and the splits formatted for training."""
     loaded = load_preferences(settings, workspace, stage)
     filtered = filter_preferences(loaded, settings, workspace, stage)
     splits = split_preferences(filtered, settings, workspace, stage)
-    formatted = format_preferences(splits, model_path, model, max_length, settings, workspace, stage)
+    formatted = format_preferences(splits, model, max_length, settings, workspace, stage)
     mlflow.set_tag(f"{stage}.sha256", loaded.sha256)
     parts = {"train": formatted.train, "eval": formatted.eval} | ({"judge": splits.judge} if splits.judge else {})
     mlflow.log_metrics({f"{stage}.rows_loaded": loaded.rows, f"{stage}.rows_kept": filtered.rows,
@@ -71,6 +71,7 @@ def prepare_data(settings: DataSettings, model_path: str, model: ModelSettings, 
                        | {f"{stage}.dropped.{rule}": count for rule, count in filtered.dropped.items()}
                        | {f"{stage}.overlong_{split}": count for split, count in formatted.overlong.items()}
                        | {f"{stage}.answers_cut_{split}": count for split, count in formatted.truncated_answers.items()})
+    mlflow.log_text(render_example(formatted.train.path, model.tokenizer()), f"data/{stage}-example.txt")
     for name, part in parts.items():
         mlflow.log_input(mlflow.data.from_pandas(read_jsonl(part.path), source=redact(loaded.source),
                                                 name=f"{stage}-{name}"),
@@ -89,34 +90,30 @@ class Aspect(BaseModel):
 
     name: str
     settings: RewardSettings
-    model: ModelSettings
-    model_path: str
+    model: ResolvedModel
     pairs: SplitData
     provenance: str
     plan: TrainingPlan | None = None
 
 
-def prepare_aspect(name: str, settings: RewardSettings, config: PipelineConfig, model_path: str, raw: SplitData,
-                   pairs: SplitData, workspace: Workspace) -> Aspect:
+def prepare_aspect(name: str, settings: RewardSettings, config: PipelineConfig, policy_model: ResolvedModel,
+                   raw: SplitData, pairs: SplitData, workspace: Workspace) -> Aspect:
     """A judge's data: its own source, or the pipeline's questions set aside for judges (never the
     policy's), formatted for its own max_length so its trainer drops nothing."""
-    model = settings.model or config.model
-    path = resolve_base_model(model) if settings.model else model_path
+    model = resolve_base_model(settings.model) if settings.model else policy_model
     if settings.judge:
-        own = prepare_data(settings.data, path, model, settings.max_length, workspace, f"data-{name}")[2] \
+        own = prepare_data(settings.data, model, settings.max_length, workspace, f"data-{name}")[2] \
             if settings.data else pairs
-        return Aspect(name=name, settings=settings, model=model, model_path=path, pairs=own,
-                      provenance=f"given: {redact(settings.judge)}")
+        return Aspect(name=name, settings=settings, model=model, pairs=own, provenance=f"given: {redact(settings.judge)}")
     if settings.data is None:
-        judged = format_preferences(raw.for_judges(), path, model, settings.max_length, config.data, workspace,
+        judged = format_preferences(raw.for_judges(), model, settings.max_length, config.data, workspace,
                                     f"data-judge-{name}")
         provenance = f"trained on {judged.train.rows} pairs whose questions the policy never saw"
     else:
-        judged = prepare_data(settings.data, path, model, settings.max_length, workspace, f"data-{name}")[2]
+        judged = prepare_data(settings.data, model, settings.max_length, workspace, f"data-{name}")[2]
         provenance = f"trained on {judged.train.rows} pairs of its own data ({Path(settings.data.source).name})"
-    plan = plan_training(f"reward-{name}", "reward", settings, model, path, config.plan, judged.train.rows)
-    return Aspect(name=name, settings=settings, model=model, model_path=path, pairs=judged, provenance=provenance,
-                  plan=plan)
+    plan = plan_training(f"reward-{name}", "reward", settings, model, config.plan, judged.train.rows)
+    return Aspect(name=name, settings=settings, model=model, pairs=judged, provenance=provenance, plan=plan)
 
 
 def summary_markdown(tracking_uri: str, parent, metrics: dict[str, float], registered: list[RegisteredVersion]) -> str:
@@ -151,20 +148,22 @@ def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSumm
 
         method, policy_settings = method_named(config.method), config.policy_settings()
         mlflow.set_tag("preftune.method", config.method)
-        model_path = resolve_base_model(config.model)
-        loaded, raw, pairs = prepare_data(config.data, model_path, config.model, policy_settings.max_length, workspace,
-                                          "data")
+        base = resolve_base_model(config.model)
+        loaded, raw, pairs = prepare_data(config.data, base, policy_settings.max_length, workspace, "data")
         tags["data.sha256"] = loaded.sha256
 
         # Data for every stage first, then one plan per training stage, shown before anything trains.
-        aspects = [prepare_aspect(name, settings, config, model_path, raw, pairs, workspace)
+        aspects = [prepare_aspect(name, settings, config, base, raw, pairs, workspace)
                    for name, settings in config.rewards.items()]
         if config.sft.enabled:
-            sft_pairs = pairs if config.sft.data is None else prepare_data(
-                config.sft.data, model_path, config.model, config.sft.max_length, workspace, "data-sft")[2]
-            sft_plan = plan_training("sft", "sft", config.sft, config.model, model_path, config.plan, sft_pairs.train.rows)
-        policy_plan = plan_training(config.method, method.plan_kind, policy_settings, config.model, model_path,
-                                    config.plan, pairs.train.rows)
+            if config.sft.chat_data:
+                sft_pairs = prepare_chat_data(config.sft.chat_data, workspace)
+            else:
+                sft_pairs = pairs if config.sft.data is None else prepare_data(
+                    config.sft.data, base, config.sft.max_length, workspace, "data-sft")[2]
+            sft_plan = plan_training("sft", "sft", config.sft, base, config.plan, sft_pairs.train.rows)
+        policy_plan = plan_training(config.method, method.plan_kind, policy_settings, base, config.plan,
+                                    pairs.train.rows)
         publish_plans([a.plan for a in aspects if a.plan] + ([sft_plan] if config.sft.enabled else []) + [policy_plan])
         mlflow.set_tags({"preftune.device": policy_plan.device, "preftune.adapter": policy_plan.adapter,
                          "preftune.precision": policy_plan.precision, "preftune.plan": policy_plan.mode})
@@ -175,26 +174,26 @@ def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSumm
                 judges.append(Judge(aspect=aspect.name, weight=aspect.settings.weight, model=aspect.settings.judge,
                                     eval_path=aspect.pairs.eval.path, provenance=aspect.provenance))
                 continue
-            reward = train_reward(aspect.name, aspect.settings, aspect.model, aspect.model_path, aspect.pairs,
+            reward = train_reward(aspect.name, aspect.settings, aspect.model, aspect.pairs,
                                   aspect.plan, workspace, parent_id)
             judges.append(Judge(aspect=aspect.name, weight=reward.weight, model=reward.model_dir,
                                 eval_path=reward.eval_path, provenance=aspect.provenance))
             reward_dirs[aspect.name], stage_runs[f"reward-{aspect.name}"] = reward.model_dir, reward.mlflow_run_id
 
-        policy_start, adapters = model_path, []
+        policy_start, adapters = base, []
         if config.sft.enabled:
-            sft = train_sft(config.sft, config.model, model_path, sft_pairs, sft_plan, workspace, parent_id)
-            policy_start, adapters = sft.model_dir, [sft.adapter_dir]
+            sft = train_sft(config.sft, base, sft_pairs, sft_plan, workspace, parent_id)
+            policy_start, adapters = base.starting_from(sft.model_dir), [sft.adapter_dir]
             if sft.mlflow_run_id:
                 stage_runs["sft"] = sft.mlflow_run_id
         rewards = [RewardFunction(aspect=j.aspect, model=j.model, weight=j.weight) for j in judges] if method.online else []
-        policy = train_policy(config.method, policy_settings, config.model, policy_start, pairs, policy_plan, rewards,
+        policy = train_policy(config.method, policy_settings, policy_start, pairs, policy_plan, rewards,
                               workspace, parent_id)
         stage_runs[config.method] = policy.mlflow_run_id
-        merged = merge_adapters(model_path, adapters + [policy.adapter_dir], pairs.eval.path, config.merge, workspace)
+        merged = merge_adapters(base.path, adapters + [policy.adapter_dir], pairs.eval.path, config.merge, workspace)
 
         champion = current_champion(config.tracking)
-        evaluation = evaluate(config.evaluation, pairs.eval.path, policy_start, merged.model_dir, judges, champion,
+        evaluation = evaluate(config.evaluation, pairs.eval.path, policy_start.path, merged.model_dir, judges, champion,
                               workspace, parent_id, stage_runs, config.method, method.implicit_reward)
         decision = decide_promotion(evaluation.gate, config.tracking.promotion)
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 
 from tasks.base import PreftuneError, StrictModel, Workspace, file_sha256, fingerprint, retry_unless_user_error
 from tasks.caching import DATA_CACHE
+from tasks.models import ResolvedModel
 from tasks.schemas import SCHEMAS, normalize
 
 Format = Literal[("auto", *SCHEMAS)]
@@ -392,9 +393,7 @@ def split_preferences(filtered: FilterReport, settings: DataSettings, workspace:
 
 
 @task(name="format-preferences", task_run_name="format-{stage}", **DATA_TASK)
-def format_preferences(splits: SplitData, model_path: str, model_settings, max_length: int, settings: DataSettings,
+def format_preferences(splits: SplitData, model: ResolvedModel, max_length: int, settings: DataSettings,
                        workspace: Workspace, stage: str = "data") -> SplitData:
-    from tasks.models import load_tokenizer
-
-    folder = workspace.stage(stage, splits, model_path, max_length, settings.overlong)  # the model's chat template
-    return format_split(splits, load_tokenizer(model_path, model_settings), folder, max_length, settings.overlong)
+    folder = workspace.stage(stage, splits, model, max_length, settings.overlong)  # lengths follow its chat template
+    return format_split(splits, model.tokenizer(), folder, max_length, settings.overlong)

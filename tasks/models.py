@@ -23,7 +23,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 import torch  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from prefect import task  # noqa: E402
-from pydantic import Field  # noqa: E402
+from pydantic import BaseModel, Field  # noqa: E402
 
 from tasks.base import PreftuneError, StrictModel, cache_root, fingerprint, retry_unless_user_error
 
@@ -80,6 +80,15 @@ class LoraSettings(StrictModel):
         )
 
 
+class TokenizerSettings(StrictModel):
+    """How the model's tokenizer is set up before any stage uses it (the recipe's SFT starts from a base
+    model that has no chat template, and renders its data with TinyLlama-Chat's)."""
+
+    chat_template_from: str | None = None  # a folder or hub id whose tokenizer's chat template is used
+    pad_token: str | None = None  # None: the tokenizer's own, else its end-of-sequence token
+    padding_side: Literal["left", "right"] | None = None  # None: the tokenizer's own
+
+
 class ModelSettings(StrictModel):
     base_model: str = DEFAULT_BASE_MODEL
     revision: str | None = None
@@ -88,6 +97,7 @@ class ModelSettings(StrictModel):
     quantization: QuantizationSettings = Field(default_factory=QuantizationSettings)
     # auto: bf16 on a GPU that has it, fp16 on one that has not, fp32 on a CPU (see tasks/plan.py).
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    tokenizer: TokenizerSettings = Field(default_factory=TokenizerSettings)
 
 
 # --- resolving a reference to a folder -------------------------------------------------------
@@ -199,29 +209,68 @@ def resolve_model_path(settings: ModelSettings) -> str:
     return resolved
 
 
+class ResolvedModel(BaseModel):
+    """A model resolved once: the folder (or hub id) `from_pretrained` loads, and the settings that say
+    how (revision, remote code, precision and 4-bit choices, tokenizer). Stages receive this one object."""
+
+    path: str
+    settings: ModelSettings
+
+    def tokenizer(self):
+        return load_tokenizer(self.path, self.settings)
+
+    def config(self):
+        return model_config(self.settings, self.path)
+
+    def starting_from(self, path: str) -> "ResolvedModel":
+        """The same model after an earlier stage changed its weights (e.g. SFT merged into it)."""
+        return self.model_copy(update={"path": path})
+
+
+def resolve_model(settings: ModelSettings) -> ResolvedModel:
+    return ResolvedModel(path=resolve_model_path(settings), settings=settings)
+
+
 @task(name="resolve-base-model", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_unless_user_error, tags=["model"])
-def resolve_base_model(settings: ModelSettings) -> str:
-    return resolve_model_path(settings)
+def resolve_base_model(settings: ModelSettings) -> ResolvedModel:
+    return resolve_model(settings)
 
 
 # --- loading for training ---------------------------------------------------------------------
 
 
-def load_tokenizer(model_path: str, settings: ModelSettings):
+def _tokenizer_of(path: str, settings: ModelSettings | None = None):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            model_path, revision=settings.revision, trust_remote_code=settings.trust_remote_code
-        )
+        return AutoTokenizer.from_pretrained(path, revision=settings.revision if settings else None,
+                                             trust_remote_code=bool(settings and settings.trust_remote_code))
     except (OSError, ValueError) as error:  # unknown hub id, no network, gated repo, missing files
-        raise PreftuneError(f"cannot load the tokenizer of {model_path!r}: {error}") from None
+        raise PreftuneError(f"cannot load the tokenizer of {path!r}: {error}") from None
+
+
+def load_tokenizer(model_path: str, settings: ModelSettings):
+    """The model's tokenizer as every stage uses it: `settings.tokenizer` applied, a chat template required."""
+    tokenizer, wanted = _tokenizer_of(model_path, settings), settings.tokenizer
+    if wanted.chat_template_from:
+        template = _tokenizer_of(wanted.chat_template_from).chat_template
+        if not template:
+            raise PreftuneError(f"model.tokenizer.chat_template_from: the tokenizer of {wanted.chat_template_from} "
+                                "has no chat template")
+        tokenizer.chat_template = template
+    if wanted.pad_token:
+        if wanted.pad_token not in tokenizer.get_vocab():  # TRL refuses a padding token the model cannot embed
+            raise PreftuneError(f"model.tokenizer.pad_token {wanted.pad_token!r} is not in the vocabulary of "
+                                f"{model_path}; use one of its tokens (e.g. {tokenizer.unk_token or tokenizer.eos_token!r})")
+        tokenizer.pad_token = wanted.pad_token
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if wanted.padding_side:
+        tokenizer.padding_side = wanted.padding_side
     if not tokenizer.chat_template:
         raise PreftuneError(
-            f"the tokenizer of {model_path} has no chat template: use an instruction-tuned model "
-            "or one whose tokenizer_config.json sets chat_template"
+            f"the tokenizer of {model_path} has no chat template: use an instruction-tuned model, one whose "
+            "tokenizer_config.json sets chat_template, or set model.tokenizer.chat_template_from"
         )
     return tokenizer
 

@@ -19,7 +19,7 @@ from prefect import task
 from pydantic import BaseModel, Field
 
 from tasks.base import PreftuneError, StrictModel, retry_unless_user_error
-from tasks.models import LoraSettings, ModelSettings
+from tasks.models import LoraSettings, ModelSettings, ResolvedModel
 
 GiB = 2**30
 # What a stage trains, for the memory model: DPO-style pairs with a reference (dpo), KTO's example plus
@@ -351,10 +351,10 @@ def shape_of(model: ModelSettings, model_path: str | None = None) -> ModelShape:
 
 @task(name="plan-training", task_run_name="plan-{stage}", tags=["plan"], retries=1,
       retry_condition_fn=retry_unless_user_error)
-def plan_training(stage: str, kind: Kind, settings, model: ModelSettings, model_path: str, plan_settings: PlanSettings,
+def plan_training(stage: str, kind: Kind, settings, model: ResolvedModel, plan_settings: PlanSettings,
                   train_pairs: int | None = None) -> TrainingPlan:
-    return plan_stage(stage, kind, settings, model, shape_of(model, model_path), DeviceSpec.detect(), plan_settings,
-                      train_pairs)
+    return plan_stage(stage, kind, settings, model.settings, shape_of(model.settings, model.path), DeviceSpec.detect(),
+                      plan_settings, train_pairs)
 
 
 def plan_table(plans: list[TrainingPlan]) -> list[dict]:
@@ -383,11 +383,10 @@ def inference_placement() -> tuple[str, torch.dtype]:
     return "cuda", getattr(torch, choose_precision("auto", DeviceSpec.detect()).weights_dtype)
 
 
-def default_plan(stage: str, kind: Kind, settings, model: ModelSettings, model_path: str,
-                 train_pairs: int | None = None) -> TrainingPlan:
+def default_plan(stage: str, kind: Kind, settings, model: ResolvedModel, train_pairs: int | None = None) -> TrainingPlan:
     """The auto plan on this machine, for a stage called outside the flow (scripts, benchmarks, tests)."""
-    return plan_stage(stage, kind, settings, model, shape_of(model, model_path), DeviceSpec.detect(), PlanSettings(),
-                      train_pairs)
+    return plan_stage(stage, kind, settings, model.settings, shape_of(model.settings, model.path), DeviceSpec.detect(),
+                      PlanSettings(), train_pairs)
 
 
 def keep_freed_memory() -> bool:

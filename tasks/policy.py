@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from tasks.base import PreftuneError, Workspace
 from tasks.data import SplitData
 from tasks.methods import Method, method_named
-from tasks.models import ModelSettings, load_tokenizer
+from tasks.models import ResolvedModel
 from tasks.plan import TrainingPlan, default_plan
 from tasks.tracking import stage_run
 from tasks.training import TrainerSettings, fit, load_pairs, training_task
@@ -59,8 +59,7 @@ def dataset_for(method: Method, path: str):
     return pairs
 
 
-def train_policy_adapter(method_name: str, settings: PolicySettings, model: ModelSettings, model_path: str,
-                         splits: SplitData, stage_dir: Path, parent_run_id: str | None = None,
+def train_policy_adapter(method_name: str, settings: PolicySettings, model: ResolvedModel, splits: SplitData, stage_dir: Path, parent_run_id: str | None = None,
                          rewards: list[RewardFunction] = (), callbacks: list | None = None,
                          plan: TrainingPlan | None = None) -> PolicyResult:
     from transformers import AutoModelForCausalLM
@@ -71,8 +70,8 @@ def train_policy_adapter(method_name: str, settings: PolicySettings, model: Mode
     if given := [reward.aspect for reward in rewards if reward.model.startswith("models:/")]:
         raise PreftuneError(f"{method_name} loads its reward models from folders or hub ids; rewards "
                             f"{', '.join(given)} name a models:/ URI (download it with `mlflow artifacts download`)")
-    tokenizer = load_tokenizer(model_path, model)
-    plan = plan or default_plan(method_name, method.plan_kind, settings, model, model_path, splits.train.rows)
+    tokenizer = model.tokenizer()
+    plan = plan or default_plan(method_name, method.plan_kind, settings, model, splits.train.rows)
     train_data, eval_data = dataset_for(method, splits.train.path), dataset_for(method, splits.eval.path)
 
     def make_trainer(plan: TrainingPlan):
@@ -84,7 +83,7 @@ def train_policy_adapter(method_name: str, settings: PolicySettings, model: Mode
             args = method.config_class()(**arguments)
         except (TypeError, ValueError) as error:  # e.g. a batch that num_generations does not divide
             raise PreftuneError(f"policy settings for {method_name}: {error}") from None
-        network = AutoModelForCausalLM.from_pretrained(model_path, **plan.load_kwargs(model))
+        network = AutoModelForCausalLM.from_pretrained(model.path, **plan.load_kwargs(model.settings))
         trainer = method.trainer_class()(
             model=network, args=args, train_dataset=train_data, eval_dataset=eval_data, processing_class=tokenizer,
             peft_config=settings.lora.peft_config("CAUSAL_LM", network.config.num_hidden_layers),
@@ -100,9 +99,9 @@ def train_policy_adapter(method_name: str, settings: PolicySettings, model: Mode
 
 
 @training_task("train-policy", task_run_name="train-{method}")
-def train_policy(method: str, settings: PolicySettings, model: ModelSettings, model_path: str, splits: SplitData,
+def train_policy(method: str, settings: PolicySettings, model: ResolvedModel, splits: SplitData,
                  plan: TrainingPlan, rewards: list[RewardFunction], workspace: Workspace,
                  parent_run_id: str | None = None) -> PolicyResult:
-    stage_dir = workspace.stage(method, settings, model, model_path, splits, rewards, plan.result_key())
-    return train_policy_adapter(method, settings, model, model_path, splits, stage_dir, parent_run_id, rewards,
+    stage_dir = workspace.stage(method, settings, model, splits, rewards, plan.result_key())
+    return train_policy_adapter(method, settings, model, splits, stage_dir, parent_run_id, rewards,
                                 plan=plan)

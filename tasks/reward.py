@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from tasks.base import Workspace
 from tasks.data import DataSettings, SplitData
 from tasks.merge import merge_into_base
-from tasks.models import ModelSettings, load_tokenizer
+from tasks.models import ModelSettings, ResolvedModel
 from tasks.plan import TrainingPlan, default_plan
 from tasks.tracking import stage_run
 from tasks.training import TrainerSettings, fit, load_pairs, training_task
@@ -46,17 +46,17 @@ class RewardResult(BaseModel):
     mlflow_run_id: str
 
 
-def train_reward_model(aspect: str, settings: RewardSettings, model: ModelSettings, model_path: str,
-                       splits: SplitData, stage_dir: Path, parent_run_id: str | None = None,
+def train_reward_model(aspect: str, settings: RewardSettings, model: ResolvedModel, splits: SplitData, stage_dir: Path, parent_run_id: str | None = None,
                        callbacks: list | None = None, plan: TrainingPlan | None = None) -> RewardResult:
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
-    tokenizer = load_tokenizer(model_path, model)
-    plan = plan or default_plan(f"reward-{aspect}", "reward", settings, model, model_path, splits.train.rows)
+    tokenizer = model.tokenizer()
+    plan = plan or default_plan(f"reward-{aspect}", "reward", settings, model, splits.train.rows)
 
     def make_trainer(plan: TrainingPlan) -> RewardTrainer:
-        network = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, **plan.load_kwargs(model))
+        network = AutoModelForSequenceClassification.from_pretrained(model.path, num_labels=1,
+                                                                     **plan.load_kwargs(model.settings))
         network.config.pad_token_id = tokenizer.pad_token_id
         return RewardTrainer(
             model=network,
@@ -75,14 +75,14 @@ def train_reward_model(aspect: str, settings: RewardSettings, model: ModelSettin
         if used < splits.train.rows:
             log.warning("reward-%s: the trainer used %d of %d train pairs", aspect, used, splits.train.rows)
         adapter_dir = Path(fitted.adapter_dir)
-        model_dir = merge_into_base(model_path, [str(adapter_dir)], stage_dir / "model", head="sequence-classification")
+        model_dir = merge_into_base(model.path, [str(adapter_dir)], stage_dir / "model", head="sequence-classification")
         return RewardResult(aspect=aspect, weight=settings.weight, eval_path=splits.eval.path, model_dir=model_dir,
                             adapter_dir=str(adapter_dir), train_pairs=used, metrics=fitted.metrics,
                             mlflow_run_id=run.info.run_id)
 
 
 @training_task("train-reward-model", task_run_name="reward-{aspect}")
-def train_reward(aspect: str, settings: RewardSettings, model: ModelSettings, model_path: str, splits: SplitData,
+def train_reward(aspect: str, settings: RewardSettings, model: ResolvedModel, splits: SplitData,
                  plan: TrainingPlan, workspace: Workspace, parent_run_id: str | None = None) -> RewardResult:
-    stage_dir = workspace.stage(f"reward-{aspect}", settings, model, model_path, splits, plan.result_key())
-    return train_reward_model(aspect, settings, model, model_path, splits, stage_dir, parent_run_id, plan=plan)
+    stage_dir = workspace.stage(f"reward-{aspect}", settings, model, splits, plan.result_key())
+    return train_reward_model(aspect, settings, model, splits, stage_dir, parent_run_id, plan=plan)

@@ -27,6 +27,13 @@ def test_book_profile_is_the_reference_recipe():
     assert (dpo.optim, dpo.lr_scheduler_type, dpo.warmup_steps, dpo.logging_steps) == ("paged_adamw_32bit", "cosine", 0.1, 10)
     assert dpo.gradient_checkpointing and book.model.precision == "fp16"
     assert book.sft.enabled and book.sft.lora == lora and set(book.rewards) == {"helpfulness", "harmlessness"}
+    assert book.method == "dpo" and book.model.base_model == "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"
+    assert book.model.tokenizer.chat_template_from == "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
+    sft = book.sft  # its own chat data, one epoch, from the base model; DPO starts from the merged result
+    chats = sft.chat_data
+    assert (chats.source, chats.split, chats.rows, chats.seed) == ("HuggingFaceH4/ultrachat_200k", "test_sft", 3000, 42)
+    assert (sft.max_steps * sft.per_device_train_batch_size * sft.gradient_accumulation_steps, sft.learning_rate,
+            sft.max_length) == (3000, 2e-4, 512)
     data = book.data
     assert (data.source, data.status_rule, data.min_chosen_score, data.drop_in_gsm8k_train) == (
         "argilla/distilabel-intel-orca-dpo-pairs", "drop_ties", 8.0, True)

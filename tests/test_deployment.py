@@ -17,7 +17,8 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from flows.servers import free_port, start_mlflow, start_prefect
+from flows.servers import start_mlflow, start_prefect
+from ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = REPO / ".venv" / "bin"

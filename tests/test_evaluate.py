@@ -14,7 +14,7 @@ from tasks.policy import PolicySettings, train_policy_adapter
 from tasks.evaluate import (EvalSettings, GateInput, Judge, answer_logps, evaluate_policy, length_controlled_wins,
                             load_policy, sample_prompts, win_rates)
 from tasks.merge import MergeMismatchError, MergeSettings, merge_and_check
-from tasks.models import ModelSettings, RandomInitSettings, load_tokenizer
+from tasks.models import ModelSettings, RandomInitSettings, ResolvedModel, load_tokenizer
 from tasks.reward import RewardSettings, train_reward_model
 from tasks.stats import Estimate, mean
 from tasks.tracking import (PromotionSettings, TrackingSettings, apply_promotion, configure, decide_promotion,
@@ -38,11 +38,11 @@ def trained(tiny_model_path, tmp_path_factory):
         splits[name] = format_split(split(report, settings, folder), tokenizer, folder, 96)
     judges = []
     for (name, pairs), weight in zip(splits.items(), (1.0, 0.5)):
-        reward = train_reward_model(name, RewardSettings(**FAST, weight=weight), MODEL, tiny_model_path, pairs,
+        reward = train_reward_model(name, RewardSettings(**FAST, weight=weight), ResolvedModel(path=tiny_model_path, settings=MODEL), pairs,
                                     root / f"reward-{name}")
         judges.append(Judge(aspect=name, weight=weight, model=reward.model_dir, eval_path=reward.eval_path,
                             provenance=f"trained on {reward.train_pairs} pairs"))
-    dpo = train_policy_adapter("dpo", PolicySettings(**FAST | {"learning_rate": 1e-2}), MODEL, tiny_model_path,
+    dpo = train_policy_adapter("dpo", PolicySettings(**FAST | {"learning_rate": 1e-2}), ResolvedModel(path=tiny_model_path, settings=MODEL),
                             splits["helpfulness"], root / "dpo")
     return root, splits["helpfulness"], judges, dpo
 

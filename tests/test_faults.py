@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 from tasks.base import PreftuneError, retry_unless_user_error
 from tasks.data import DataSettings, apply_filter, format_split, load, split
 from tasks.policy import PolicySettings, train_policy_adapter
-from tasks.models import ModelSettings, RandomInitSettings, load_tokenizer
+from tasks.models import ModelSettings, RandomInitSettings, ResolvedModel, load_tokenizer
 from tasks.tracking import TrackingSettings, configure
 from tasks.training import DiskFullError, TrackingUnavailableError, resume_point
 
@@ -53,9 +53,9 @@ def test_out_of_memory_retry_halves_the_micro_batch(tiny_model_path, pairs, tmp_
                            save_steps=2, max_length=96)
     stage = tmp_path / "dpo"
     with pytest.raises(torch.OutOfMemoryError):
-        train_policy_adapter("dpo", settings, MODEL, tiny_model_path, pairs, stage, callbacks=[OutOfMemoryAbove(2)])
+        train_policy_adapter("dpo", settings, ResolvedModel(path=tiny_model_path, settings=MODEL), pairs, stage, callbacks=[OutOfMemoryAbove(2)])
     # What the Prefect retry does: the same call again, which reads the recorded adjustment.
-    train_policy_adapter("dpo", settings, MODEL, tiny_model_path, pairs, stage, callbacks=[OutOfMemoryAbove(2)])
+    train_policy_adapter("dpo", settings, ResolvedModel(path=tiny_model_path, settings=MODEL), pairs, stage, callbacks=[OutOfMemoryAbove(2)])
     args = torch.load(stage / "checkpoints" / "checkpoint-2" / "training_args.bin", weights_only=False)
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (2, 2)
     retried = json.loads((stage / "oom-adjustment.json").read_text())
@@ -106,20 +106,20 @@ def small_disk(tmp_path):
 def test_full_disk_fails_clearly_and_keeps_the_previous_checkpoint(tiny_model_path, pairs, tmp_path, small_disk):
     settings = PolicySettings(max_steps=2, per_device_train_batch_size=4, save_steps=2, logging_steps=1, max_length=96,
                            keep_checkpoints=True)
-    train_policy_adapter("dpo", settings, MODEL, tiny_model_path, pairs, tmp_path / "probe")
+    train_policy_adapter("dpo", settings, ResolvedModel(path=tiny_model_path, settings=MODEL), pairs, tmp_path / "probe")
     checkpoint_bytes = sum(f.stat().st_size for f in (tmp_path / "probe" / "checkpoints" / "checkpoint-2").rglob("*"))
     disk = small_disk(int(checkpoint_bytes * 1.5))  # room for one checkpoint, not two
 
     longer = settings.model_copy(update={"max_steps": 4})
     with pytest.raises(DiskFullError, match="no space left while writing to .*: training resumes from .*checkpoint-2"):
-        train_policy_adapter("dpo", longer, MODEL, tiny_model_path, pairs, disk / "dpo")
+        train_policy_adapter("dpo", longer, ResolvedModel(path=tiny_model_path, settings=MODEL), pairs, disk / "dpo")
     checkpoints = disk / "dpo" / "checkpoints"
     assert resume_point(checkpoints) == str(checkpoints / "checkpoint-2")  # the cut-short checkpoint-4 is skipped
 
     # Space freed (here: the folder moved to a roomy disk), the same call resumes and finishes.
     roomy = tmp_path / "dpo"
     shutil.copytree(disk / "dpo", roomy)
-    train_policy_adapter("dpo", longer, MODEL, tiny_model_path, pairs, roomy)
+    train_policy_adapter("dpo", longer, ResolvedModel(path=tiny_model_path, settings=MODEL), pairs, roomy)
     state = json.loads((roomy / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3, 4]
 
@@ -136,7 +136,8 @@ class StopServerAt(TrainerCallback):
 
 
 def test_tracking_server_lost_mid_training_fails_loudly_and_resumes(tiny_model_path, pairs, tmp_path, monkeypatch):
-    from flows.servers import free_port, start_mlflow
+    from flows.servers import start_mlflow
+    from ports import free_port
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail in seconds, not minutes
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
@@ -148,11 +149,11 @@ def test_tracking_server_lost_mid_training_fails_loudly_and_resumes(tiny_model_p
         settings = PolicySettings(max_steps=6, per_device_train_batch_size=4, save_steps=2, logging_steps=1, max_length=96,
                                keep_checkpoints=True)
         with pytest.raises(TrackingUnavailableError, match="lost the MLflow tracking server.*resumes from .*checkpoint-2"):
-            train_policy_adapter("dpo", settings, MODEL, tiny_model_path, pairs, tmp_path / "dpo",
+            train_policy_adapter("dpo", settings, ResolvedModel(path=tiny_model_path, settings=MODEL), pairs, tmp_path / "dpo",
                               callbacks=[StopServerAt(server, 3)])
         server = start_mlflow(port, store, tmp_path / "mlflow.log")  # back up, same store
         server.wait_until_healthy()
-        result = train_policy_adapter("dpo", settings, MODEL, tiny_model_path, pairs, tmp_path / "dpo")
+        result = train_policy_adapter("dpo", settings, ResolvedModel(path=tiny_model_path, settings=MODEL), pairs, tmp_path / "dpo")
     finally:
         server.stop()
     checkpoints = tmp_path / "dpo" / "checkpoints"

@@ -66,6 +66,8 @@ def test_smoke_flow_logs_runs_metrics_and_registers_models(smoke_runs):
     assert metrics["generation_prompts"] == config.evaluation.generation_prompts
     assert {d.dataset.name for d in parent.inputs.dataset_inputs} == {
         "data-train", "data-eval", "data-judge", "data-harmlessness-train", "data-harmlessness-eval"}
+    example = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/data/data-example.txt")
+    assert "[chosen]" in example and "<|im_start|>user" in example  # a pair as the model's chat template renders it
     plan_params = {key for key in parent.data.params if key.startswith("plan.dpo.")}
     assert {"plan.dpo.precision", "plan.dpo.micro_batch", "plan.dpo.estimated_peak_gib"} <= plan_params
 

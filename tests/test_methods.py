@@ -57,4 +57,4 @@ def test_smoke_flow_trains_evaluates_and_registers_each_method(name, store):
             assert f"rewards/{aspect}/mean" in trained.data.metrics
             reward = next(v for v in summary.registered if v.name.endswith(f"-{aspect}"))
             assert version.tags[f"reward.{aspect}"] == f"models:/{reward.name}/{reward.version}"
-        assert trained.data.metrics["kl"] >= 0  # KL to the reference (beta > 0)
+        assert float(trained.data.params["beta"]) > 0 and "kl" in trained.data.metrics  # KL to the reference

@@ -8,7 +8,7 @@ from tasks.data import DataSettings, apply_filter, format_split, load, read_json
 from tasks.policy import PolicySettings, train_policy_adapter
 from tasks.evaluate import EvalSettings, implicit_reward_metrics, load_policy
 from tasks.merge import merge_into_base
-from tasks.models import ModelSettings, load_tokenizer
+from tasks.models import ModelSettings, ResolvedModel, load_tokenizer
 from tasks.tracking import TrackingSettings, configure
 
 
@@ -23,7 +23,7 @@ def test_short_dpo_run_on_real_pairs_beats_chance_on_held_out_questions(shared_d
     pairs = format_split(parts, load_tokenizer(smollm2_path, model), tmp_path / "formatted", 256)
     settings = PolicySettings(max_steps=12, per_device_train_batch_size=2, gradient_accumulation_steps=2,
                            learning_rate=2e-4, max_length=256, save_steps=100)
-    result = train_policy_adapter("dpo", settings, model, smollm2_path, pairs, tmp_path / "dpo")
+    result = train_policy_adapter("dpo", settings, ResolvedModel(path=smollm2_path, settings=model), pairs, tmp_path / "dpo")
     tuned = merge_into_base(smollm2_path, [result.adapter_dir], tmp_path / "merged")
     metrics = implicit_reward_metrics(load_policy(tuned), load_policy(smollm2_path), read_jsonl(pairs.eval.path),
                                       EvalSettings(max_length=384))

@@ -15,7 +15,7 @@ from tasks.data import DataSettings, apply_filter, format_split, load, split
 from tasks.policy import PolicySettings, train_policy_adapter
 from tasks.evaluate import RewardScorer
 from tasks.merge import MergeSettings, merge_and_check, merge_into_base
-from tasks.models import ModelSettings, RandomInitSettings, load_tokenizer
+from tasks.models import ModelSettings, RandomInitSettings, ResolvedModel, load_tokenizer
 from tasks.plan import DeviceSpec, PlanSettings, default_plan, plan_stage, shape_of
 from tasks.reward import RewardSettings, train_reward_model
 from tasks.tracking import TrackingSettings, configure
@@ -35,7 +35,7 @@ def pairs(tiny_model_path, tmp_path, tracking_uri):
 
 def test_reward_model_trains_on_every_pair_logs_curves_and_scores_pairs(tiny_model_path, pairs, tmp_path):
     assert sum(pairs.overlong.values()) > 0  # some pairs were longer than max_length: shortened, not dropped
-    result = train_reward_model("helpfulness", RewardSettings(**FAST | {"max_length": 48}), MODEL, tiny_model_path, pairs,
+    result = train_reward_model("helpfulness", RewardSettings(**FAST | {"max_length": 48}), ResolvedModel(path=tiny_model_path, settings=MODEL), pairs,
                                 tmp_path / "reward")
     assert result.train_pairs == pairs.train.rows
     assert mlflow.MlflowClient().get_run(result.mlflow_run_id).data.metrics["train_pairs_used"] == pairs.train.rows
@@ -51,14 +51,14 @@ def test_reward_model_trains_on_every_pair_logs_curves_and_scores_pairs(tiny_mod
 
 def test_dpo_reports_implicit_rewards_and_resumes_from_checkpoint(tiny_model_path, pairs, tmp_path):
     stage = tmp_path / "dpo"
-    first = train_policy_adapter("dpo", PolicySettings(**FAST, evaluate_after_training=True, keep_checkpoints=True), MODEL,
-                              tiny_model_path, pairs, stage)
+    first = train_policy_adapter("dpo", PolicySettings(**FAST, evaluate_after_training=True, keep_checkpoints=True), ResolvedModel(path=tiny_model_path, settings=MODEL),
+                               pairs, stage)
     assert {"eval_rewards_accuracies", "eval_rewards_margins"} <= first.metrics.keys()  # TRL's own held-out pass
     assert (Path(first.adapter_dir) / "adapter_config.json").is_file()
     assert sorted(p.name for p in (stage / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
 
     # A longer run in the same folder continues from checkpoint-4 instead of starting again.
-    train_policy_adapter("dpo", PolicySettings(**FAST | {"max_steps": 6, "keep_checkpoints": True}), MODEL, tiny_model_path, pairs,
+    train_policy_adapter("dpo", PolicySettings(**FAST | {"max_steps": 6, "keep_checkpoints": True}), ResolvedModel(path=tiny_model_path, settings=MODEL), pairs,
                       stage)
     state = json.loads((stage / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
     logged_steps = [entry["step"] for entry in state["log_history"] if "loss" in entry]
@@ -67,18 +67,18 @@ def test_dpo_reports_implicit_rewards_and_resumes_from_checkpoint(tiny_model_pat
 
 def test_a_finished_stage_keeps_its_adapter_and_history_not_its_checkpoints(tiny_model_path, pairs, tmp_path):
     stage = tmp_path / "dpo"
-    train_policy_adapter("dpo", PolicySettings(**FAST), MODEL, tiny_model_path, pairs, stage)
+    train_policy_adapter("dpo", PolicySettings(**FAST), ResolvedModel(path=tiny_model_path, settings=MODEL), pairs, stage)
     assert not (stage / "checkpoints").exists() and (stage / "adapter" / "adapter_config.json").is_file()
     record = json.loads((stage / "fit.json").read_text())
     assert record["global_step"] == 4 and record["train_examples"] == pairs.train.rows
     # Called again (a re-run against another tracking store): nothing is trained, the curves are re-logged.
-    again = train_policy_adapter("dpo", PolicySettings(**FAST), MODEL, tiny_model_path, pairs, stage)
+    again = train_policy_adapter("dpo", PolicySettings(**FAST), ResolvedModel(path=tiny_model_path, settings=MODEL), pairs, stage)
     history = mlflow.MlflowClient().get_metric_history(again.mlflow_run_id, "loss")
     assert [m.step for m in history] == [1, 2, 3, 4] and not (stage / "checkpoints").exists()
 
 
 def test_merged_model_matches_base_plus_adapter(tiny_model_path, pairs, tmp_path):
-    result = train_policy_adapter("dpo", PolicySettings(**FAST | {"learning_rate": 1e-2}), MODEL, tiny_model_path, pairs,
+    result = train_policy_adapter("dpo", PolicySettings(**FAST | {"learning_rate": 1e-2}), ResolvedModel(path=tiny_model_path, settings=MODEL), pairs,
                                tmp_path / "dpo")
     merged_dir = merge_into_base(tiny_model_path, [result.adapter_dir], tmp_path / "merged")
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
@@ -103,12 +103,12 @@ def test_qlora_trains_on_4bit_nf4_weights_and_merges_into_full_precision(tiny_mo
     on 4-bit weights and is merged into the fp32 base, matching base+adapter."""
     qlora = ModelSettings(random_init=RandomInitSettings(), quantization={"mode": "4bit", "compute_dtype": "float32"})
     layers = RecordLayerTypes()
-    result = train_policy_adapter("dpo", PolicySettings(**FAST | {"max_steps": 2, "learning_rate": 1e-2}), qlora, tiny_model_path,
+    result = train_policy_adapter("dpo", PolicySettings(**FAST | {"max_steps": 2, "learning_rate": 1e-2}), ResolvedModel(path=tiny_model_path, settings=qlora),
                                pairs, tmp_path / "dpo", callbacks=[layers])
     assert Linear4bit in layers.layer_types  # the base weights it trained on were NF4
     # TRL casts QLoRA weights to bf16; the plan puts them back in fp32 unless it trains in bf16 (fp16's
     # gradient scaler, and a CPU, need fp32).
-    plan = default_plan("dpo", "dpo", PolicySettings(**FAST), qlora, tiny_model_path)
+    plan = default_plan("dpo", "dpo", PolicySettings(**FAST), ResolvedModel(path=tiny_model_path, settings=qlora))
     assert layers.trainable_dtypes == {getattr(torch, plan.trainable_dtype)}
     merged = merge_and_check(tiny_model_path, [result.adapter_dir], pairs.eval.path, MergeSettings(), tmp_path / "merged")
     assert merged.max_logit_difference <= MergeSettings().tolerance
@@ -126,6 +126,6 @@ def test_plans_train_on_a_real_gpu(tiny_model_path, pairs, tmp_path, bf16, mode)
     plan = plan_stage("dpo", "dpo", settings, book_like, shape_of(book_like, tiny_model_path), device,
                       PlanSettings(mode=mode))
     assert plan.precision == ("bf16" if device.bf16 else "fp16") and plan.device_kind == "cuda"
-    result = train_policy_adapter("dpo", settings, book_like, tiny_model_path, pairs, tmp_path / "dpo", plan=plan)
+    result = train_policy_adapter("dpo", settings, ResolvedModel(path=tiny_model_path, settings=book_like), pairs, tmp_path / "dpo", plan=plan)
     assert (Path(result.adapter_dir) / "adapter_config.json").is_file()
     assert torch.isfinite(torch.tensor(result.metrics["eval_loss"]))

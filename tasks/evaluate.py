@@ -28,7 +28,7 @@ from tasks.caching import EVALUATION_CACHE
 from tasks.data import DataSettings, read_jsonl
 from tasks.methods import ImplicitReward
 from tasks.plan import inference_placement
-from tasks.plots import margin_histograms, training_curves
+from tasks.plots import margin_histograms, plt, training_curves
 from tasks.stats import Estimate, estimate, mean
 from tasks.tracking import stage_run
 
@@ -402,6 +402,7 @@ def evaluate_policy(settings: EvalSettings, pairs_path: str, reference: str, pol
         for name, figure in figures.items():
             figure.savefig(out_dir / name, dpi=100)
             mlflow.log_figure(figure, f"evaluation/{name}")
+            plt.close(figure)  # pyplot keeps every figure alive until closed
     return EvalResult(metrics=metrics, report_path=str(report_path), examples_path=str(examples_path), gate=gate,
                       mlflow_run_id=run.info.run_id)
 

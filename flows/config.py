@@ -88,12 +88,12 @@ class PipelineConfig(StrictModel):
     @model_validator(mode="after")
     def _policy_options_known_to_the_method(self) -> "PipelineConfig":
         for name, options in self.methods.items():
-            method_named(name)
-            if unknown := unknown_options(set(options) - set(PolicySettings.model_fields), method_named(name).config_class()):
-                raise ValueError(f"methods.{name}: {unknown_message(unknown, method_named(name).config)}")
-        extra = set(self.policy_settings().model_extra or {})
-        if unknown := unknown_options(extra, method_named(self.method).config_class()):
-            raise ValueError(f"policy (method {self.method}): {unknown_message(unknown, method_named(self.method).config)}")
+            method = method_named(name)
+            if unknown := unknown_options(set(options) - set(PolicySettings.model_fields), method.config_class()):
+                raise ValueError(f"methods.{name}: {unknown_message(unknown, method.config)}")
+        method = method_named(self.method)
+        if unknown := unknown_options(set(self.policy_settings().model_extra or {}), method.config_class()):
+            raise ValueError(f"policy (method {self.method}): {unknown_message(unknown, method.config)}")
         return self
 
     def policy_settings(self) -> PolicySettings:

@@ -43,7 +43,7 @@ class Method:
         return load_class(self.config)
 
     def config_fields(self) -> set[str]:
-        return {f.name for f in dataclasses.fields(self.config_class()) if f.init}
+        return config_fields(self.config_class())
 
 
 ONLINE = frozenset({"max_length"})  # prompts are shortened by the data stage; completions by max_completion_length
@@ -71,10 +71,14 @@ def method_named(name: str) -> Method:
     return METHODS[name]
 
 
+def config_fields(config_class) -> set[str]:
+    """What a TRL config class accepts as arguments."""
+    return {f.name for f in dataclasses.fields(config_class) if f.init}
+
+
 def unknown_options(options: set[str], config_class) -> list[str]:
     """Settings a TRL config class has no field for (so a typo fails with its name, not deep in TRL)."""
-    known = {f.name for f in dataclasses.fields(config_class) if f.init}
-    return sorted(options - known)
+    return sorted(options - config_fields(config_class))
 
 
 def load_class(path: str):

@@ -48,7 +48,11 @@ def test_smoke_flow_trains_evaluates_and_registers_each_method(name, store):
     assert evaluated.data.params["evaluate.method"] == name
     assert "combined.win_rate" in summary.metrics and "helpfulness.win_rate.ci_low" in summary.metrics
     if METHODS[name].implicit_reward:
-        assert 0 <= summary.metrics["implicit_reward.accuracy"] <= 1
+        pairs, accuracy = summary.metrics["implicit_reward.pairs"], summary.metrics["implicit_reward.accuracy"]
+        assert pairs == parent.data.metrics["data.rows_eval"] > 0  # every held-out pair scored
+        assert accuracy * pairs == pytest.approx(round(accuracy * pairs))  # a share of those pairs
+        assert summary.metrics["implicit_reward.accuracy.ci_low"] <= accuracy <= summary.metrics[
+            "implicit_reward.accuracy.ci_high"]
     else:
         assert "implicit_reward.accuracy" not in summary.metrics
 

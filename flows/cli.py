@@ -38,6 +38,13 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
                         help="override one setting, e.g. --set method=kto --set policy.max_steps=5 (repeatable)")
 
 
+def _positive(text: str) -> int:
+    """A count of at least 1 (a concurrency limit of 0 would stop every training task)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def _print_summary(summary) -> None:
     print("\n=== preftune run finished ===")
     print(f"MLflow run id : {summary.mlflow_run_id}")
@@ -87,7 +94,7 @@ def cmd_plan(args) -> int:
 
     stages += [(config.method, method_named(config.method).plan_kind, config.policy_settings(), config.model)]
     plans = [plan_stage(stage, kind, settings, model, shape if model is config.model else shape_of(model), device,
-                        config.plan) for stage, kind, settings, model in stages]
+                        config.plan, distributed=config.distributed) for stage, kind, settings, model in stages]
     print(json.dumps({"device": device.model_dump(), "model": {"base_model": config.model.base_model,
                                                                "parameters": shape.parameters},
                       "stages": {plan.stage: plan.model_dump() for plan in plans}}, indent=2))
@@ -162,16 +169,20 @@ def cmd_serve(args) -> int:
 
 def cmd_deploy(args) -> int:
     """Register deployments/prefect.yaml with the Prefect server named by PREFECT_API_URL, creating
-    the work pools it names first (`prefect deploy` refuses a deployment whose pool is missing)."""
+    the work pools it names first (`prefect deploy` refuses a deployment whose pool is missing) and the
+    `gpu` tag's concurrency limit, so that training tasks at once never outnumber the GPUs."""
     from prefect.settings import PREFECT_API_URL
 
-    from flows.pools import ensure_work_pools
+    from flows.pools import GPU_TAG, ensure_gpu_limit, ensure_work_pools
 
     if not PREFECT_API_URL.value():
         raise PreftuneError("PREFECT_API_URL is not set: start a server (preftune ui) and point at it, e.g. "
                             "prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api")
     for name in ensure_work_pools():
         print(f"created work pool {name}")
+    slots, created = ensure_gpu_limit(args.gpu_slots)
+    print(f"{'created' if created else 'kept the existing'} concurrency limit on tag {GPU_TAG!r}: {slots} training "
+          f"task(s) at a time{'' if created else f' (change it: prefect concurrency-limit create {GPU_TAG} N)'}")
     names = ["--all"] if not args.names else [f"--name={name}" for name in args.names]
     command = [str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", *names,
                "--prefect-file", str(REPO / "deployments" / "prefect.yaml")]
@@ -180,19 +191,21 @@ def cmd_deploy(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    """Real Prefect and MLflow servers on loopback against the local stores, until Ctrl-C (or SIGTERM)."""
-    from flows.servers import start_mlflow, start_prefect
+    """Real Prefect and MLflow servers on loopback until Ctrl-C (or SIGTERM): on the local stores, or on
+    PostgreSQL (`--database`) when several workers share them."""
+    from flows.servers import local_stores, postgres_stores, start_servers
 
+    store = Path(args.store)
+    stores = (postgres_stores(args.database, store, args.artifacts_destination) if args.database
+              else local_stores(store, args.artifacts_destination))
+    print("\n".join(stores.describe()), flush=True)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    store = Path(args.store)
     logs = store / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    servers = [start_prefect(args.prefect_port, logs / "prefect-server.log"),
-               start_mlflow(args.mlflow_port, store, logs / "mlflow-server.log")]
+    servers = []
     try:
-        for server in servers:
-            server.wait_until_healthy()
+        servers = start_servers(args.prefect_port, args.mlflow_port, stores, logs)
         print(f"Prefect UI : {servers[0].url}   (API: {servers[0].url}/api)")
         print(f"MLflow UI  : {servers[1].url}")
         print(f"Point runs at them:\n  export PREFECT_API_URL={servers[0].url}/api MLFLOW_TRACKING_URI={servers[1].url}")
@@ -268,10 +281,19 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--name", help="deployment name (default: <profile>-served)")
     deploy = commands.add_parser("deploy", help="register deployments/prefect.yaml with a running Prefect server")
     deploy.add_argument("names", nargs="*", help="deployment names (default: all)")
+    deploy.add_argument("--gpu-slots", type=_positive, metavar="N",
+                        help="training tasks at a time, server-wide (the `gpu` tag's concurrency limit), when deploy "
+                             "creates the limit (default: this machine's GPUs, at least 1)")
     ui = commands.add_parser("ui", help="start Prefect and MLflow servers on 127.0.0.1 until Ctrl-C")
     ui.add_argument("--prefect-port", type=int, default=4200)
     ui.add_argument("--mlflow-port", type=int, default=5000)
     ui.add_argument("--store", default=str(REPO / "mlflow"), help="the MLflow store to serve (default: mlflow/)")
+    ui.add_argument("--database", metavar="postgresql://USER[:PASSWORD]@HOST[:PORT]",
+                    help="run both servers on this PostgreSQL server (databases preftune_prefect and preftune_mlflow, "
+                         "created when missing) instead of SQLite")
+    ui.add_argument("--artifacts-destination", metavar="PATH_OR_URI",
+                    help="where the MLflow server keeps the artifacts it serves, e.g. s3://bucket/preftune "
+                         "(default: <store>/artifacts)")
     models = commands.add_parser("models", help="list registered model versions, aliases and metrics")
     models.add_argument("--prefix", default="preftune-")
     gen = commands.add_parser("generate", help="answer a prompt with a registered policy")

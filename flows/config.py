@@ -14,6 +14,7 @@ from pydantic import Field, StringConstraints, ValidationError, field_validator,
 
 from tasks.base import PreftuneError, StrictModel
 from tasks.data import DataSettings
+from tasks.distributed import DistributedSettings
 from tasks.evaluate import EvalSettings
 from tasks.merge import MergeSettings
 from tasks.methods import METHODS, method_named, unknown_options
@@ -43,6 +44,11 @@ class PipelineConfig(StrictModel):
     data: DataSettings = Field(default_factory=DataSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     plan: PlanSettings = Field(default_factory=PlanSettings)  # auto: fitted to the device; recipe: verbatim
+    # Processes per training stage and how they share the model (accelerate: ddp, fsdp, deepspeed_zero2/3).
+    distributed: DistributedSettings = Field(default_factory=DistributedSettings)
+    # Train the independent stages (reward aspects, SFT) at the same time, each in a process of its own.
+    # None: when several GPUs are visible (each stage then gets its own); off on a CPU, whose cores one stage fills.
+    parallel_stages: bool | None = None
     # One reward model per aspect; a profile's aspects are kept and given ones are added or updated.
     rewards: dict[AspectName, RewardSettings] = Field(default_factory=lambda: {"helpfulness": RewardSettings()},
                                                       min_length=1)

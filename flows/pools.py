@@ -1,4 +1,5 @@
-"""The work pools that deployments/prefect.yaml names, created on the server when missing."""
+"""What the deployments need on the server, created when missing: the work pools that
+deployments/prefect.yaml names, and the concurrency limit on the training tasks' `gpu` tag."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from tasks.base import PreftuneError
+from tasks.training import GPU_TAG  # noqa: F401  (re-exported for the CLI)
 
 DEPLOYMENTS = Path(__file__).resolve().parent.parent / "deployments"
 # Pool name -> (worker type, base job template in deployments/ or None for the type's default).
@@ -52,3 +54,33 @@ def ensure_work_pools() -> list[str]:
             client.create_work_pool(WorkPoolCreate(name=name, type=kind, base_job_template=job_template(kind, template)))
             created.append(name)
     return created
+
+
+
+
+def gpu_slots() -> int:
+    """One training task per GPU of this machine, and one on a machine without any (a CPU trains
+    one at a time well; two would halve each other's speed and double the memory)."""
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+def ensure_gpu_limit(slots: int | None = None) -> tuple[int, bool]:
+    """The tag concurrency limit on `gpu`: created with `slots` (default: this machine's GPUs; the limit
+    is server-wide, so the GPUs of all workers together) when missing, so that workers never run more
+    training tasks at once than there are GPUs; an existing one
+    is left as it is (someone sized it). Prefect 3.9 keeps it as the global limit `tag:gpu`; the task
+    engine holds a slot of it for each task run with the tag, on a lease it renews, so a worker that
+    dies gives its slot back. Returns the limit's size and whether it was created."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_concurrency_limit_by_tag(GPU_TAG).concurrency_limit, False
+        except ObjectNotFound:
+            pass
+        slots = slots or gpu_slots()
+        client.create_concurrency_limit(tag=GPU_TAG, concurrency_limit=slots)
+        return slots, True

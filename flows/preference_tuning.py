@@ -22,6 +22,7 @@ from tasks.base import Workspace, fingerprint, redact
 from tasks.cleanup import stored_bytes
 from tasks.data import (DataSettings, LoadedData, SplitData, filter_preferences, format_preferences,
                         load_preferences, read_jsonl, render_example, split_preferences)
+from tasks.distributed import DevicePool
 from tasks.evaluate import Judge, evaluate
 from tasks.merge import merge_adapters
 from tasks.methods import method_named
@@ -112,8 +113,24 @@ def prepare_aspect(name: str, settings: RewardSettings, config: PipelineConfig, 
     else:
         judged = prepare_data(settings.data, model, settings.max_length, workspace, f"data-{name}")[2]
         provenance = f"trained on {judged.train.rows} pairs of its own data ({Path(settings.data.source).name})"
-    plan = plan_training(f"reward-{name}", "reward", settings, model, config.plan, judged.train.rows)
+    plan = plan_training(f"reward-{name}", "reward", settings, model, config.plan, judged.train.rows, config.distributed)
     return Aspect(name=name, settings=settings, model=model, pairs=judged, provenance=provenance, plan=plan)
+
+
+def collect_judges(aspects: list[Aspect], training: dict, reward_dirs: dict[str, str],
+                   stage_runs: dict[str, str]) -> list[Judge]:
+    """Each aspect's judge: given, or the reward model its (submitted) training produced."""
+    judges = []
+    for aspect in aspects:
+        if aspect.plan is None:
+            judges.append(Judge(aspect=aspect.name, weight=aspect.settings.weight, model=aspect.settings.judge,
+                                eval_path=aspect.pairs.eval.path, provenance=aspect.provenance))
+            continue
+        reward = training[aspect.name].result()
+        judges.append(Judge(aspect=aspect.name, weight=reward.weight, model=reward.model_dir,
+                            eval_path=reward.eval_path, provenance=aspect.provenance))
+        reward_dirs[aspect.name], stage_runs[f"reward-{aspect.name}"] = reward.model_dir, reward.mlflow_run_id
+    return judges
 
 
 def summary_markdown(tracking_uri: str, parent, metrics: dict[str, float], registered: list[RegisteredVersion]) -> str:
@@ -161,34 +178,41 @@ def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSumm
             else:
                 sft_pairs = pairs if config.sft.data is None else prepare_data(
                     config.sft.data, base, config.sft.max_length, workspace, "data-sft")[2]
-            sft_plan = plan_training("sft", "sft", config.sft, base, config.plan, sft_pairs.train.rows)
+            sft_plan = plan_training("sft", "sft", config.sft, base, config.plan, sft_pairs.train.rows,
+                                     config.distributed)
         policy_plan = plan_training(config.method, method.plan_kind, policy_settings, base, config.plan,
-                                    pairs.train.rows)
+                                    pairs.train.rows, config.distributed)
         publish_plans([a.plan for a in aspects if a.plan] + ([sft_plan] if config.sft.enabled else []) + [policy_plan])
         mlflow.set_tags({"preftune.device": policy_plan.device, "preftune.adapter": policy_plan.adapter,
                          "preftune.precision": policy_plan.precision, "preftune.plan": policy_plan.mode})
 
-        judges, reward_dirs, stage_runs = [], {}, {}
+        # Independent stages (the reward aspects, SFT) train at the same time when `parallel_stages` says so,
+        # each in a process of its own and as many at once as the `gpu` tag's concurrency limit allows
+        # (`preftune deploy` sizes it by the GPUs); an offline policy starts as soon as SFT is done.
+        parallel = config.parallel_stages if config.parallel_stages is not None else len(DevicePool.visible()) > 1
+        distributed = config.distributed.model_copy(update={"separate_process": parallel})
+        reward_training, sft_training = {}, None
         for aspect in aspects:
-            if aspect.plan is None:
-                judges.append(Judge(aspect=aspect.name, weight=aspect.settings.weight, model=aspect.settings.judge,
-                                    eval_path=aspect.pairs.eval.path, provenance=aspect.provenance))
-                continue
-            reward = train_reward(aspect.name, aspect.settings, aspect.model, aspect.pairs,
-                                  aspect.plan, workspace, parent_id)
-            judges.append(Judge(aspect=aspect.name, weight=reward.weight, model=reward.model_dir,
-                                eval_path=reward.eval_path, provenance=aspect.provenance))
-            reward_dirs[aspect.name], stage_runs[f"reward-{aspect.name}"] = reward.model_dir, reward.mlflow_run_id
-
-        policy_start, adapters = base, []
+            if aspect.plan is not None:
+                reward_training[aspect.name] = train_reward.submit(aspect.name, aspect.settings, aspect.model,
+                                                                   aspect.pairs, aspect.plan, workspace, parent_id,
+                                                                   distributed)
+                if not parallel:
+                    reward_training[aspect.name].wait()
         if config.sft.enabled:
-            sft = train_sft(config.sft, base, sft_pairs, sft_plan, workspace, parent_id)
+            sft_training = train_sft.submit(config.sft, base, sft_pairs, sft_plan, workspace, parent_id, distributed)
+        policy_start, adapters, stage_runs, reward_dirs = base, [], {}, {}
+        if sft_training:
+            sft = sft_training.result()
             policy_start, adapters = base.starting_from(sft.model_dir), [sft.adapter_dir]
             if sft.mlflow_run_id:
                 stage_runs["sft"] = sft.mlflow_run_id
-        rewards = [RewardFunction(aspect=j.aspect, model=j.model, weight=j.weight) for j in judges] if method.online else []
-        policy = train_policy(config.method, policy_settings, policy_start, pairs, policy_plan, rewards,
-                              workspace, parent_id)
+        judges = collect_judges(aspects, reward_training, reward_dirs, stage_runs) if method.online else []
+        rewards = [RewardFunction(aspect=j.aspect, model=j.model, weight=j.weight) for j in judges]
+        policy_training = train_policy.submit(config.method, policy_settings, policy_start, pairs, policy_plan, rewards,
+                                              workspace, parent_id, distributed)
+        judges = judges or collect_judges(aspects, reward_training, reward_dirs, stage_runs)
+        policy = policy_training.result()
         stage_runs[config.method] = policy.mlflow_run_id
         merged = merge_adapters(base.path, adapters + [policy.adapter_dir], pairs.eval.path, config.merge, workspace)
 

@@ -7,6 +7,7 @@ the merged model's logits with the base running the same adapters unmerged, on h
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 from typing import Literal
 
@@ -37,6 +38,11 @@ class MergeResult(BaseModel):
     prompts_checked: int
 
 
+# Building a model patches process-wide state (empty-weight initialisation), so stages that finish at the
+# same time (parallel reward aspects) load and merge one at a time; their training runs in processes of its own.
+MERGING = threading.Lock()
+
+
 class MergeMismatchError(PreftuneError):
     """The merged weights do not reproduce base+adapters: never register such a model."""
 
@@ -59,9 +65,10 @@ def merge_into_base(base_path: str, adapter_dirs: list[str], output_dir: Path, h
     folder = hf_folder(output_dir)
     if (folder / "config.json").exists():
         return str(folder)
-    model = _load_base(base_path, head)
-    for adapter in adapter_dirs:
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    with MERGING:
+        model = _load_base(base_path, head)
+        for adapter in adapter_dirs:
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     tokenizer = AutoTokenizer.from_pretrained(adapter_dirs[-1])
     if head == "sequence-classification":
         model.config.pad_token_id = tokenizer.pad_token_id

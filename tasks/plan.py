@@ -11,6 +11,7 @@ kernel) to the device's free memory, from an estimate of peak memory. 4-bit is c
 from __future__ import annotations
 
 import importlib.util
+import os
 from typing import Literal
 
 import mlflow
@@ -19,6 +20,7 @@ from prefect import task
 from pydantic import BaseModel, Field
 
 from tasks.base import PreftuneError, StrictModel, retry_unless_user_error
+from tasks.distributed import SHARDS_TRAINING_STATE, SHARDS_WEIGHTS, DistributedSettings
 from tasks.models import LoraSettings, ModelSettings, ResolvedModel
 
 GiB = 2**30
@@ -148,9 +150,11 @@ class TrainingPlan(BaseModel):
     compute_dtype: DType | None  # 4-bit matmuls
     double_quant: bool
     trainable_dtype: DType  # LoRA weights: fp32 under fp16 so the gradient scaler works
-    micro_batch: int
+    micro_batch: int  # per process
     gradient_accumulation: int
-    effective_batch: int
+    effective_batch: int  # micro_batch x gradient_accumulation x processes: the profile's, whatever the processes
+    processes: int = 1
+    strategy: Literal["single", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"] = "single"
     gradient_checkpointing: bool
     optim: str
     attn_implementation: str
@@ -174,7 +178,10 @@ class TrainingPlan(BaseModel):
         """The TRL/transformers config fields the plan decides."""
         overrides = dict(per_device_train_batch_size=self.micro_batch, gradient_accumulation_steps=self.gradient_accumulation,
                          gradient_checkpointing=self.gradient_checkpointing, optim=self.optim,
-                         bf16=self.precision == "bf16", fp16=self.precision == "fp16")
+                         bf16=self.precision == "bf16", fp16=self.precision == "fp16",
+                         use_cpu=self.device_kind == "cpu")  # launched on a CPU: gloo, not a GPU backend
+        if self.processes > 1:  # LoRA on frozen layers: DDP need not search the graph for unused parameters
+            overrides["ddp_find_unused_parameters"] = False
         if self.precompute_ref_log_probs is not None:
             overrides["precompute_ref_log_probs"] = self.precompute_ref_log_probs
         return overrides
@@ -187,11 +194,16 @@ class TrainingPlan(BaseModel):
         if self.quantization != "none":
             from transformers import BitsAndBytesConfig
 
+            sharded = self.strategy in SHARDS_WEIGHTS
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type=self.quantization,
                 bnb_4bit_compute_dtype=getattr(torch, self.compute_dtype),
-                bnb_4bit_use_double_quant=self.double_quant)
-            kwargs["device_map"] = {"": torch.cuda.current_device()} if self.device_kind == "cuda" else "cpu"
+                bnb_4bit_use_double_quant=self.double_quant,
+                # FSDP / ZeRO-3 shard parameters of one dtype: the packed 4-bit weights are stored in it
+                bnb_4bit_quant_storage=getattr(torch, self.compute_dtype) if sharded else torch.uint8)
+            if not sharded:  # each rank its own card (launchers set LOCAL_RANK); sharded ones are placed by the strategy
+                kwargs["device_map"] = ({"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
+                                        if self.device_kind == "cuda" else "cpu")
         return kwargs
 
     def shrunk(self) -> "TrainingPlan":
@@ -239,15 +251,21 @@ def choose_precision(requested: str, device: DeviceSpec) -> PrecisionChoice:
 
 def estimate_memory(shape: ModelShape, lora: LoraSettings, kind: Kind, micro_batch: int, max_length: int,
                     precision: Precision, weights_dtype: DType, quantized: bool, checkpointing: bool,
-                    trainable_dtype: DType, device_kind: str) -> MemoryEstimate:
-    """Peak memory of one training step, from the model's shape (an upper bound: every sequence padded
-    to max_length)."""
+                    trainable_dtype: DType, device_kind: str, processes: int = 1,
+                    strategy: str = "single") -> MemoryEstimate:
+    """Peak memory of one training step on one process, from the model's shape (an upper bound: every
+    sequence padded to max_length). FSDP and ZeRO-3 hold 1/N of the weights (plus one layer gathered
+    at a time); FSDP and ZeRO-2/3 hold 1/N of the adapter's gradients and optimizer states."""
     tokens = micro_batch * max_length * SEQUENCES[kind]
     act_bytes = 4 if precision == "fp32" else 2
     other = shape.parameters - shape.quantizable_parameters
     weights = (shape.quantizable_parameters * NF4_BYTES + other * DTYPE_BYTES[weights_dtype] if quantized
                else shape.parameters * DTYPE_BYTES[weights_dtype])
     adapter = shape.lora_parameters(lora) * (2 * DTYPE_BYTES[trainable_dtype] + 8)
+    if processes > 1 and strategy in SHARDS_WEIGHTS:
+        weights = weights / processes + weights / shape.num_layers  # a layer is gathered whole to compute
+    if processes > 1 and strategy in SHARDS_TRAINING_STATE:
+        adapter = shape.lora_parameters(lora) * DTYPE_BYTES[trainable_dtype] + adapter / processes
     per_layer = shape.activation_elements(lora) * act_bytes
     layers = shape.lora_layers(lora)
     if checkpointing:  # each layer's input is kept; one layer at a time is recomputed
@@ -268,18 +286,30 @@ def _micro_batches(effective: int) -> list[int]:
 
 
 def plan_stage(stage: str, kind: Kind, settings, model: ModelSettings, shape: ModelShape, device: DeviceSpec,
-               plan_settings: PlanSettings, train_pairs: int | None = None) -> TrainingPlan:
-    """Fit one stage's training (its `TrainerSettings`) to `device`."""
+               plan_settings: PlanSettings, train_pairs: int | None = None,
+               distributed: DistributedSettings | None = None) -> TrainingPlan:
+    """Fit one stage's training (its `TrainerSettings`) to `device`: one process's share of it when
+    `distributed` launches several, with the same effective batch."""
     choice = choose_precision(model.precision, device)
     reasons = [choice.reason]
     effective = settings.per_device_train_batch_size * settings.gradient_accumulation_steps
+    processes = distributed.num_processes if distributed else 1
+    strategy = distributed.strategy if processes > 1 else "single"
+    if effective % processes:
+        raise PreftuneError(f"{stage}: the effective batch {effective} (per_device_train_batch_size x "
+                            f"gradient_accumulation_steps) does not divide over {processes} processes")
+    per_process = effective // processes
+    if processes > 1:
+        reasons.append(f"{processes} processes ({strategy}): each takes {per_process} of the {effective} examples "
+                       "of an optimizer step")
     quant = model.quantization
     budget = device.memory_gib * plan_settings.memory_fraction
 
     def build(micro: int, checkpointing: bool, quantized: bool, optim: str, attn: str) -> TrainingPlan:
         trainable: DType = "bfloat16" if quantized and choice.precision == "bf16" else "float32"
         memory = estimate_memory(shape, settings.lora, kind, micro, settings.max_length, choice.precision,
-                                 choice.weights_dtype, quantized, checkpointing, trainable, device.kind)
+                                 choice.weights_dtype, quantized, checkpointing, trainable, device.kind,
+                                 processes, strategy)
         compute = quant.compute_dtype if plan_settings.mode == "recipe" else choice.weights_dtype
         if quantized and choice.precision == "fp16" and compute == "bfloat16":
             compute = "float16"
@@ -288,7 +318,8 @@ def plan_stage(stage: str, kind: Kind, settings, model: ModelSettings, shape: Mo
             precision=choice.precision, weights_dtype=choice.weights_dtype,
             quantization=quant.quant_type if quantized else "none", compute_dtype=compute if quantized else None,
             double_quant=quant.double_quant and quantized, trainable_dtype=trainable, micro_batch=micro,
-            gradient_accumulation=effective // micro, effective_batch=effective, gradient_checkpointing=checkpointing,
+            gradient_accumulation=per_process // micro, effective_batch=effective, processes=processes,
+            strategy=strategy, gradient_checkpointing=checkpointing,
             optim=optim, attn_implementation=attn, precompute_ref_log_probs=precompute, max_length=settings.max_length,
             memory=memory, memory_budget_gib=budget, reasons=list(reasons))
 
@@ -296,7 +327,11 @@ def plan_stage(stage: str, kind: Kind, settings, model: ModelSettings, shape: Mo
     if plan_settings.mode == "recipe":
         quantized = quant.mode == "4bit" or (quant.mode == "auto" and device.kind == "cuda")
         reasons.append("recipe: batch, checkpointing, optimizer and quantization as the profile sets them")
-        plan = build(settings.per_device_train_batch_size, settings.gradient_checkpointing, quantized, settings.optim, "sdpa")
+        micro = min(settings.per_device_train_batch_size, per_process)
+        if per_process % micro:
+            raise PreftuneError(f"{stage}: {processes} processes of micro-batch {micro} cannot make the effective batch "
+                                f"{effective}")
+        plan = build(micro, settings.gradient_checkpointing, quantized, settings.optim, "sdpa")
         if plan.memory.total_gib > budget:
             plan.reasons.append(f"estimated {plan.memory.total_gib:.1f} GiB exceeds the {budget:.1f} GiB budget: "
                                 "expect the out-of-memory retry, or use plan.mode=auto")
@@ -320,7 +355,7 @@ def plan_stage(stage: str, kind: Kind, settings, model: ModelSettings, shape: Mo
             "model.quantization.mode is none" if quant.mode == "none" else "bitsandbytes 4-bit only pays on CUDA")
     else:
         quantizations, why = [False, True], ""
-    micro_batches = _micro_batches(effective)
+    micro_batches = _micro_batches(per_process)
     if device.kind == "cpu":  # a CPU's throughput per pair does not grow with the micro-batch (bench/dpo_step.py)
         micro_batches = [size for size in micro_batches if size <= settings.per_device_train_batch_size]
     for quantized in quantizations:
@@ -331,7 +366,8 @@ def plan_stage(stage: str, kind: Kind, settings, model: ModelSettings, shape: Mo
                 if plan.memory.total_gib <= budget:
                     plan.reasons.append(why or (f"4-bit {quant.quant_type}: {choice.weights_dtype} weights do not fit"
                                                 if quantized else f"{choice.weights_dtype} weights fit"))
-                    plan.reasons.append(f"micro-batch {micro} x accumulation {effective // micro}, checkpointing "
+                    plan.reasons.append(f"micro-batch {micro} x accumulation {per_process // micro}"
+                                        f"{f' x {processes} processes' if processes > 1 else ''}, checkpointing "
                                         f"{'on' if checkpointing else 'off'}: estimated {plan.memory.total_gib:.1f} of "
                                         f"{budget:.1f} GiB")
                     return plan
@@ -352,9 +388,9 @@ def shape_of(model: ModelSettings, model_path: str | None = None) -> ModelShape:
 @task(name="plan-training", task_run_name="plan-{stage}", tags=["plan"], retries=1,
       retry_condition_fn=retry_unless_user_error)
 def plan_training(stage: str, kind: Kind, settings, model: ResolvedModel, plan_settings: PlanSettings,
-                  train_pairs: int | None = None) -> TrainingPlan:
+                  train_pairs: int | None = None, distributed: DistributedSettings | None = None) -> TrainingPlan:
     return plan_stage(stage, kind, settings, model.settings, shape_of(model.settings, model.path), DeviceSpec.detect(),
-                      plan_settings, train_pairs)
+                      plan_settings, train_pairs, distributed)
 
 
 def plan_table(plans: list[TrainingPlan]) -> list[dict]:
@@ -383,10 +419,11 @@ def inference_placement() -> tuple[str, torch.dtype]:
     return "cuda", getattr(torch, choose_precision("auto", DeviceSpec.detect()).weights_dtype)
 
 
-def default_plan(stage: str, kind: Kind, settings, model: ResolvedModel, train_pairs: int | None = None) -> TrainingPlan:
+def default_plan(stage: str, kind: Kind, settings, model: ResolvedModel, train_pairs: int | None = None,
+                 distributed: DistributedSettings | None = None) -> TrainingPlan:
     """The auto plan on this machine, for a stage called outside the flow (scripts, benchmarks, tests)."""
     return plan_stage(stage, kind, settings, model.settings, shape_of(model.settings, model.path), DeviceSpec.detect(),
-                      PlanSettings(), train_pairs)
+                      PlanSettings(), train_pairs, distributed)
 
 
 def keep_freed_memory() -> bool:

@@ -8,16 +8,18 @@ recipe, so no second copy of the model is held in memory.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from pydantic import BaseModel
 
 from tasks.base import PreftuneError, Workspace
 from tasks.data import SplitData
+from tasks.distributed import DistributedSettings, fit_stage
 from tasks.methods import Method, method_named
 from tasks.models import ResolvedModel
 from tasks.plan import TrainingPlan, default_plan
 from tasks.tracking import stage_run
-from tasks.training import TrainerSettings, fit, load_pairs, training_task
+from tasks.training import TrainerSettings, load_pairs, training_task
 
 
 class PolicySettings(TrainerSettings):
@@ -59,19 +61,14 @@ def dataset_for(method: Method, path: str):
     return pairs
 
 
-def train_policy_adapter(method_name: str, settings: PolicySettings, model: ResolvedModel, splits: SplitData, stage_dir: Path, parent_run_id: str | None = None,
-                         rewards: list[RewardFunction] = (), callbacks: list | None = None,
-                         plan: TrainingPlan | None = None) -> PolicyResult:
+def policy_trainer(method_name: str, settings: PolicySettings, model: ResolvedModel, splits: SplitData,
+                   stage_dir: Path, rewards: list[RewardFunction], callbacks: list | None = None
+                   ) -> Callable[[TrainingPlan], object]:
+    """The method's TRL trainer for a plan (built in each process that trains)."""
     from transformers import AutoModelForCausalLM
 
     method = method_named(method_name)
-    if method.online and not rewards:
-        raise PreftuneError(f"{method_name} scores its generations with reward models: give at least one aspect")
-    if given := [reward.aspect for reward in rewards if reward.model.startswith("models:/")]:
-        raise PreftuneError(f"{method_name} loads its reward models from folders or hub ids; rewards "
-                            f"{', '.join(given)} name a models:/ URI (download it with `mlflow artifacts download`)")
     tokenizer = model.tokenizer()
-    plan = plan or default_plan(method_name, method.plan_kind, settings, model, splits.train.rows)
     train_data, eval_data = dataset_for(method, splits.train.path), dataset_for(method, splits.eval.path)
 
     def make_trainer(plan: TrainingPlan):
@@ -92,8 +89,24 @@ def train_policy_adapter(method_name: str, settings: PolicySettings, model: Reso
             trainer.reward_func_names = [reward.aspect for reward in rewards]
         return trainer
 
+    return make_trainer
+
+
+def train_policy_adapter(method_name: str, settings: PolicySettings, model: ResolvedModel, splits: SplitData,
+                         stage_dir: Path, parent_run_id: str | None = None, rewards: list[RewardFunction] = (),
+                         callbacks: list | None = None, plan: TrainingPlan | None = None,
+                         distributed: DistributedSettings | None = None) -> PolicyResult:
+    method = method_named(method_name)
+    if method.online and not rewards:
+        raise PreftuneError(f"{method_name} scores its generations with reward models: give at least one aspect")
+    if given := [reward.aspect for reward in rewards if reward.model.startswith("models:/")]:
+        raise PreftuneError(f"{method_name} loads its reward models from folders or hub ids; rewards "
+                            f"{', '.join(given)} name a models:/ URI (download it with `mlflow artifacts download`)")
+    plan = plan or default_plan(method_name, method.plan_kind, settings, model, splits.train.rows, distributed)
+    inputs = {"callbacks": callbacks} if callbacks else {}
     with stage_run(method_name, parent_run_id) as run:
-        fitted = fit(make_trainer, settings, plan, stage_dir)
+        fitted = fit_stage(policy_trainer, settings, plan, stage_dir, distributed, method_name=method_name,
+                           model=model, splits=splits, rewards=list(rewards), **inputs)
         return PolicyResult(method=method_name, adapter_dir=fitted.adapter_dir, metrics=fitted.metrics,
                             mlflow_run_id=run.info.run_id)
 
@@ -101,7 +114,7 @@ def train_policy_adapter(method_name: str, settings: PolicySettings, model: Reso
 @training_task("train-policy", task_run_name="train-{method}")
 def train_policy(method: str, settings: PolicySettings, model: ResolvedModel, splits: SplitData,
                  plan: TrainingPlan, rewards: list[RewardFunction], workspace: Workspace,
-                 parent_run_id: str | None = None) -> PolicyResult:
+                 parent_run_id: str | None = None, distributed: DistributedSettings | None = None) -> PolicyResult:
     stage_dir = workspace.stage(method, settings, model, splits, rewards, plan.result_key())
     return train_policy_adapter(method, settings, model, splits, stage_dir, parent_run_id, rewards,
-                                plan=plan)
+                                plan=plan, distributed=distributed)

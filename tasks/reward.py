@@ -6,17 +6,19 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable
 
 import mlflow
 from pydantic import BaseModel, Field
 
 from tasks.base import Workspace
 from tasks.data import DataSettings, SplitData
+from tasks.distributed import DistributedSettings, fit_stage
 from tasks.merge import merge_into_base
 from tasks.models import ModelSettings, ResolvedModel
 from tasks.plan import TrainingPlan, default_plan
 from tasks.tracking import stage_run
-from tasks.training import TrainerSettings, fit, load_pairs, training_task
+from tasks.training import TrainerSettings, load_pairs, training_task
 
 
 log = logging.getLogger(__name__)
@@ -46,21 +48,22 @@ class RewardResult(BaseModel):
     mlflow_run_id: str
 
 
-def train_reward_model(aspect: str, settings: RewardSettings, model: ResolvedModel, splits: SplitData, stage_dir: Path, parent_run_id: str | None = None,
-                       callbacks: list | None = None, plan: TrainingPlan | None = None) -> RewardResult:
+def reward_trainer(aspect: str, settings: RewardSettings, model: ResolvedModel, splits: SplitData, stage_dir: Path,
+                   callbacks: list | None = None) -> Callable[[TrainingPlan], object]:
+    """TRL's RewardTrainer for a plan (built in each process that trains)."""
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
     tokenizer = model.tokenizer()
-    plan = plan or default_plan(f"reward-{aspect}", "reward", settings, model, splits.train.rows)
 
     def make_trainer(plan: TrainingPlan) -> RewardTrainer:
+        args = RewardConfig(**settings.trainer_args(stage_dir / "checkpoints", plan, f"reward-{aspect}"))
         network = AutoModelForSequenceClassification.from_pretrained(model.path, num_labels=1,
                                                                      **plan.load_kwargs(model.settings))
         network.config.pad_token_id = tokenizer.pad_token_id
         return RewardTrainer(
             model=network,
-            args=RewardConfig(**settings.trainer_args(stage_dir / "checkpoints", plan, f"reward-{aspect}")),
+            args=args,  # created before the model: ZeRO-3 must know it when the weights load
             train_dataset=load_pairs(splits.train.path),
             eval_dataset=load_pairs(splits.eval.path),
             processing_class=tokenizer,
@@ -68,8 +71,17 @@ def train_reward_model(aspect: str, settings: RewardSettings, model: ResolvedMod
             callbacks=callbacks,
         )
 
+    return make_trainer
+
+
+def train_reward_model(aspect: str, settings: RewardSettings, model: ResolvedModel, splits: SplitData, stage_dir: Path,
+                       parent_run_id: str | None = None, callbacks: list | None = None, plan: TrainingPlan | None = None,
+                       distributed: DistributedSettings | None = None) -> RewardResult:
+    plan = plan or default_plan(f"reward-{aspect}", "reward", settings, model, splits.train.rows, distributed)
+    inputs = {"callbacks": callbacks} if callbacks else {}
     with stage_run(f"reward-{aspect}", parent_run_id) as run:
-        fitted = fit(make_trainer, settings, plan, stage_dir)
+        fitted = fit_stage(reward_trainer, settings, plan, stage_dir, distributed, aspect=aspect, model=model,
+                           splits=splits, **inputs)
         used = fitted.train_examples
         mlflow.log_metrics({"train_pairs": splits.train.rows, "train_pairs_used": used})
         if used < splits.train.rows:
@@ -83,6 +95,8 @@ def train_reward_model(aspect: str, settings: RewardSettings, model: ResolvedMod
 
 @training_task("train-reward-model", task_run_name="reward-{aspect}")
 def train_reward(aspect: str, settings: RewardSettings, model: ResolvedModel, splits: SplitData,
-                 plan: TrainingPlan, workspace: Workspace, parent_run_id: str | None = None) -> RewardResult:
+                 plan: TrainingPlan, workspace: Workspace, parent_run_id: str | None = None,
+                 distributed: DistributedSettings | None = None) -> RewardResult:
     stage_dir = workspace.stage(f"reward-{aspect}", settings, model, splits, plan.result_key())
-    return train_reward_model(aspect, settings, model, splits, stage_dir, parent_run_id, plan=plan)
+    return train_reward_model(aspect, settings, model, splits, stage_dir, parent_run_id, plan=plan,
+                              distributed=distributed)

@@ -7,6 +7,7 @@ reference (the adapter switched off) is the SFT model, as in the recipe.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 from prefect import task
@@ -15,11 +16,12 @@ from pydantic import BaseModel, Field, model_validator
 from tasks.base import PreftuneError, StrictModel, Workspace, retry_unless_user_error
 from tasks.caching import DATA_CACHE
 from tasks.data import DataSettings, SplitData, read_jsonl, read_table, write_jsonl
+from tasks.distributed import DistributedSettings, fit_stage
 from tasks.merge import merge_into_base
 from tasks.models import ResolvedModel
 from tasks.plan import TrainingPlan, default_plan
 from tasks.tracking import stage_run
-from tasks.training import TrainerSettings, fit, load_pairs, training_task
+from tasks.training import TrainerSettings, load_pairs, training_task
 
 
 class ChatDataSettings(StrictModel):
@@ -100,38 +102,48 @@ def to_prompt_completion(pairs_path: str, out_path: Path) -> str:
     return write_jsonl(frame[["prompt", "chosen"]].rename(columns={"chosen": "completion"}), out_path).path
 
 
-def train_sft_adapter(settings: SFTSettings, model: ResolvedModel, splits: SplitData,
-                      stage_dir: Path, parent_run_id: str | None = None, plan: TrainingPlan | None = None) -> SFTResult:
+def sft_trainer(settings: SFTSettings, model: ResolvedModel, train_path: str, eval_path: str,
+                stage_dir: Path) -> Callable[[TrainingPlan], object]:
+    """TRL's SFTTrainer for a plan (built in each process that trains)."""
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    if settings.adapter_path:
-        if not (Path(settings.adapter_path) / "adapter_config.json").is_file():
-            raise PreftuneError(f"sft.adapter_path {settings.adapter_path} has no adapter_config.json")
-        merged = merge_into_base(model.path, [settings.adapter_path], stage_dir / "model")
-        return SFTResult(adapter_dir=settings.adapter_path, model_dir=merged, metrics={}, mlflow_run_id=None)
-
     tokenizer = model.tokenizer()
-    plan = plan or default_plan("sft", "sft", settings, model, splits.train.rows)
-    if settings.chat_data:  # conversations: TRL's conversational format as they are
-        train_path, eval_path = splits.train.path, splits.eval.path
-    else:
-        train_path = to_prompt_completion(splits.train.path, stage_dir / "train.jsonl")
-        eval_path = to_prompt_completion(splits.eval.path, stage_dir / "eval.jsonl")
 
     def make_trainer(plan: TrainingPlan) -> SFTTrainer:
+        args = SFTConfig(**settings.trainer_args(stage_dir / "checkpoints", plan, "sft"))  # before the model (ZeRO-3)
         network = AutoModelForCausalLM.from_pretrained(model.path, **plan.load_kwargs(model.settings))
         return SFTTrainer(
             model=network,
-            args=SFTConfig(**settings.trainer_args(stage_dir / "checkpoints", plan, "sft")),
+            args=args,
             train_dataset=load_pairs(train_path),
             eval_dataset=load_pairs(eval_path),
             processing_class=tokenizer,
             peft_config=settings.lora.peft_config("CAUSAL_LM", network.config.num_hidden_layers),
         )
 
+    return make_trainer
+
+
+def train_sft_adapter(settings: SFTSettings, model: ResolvedModel, splits: SplitData, stage_dir: Path,
+                      parent_run_id: str | None = None, plan: TrainingPlan | None = None,
+                      distributed: DistributedSettings | None = None) -> SFTResult:
+    if settings.adapter_path:
+        if not (Path(settings.adapter_path) / "adapter_config.json").is_file():
+            raise PreftuneError(f"sft.adapter_path {settings.adapter_path} has no adapter_config.json")
+        merged = merge_into_base(model.path, [settings.adapter_path], stage_dir / "model")
+        return SFTResult(adapter_dir=settings.adapter_path, model_dir=merged, metrics={}, mlflow_run_id=None)
+
+    plan = plan or default_plan("sft", "sft", settings, model, splits.train.rows, distributed)
+    if settings.chat_data:  # conversations: TRL's conversational format as they are
+        train_path, eval_path = splits.train.path, splits.eval.path
+    else:
+        train_path = to_prompt_completion(splits.train.path, stage_dir / "train.jsonl")
+        eval_path = to_prompt_completion(splits.eval.path, stage_dir / "eval.jsonl")
+
     with stage_run("sft", parent_run_id) as run:
-        fitted = fit(make_trainer, settings, plan, stage_dir)
+        fitted = fit_stage(sft_trainer, settings, plan, stage_dir, distributed, model=model, train_path=train_path,
+                           eval_path=eval_path)
         merged = merge_into_base(model.path, [fitted.adapter_dir], stage_dir / "model")
         return SFTResult(adapter_dir=fitted.adapter_dir, model_dir=merged, metrics=fitted.metrics,
                          mlflow_run_id=run.info.run_id)
@@ -139,6 +151,7 @@ def train_sft_adapter(settings: SFTSettings, model: ResolvedModel, splits: Split
 
 @training_task("train-sft")
 def train_sft(settings: SFTSettings, model: ResolvedModel, splits: SplitData, plan: TrainingPlan,
-              workspace: Workspace, parent_run_id: str | None = None) -> SFTResult:
+              workspace: Workspace, parent_run_id: str | None = None,
+              distributed: DistributedSettings | None = None) -> SFTResult:
     stage_dir = workspace.stage("sft", settings, model, splits, plan.result_key())
-    return train_sft_adapter(settings, model, splits, stage_dir, parent_run_id, plan=plan)
+    return train_sft_adapter(settings, model, splits, stage_dir, parent_run_id, plan=plan, distributed=distributed)

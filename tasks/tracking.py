@@ -123,11 +123,12 @@ def stage_run(stage: str, parent_run_id: str | None):
 
 
 def git_commit() -> str:
+    """The checkout's commit; in an image without `.git`, the one it was built from (PREFTUNE_GIT_COMMIT)."""
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                               cwd=Path(__file__).resolve().parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("PREFTUNE_GIT_COMMIT", "unknown")
 
 
 def hf_folder(mlflow_model: Path) -> Path:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import hashlib
 import json
 import logging
 import shutil
@@ -22,6 +23,7 @@ from transformers.integrations import MLflowCallback
 
 from tasks.base import PreftuneError, retry_unless_user_error
 from tasks.caching import TRAINING_CACHE
+from tasks.distributed import is_main_process
 from tasks.models import LoraSettings
 from tasks.plan import TrainingPlan, keep_freed_memory
 
@@ -183,9 +185,46 @@ class FitResult(BaseModel):
     adapter_dir: str
     metrics: dict[str, float]  # the trainer's held-out pass, when asked for
     train_examples: int  # rows the trainer trained on (all of them: overlong ones were shortened)
+    processes: int = 1  # ranks that trained it
+    global_batch: int = 0  # examples per optimizer step over all ranks (micro-batch x accumulation x ranks)
+    replica_checksums: list[str] = []  # DDP: each rank's trainable weights (identical when gradients were synchronised)
 
 
 FIT_RECORD = "fit.json"
+
+
+def read_fit(stage_dir: Path) -> FitResult:
+    """What a finished stage recorded (also the result of a launched one, written by its rank 0)."""
+    done = json.loads((stage_dir / FIT_RECORD).read_text())
+    return FitResult.model_validate({key: value for key, value in done.items() if key in FitResult.model_fields}
+                                    | {"adapter_dir": str(stage_dir / "adapter")})
+
+
+def finished_fit(settings: TrainerSettings, stage_dir: Path) -> FitResult | None:
+    """A stage found finished (e.g. a re-run against a new tracking store): its curves re-logged, no training."""
+    record = stage_dir / FIT_RECORD
+    if not (record.is_file() and (stage_dir / "adapter" / "adapter_config.json").is_file()):
+        return None
+    done = json.loads(record.read_text())
+    if done["global_step"] < settings.max_steps:
+        return None
+    relog_history(done["history"])
+    return read_fit(stage_dir)
+
+
+def replica_checksums(trainer) -> list[str]:
+    """Under DDP every rank holds the whole adapter; after training the copies must be bit-identical,
+    which is what synchronised gradients guarantee. Sharded strategies hold parts: nothing to compare."""
+    from accelerate.utils import DistributedType, gather_object
+
+    state = trainer.accelerator.state
+    if state.num_processes == 1 or state.distributed_type not in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
+        return []
+    digest = hashlib.sha256()
+    for _, parameter in sorted(trainer.model.named_parameters()):
+        if parameter.requires_grad:
+            digest.update(parameter.detach().float().cpu().numpy().tobytes())
+    return gather_object([digest.hexdigest()])
 
 
 def fit(make_trainer: Callable[[TrainingPlan], object], settings: TrainerSettings, plan: TrainingPlan,
@@ -198,13 +237,12 @@ def fit(make_trainer: Callable[[TrainingPlan], object], settings: TrainerSetting
     re-raised without the failed trainer attached (so its memory is freed): the task's Prefect retry
     then trains with the smaller micro-batch (see `adjusted_for_oom`)."""
     adapter_dir, record = stage_dir / "adapter", stage_dir / FIT_RECORD
-    if record.is_file() and (adapter_dir / "adapter_config.json").is_file():
-        done = json.loads(record.read_text())
-        if done["global_step"] >= settings.max_steps:
-            relog_history(done["history"])
-            return FitResult(adapter_dir=str(adapter_dir), metrics=done["metrics"], train_examples=done["train_examples"])
+    if done := finished_fit(settings, stage_dir):
+        return done
     plan = adjusted_for_oom(plan, stage_dir)
-    mlflow.log_params(plan.params())
+    main_process = is_main_process()
+    if main_process:
+        mlflow.log_params(plan.params())
     if plan.device_kind == "cpu":
         keep_freed_memory()
     checkpoints = stage_dir / "checkpoints"
@@ -216,7 +254,10 @@ def fit(make_trainer: Callable[[TrainingPlan], object], settings: TrainerSetting
             trainer.add_callback(SynchronousMLflowCallback())
         if TaskRunContext.get():  # in a Prefect task: show progress in the UI
             trainer.add_callback(PrefectProgress(stage_dir.parent.name))
-        trainer.train(resume_from_checkpoint=resume_point(checkpoints))
+        resume_from = resume_point(checkpoints)
+        if resume_from and main_process:
+            log.warning("%s: resuming from %s", stage_dir.parent.name, Path(resume_from).name)
+        trainer.train(resume_from_checkpoint=resume_from)
     except torch.OutOfMemoryError as error:
         out_of_memory = str(error).splitlines()[0][:300]
     except MlflowException as error:
@@ -235,16 +276,25 @@ def fit(make_trainer: Callable[[TrainingPlan], object], settings: TrainerSetting
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        record_oom(plan, stage_dir)
+        if main_process:
+            record_oom(plan, stage_dir)
         raise torch.OutOfMemoryError(f"{out_of_memory} (micro-batch {plan.micro_batch}; the retry uses "
                                      f"{TrainingPlan.model_validate_json((stage_dir / OOM_RECORD).read_text()).micro_batch})")
     metrics = numeric(trainer.evaluate()) if settings.evaluate_after_training else {}
-    trainer.save_model(str(adapter_dir))
-    result = FitResult(adapter_dir=str(adapter_dir), metrics=metrics, train_examples=len(trainer.train_dataset))
-    record.write_text(json.dumps({"global_step": trainer.state.global_step, "history": trainer.state.log_history}
-                                 | result.model_dump(exclude={"adapter_dir"})))
-    if not settings.keep_checkpoints:
-        shutil.rmtree(checkpoints, ignore_errors=True)
+    trainer.save_model(str(adapter_dir))  # every rank: sharded strategies gather the adapter here
+    args = trainer.args
+    result = FitResult(adapter_dir=str(adapter_dir), metrics=metrics, train_examples=len(trainer.train_dataset),
+                       processes=args.world_size, replica_checksums=replica_checksums(trainer),
+                       global_batch=args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size)
+    trainer.accelerator.wait_for_everyone()
+    if main_process:
+        if len(set(result.replica_checksums)) > 1:
+            log.error("the ranks' adapters differ after training (%s): gradients were not synchronised",
+                      result.replica_checksums)
+        record.write_text(json.dumps({"global_step": trainer.state.global_step, "history": trainer.state.log_history}
+                                     | result.model_dump(exclude={"adapter_dir"})))
+        if not settings.keep_checkpoints:
+            shutil.rmtree(checkpoints, ignore_errors=True)
     return result
 
 
@@ -257,8 +307,11 @@ def relog_history(history: list[dict]) -> None:
             mlflow.log_metrics(values, step=int(entry["step"]))
 
 
+GPU_TAG = "gpu"  # on every training task: the tag whose concurrency limit bounds training at once
+
+
 def training_task(name: str, **options):
     """The Prefect task settings every trainer shares: retries for transient failures (not for user
     errors), the `gpu` tag for concurrency limits, and the training cache policy."""
     return task(name=name, retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_unless_user_error,
-                tags=["gpu", "training"], cache_policy=TRAINING_CACHE, persist_result=True, **options)
+                tags=[GPU_TAG, "training"], cache_policy=TRAINING_CACHE, persist_result=True, **options)

@@ -1,5 +1,6 @@
-"""Production path: real Prefect and MLflow servers on loopback, the smoke deployment from
-deployments/prefect.yaml run by a process worker (not in-process), checked through both APIs."""
+"""Production path: real Prefect and MLflow servers on loopback, on PostgreSQL as `preftune ui --database`
+runs them, the smoke deployment from deployments/prefect.yaml run by a process worker (not in-process),
+checked through both APIs and in the databases themselves."""
 from __future__ import annotations
 
 import asyncio
@@ -11,31 +12,56 @@ from pathlib import Path
 
 import pytest
 import requests
+import sqlalchemy
+import torch
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from flows.servers import start_mlflow, start_prefect
+from flows.pools import GPU_TAG, ensure_gpu_limit
+from flows.servers import MLFLOW_DATABASE, PREFECT_DATABASE, postgres_stores, start_servers
 from ports import free_port
+from postgres import postgres_bin, postgres_cluster
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = REPO / ".venv" / "bin"
 
 
 @pytest.fixture()
-def servers(tmp_path):
+def postgres():
+    """A throwaway PostgreSQL cluster. Missing binaries fail the test: CI must run it (.ci/run installs them)."""
+    bin_dir = postgres_bin()
+    if bin_dir is None:
+        pytest.fail("PostgreSQL's server (initdb) is neither on PATH nor under /usr/lib/postgresql/*/bin: "
+                    "install it (apt-get install postgresql), as .ci/run does")
+    with postgres_cluster(bin_dir) as url:
+        yield url
+
+
+@pytest.fixture()
+def servers(tmp_path, postgres):
+    """Both servers on PostgreSQL, started as `preftune ui --database` starts them."""
     prefect_home = tmp_path / "prefect-home"
-    prefect = start_prefect(free_port(), tmp_path / "prefect.log", env={"PREFECT_HOME": str(prefect_home)})
-    mlflow = start_mlflow(free_port(), tmp_path / "mlflow", tmp_path / "mlflow.log")
+    stores = postgres_stores(postgres, tmp_path / "mlflow")
+    assert stores.created == (PREFECT_DATABASE, MLFLOW_DATABASE)
+    assert "not-a-real-secret" not in "".join(stores.describe())
+    prefect, mlflow = start_servers(free_port(), free_port(), stores, tmp_path, {"PREFECT_HOME": str(prefect_home)})
     try:
-        prefect.wait_until_healthy()
-        mlflow.wait_until_healthy()
-        yield prefect, mlflow, prefect_home
+        yield prefect, mlflow, prefect_home, stores
     finally:
         prefect.stop()
         mlflow.stop()
+
+
+def _query(database_url: str, statement: str, **params) -> list[tuple]:
+    engine = sqlalchemy.create_engine(database_url.replace("+asyncpg", "+psycopg2"))
+    try:
+        with engine.connect() as connection:
+            return [tuple(row) for row in connection.execute(sqlalchemy.text(statement), params)]
+    finally:
+        engine.dispose()
 
 
 async def _wait_for(flow_run_id, timeout_s: float = 600):
@@ -58,7 +84,7 @@ async def _pools_and_deployments():
 
 
 def test_smoke_deployment_runs_through_a_worker(servers, tmp_path, tiny_model_path):
-    prefect, mlflow, prefect_home = servers
+    prefect, mlflow, prefect_home, stores = servers
     api = f"{prefect.url}/api"
     env = os.environ | {"PREFECT_API_URL": api, "PREFECT_HOME": str(prefect_home), "MLFLOW_TRACKING_URI": mlflow.url,
                         "PREFTUNE_HOME": str(REPO)}
@@ -69,6 +95,9 @@ def test_smoke_deployment_runs_through_a_worker(servers, tmp_path, tiny_model_pa
                                 text=True, timeout=300)
         assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
         assert "created work pool preftune-gpu" in deploy.stdout and "created work pool preftune-local" in deploy.stdout
+        slots = max(1, torch.cuda.device_count())
+        assert f"created concurrency limit on tag 'gpu': {slots} " in deploy.stdout
+        assert ensure_gpu_limit(slots + 1) == (slots, False)  # an existing limit is left as it is
         pools, deployments = asyncio.run(_pools_and_deployments())
         assert pools["preftune-local"].type == "process" and pools["preftune-gpu"].type == "kubernetes"
         assert pools["preftune-gpu"].base_job_template["variables"]["properties"]["gpu_count"]["default"] == 1
@@ -100,6 +129,29 @@ def test_smoke_deployment_runs_through_a_worker(servers, tmp_path, tiny_model_pa
     assert {"git.commit", "config.sha256", "data.sha256"} <= version.tags.keys()
     assert version.source and version.run_id
 
+    # Everything is in PostgreSQL: MLflow's runs and model versions, Prefect's flow run and the
+    # training tasks, whose `gpu` tag the concurrency limit deploy created holds to its size.
+    [(status,)] = _query(stores.mlflow_backend, "SELECT status FROM runs WHERE run_uuid = :id", id=parent.info.run_id)
+    assert status == "FINISHED"
+    versions = {(name, str(number)): (run_id, source, artifact_uri) for name, number, run_id, source, artifact_uri in
+                _query(stores.mlflow_backend, "SELECT v.name, v.version, v.run_id, v.source, r.artifact_uri FROM "
+                       "model_versions v JOIN runs r ON r.run_uuid = v.run_id")}
+    assert {name for name, _ in versions} == {"preftune-smoke-policy", "preftune-smoke-reward-helpfulness",
+                                              "preftune-smoke-reward-harmlessness"}
+    assert versions[version.name, version.version][0] == version.run_id
+    flow_runs = _query(stores.prefect_database, "SELECT state_type FROM flow_run WHERE id = :id", id=run.id)
+    assert flow_runs == [("COMPLETED",)]
+    assert _query(stores.prefect_database, "SELECT count(*) FROM task_run WHERE flow_run_id = :id AND "
+                  "tags::jsonb ? :tag", id=run.id, tag=GPU_TAG)[0][0] >= 4  # two reward models, SFT, the policy
+    assert _query(stores.prefect_database, 'SELECT "limit", active FROM concurrency_limit_v2 WHERE name = :name',
+                  name=f"tag:{GPU_TAG}") == [(slots, True)]
+    # The models' files went to the MLflow server, which keeps them under its artifacts destination.
+    destination = Path(stores.artifacts.removeprefix("file://"))
+    for run_id, source, artifact_uri in versions.values():
+        assert artifact_uri.startswith("mlflow-artifacts:/") and source.startswith(f"runs:/{run_id}/"), source
+        folder = destination / artifact_uri.removeprefix("mlflow-artifacts:/") / source.removeprefix(f"runs:/{run_id}/")
+        assert (folder / "MLmodel").is_file()
+
 
 def test_ui_serves_both_servers_on_loopback_and_stops_them_on_ctrl_c(tmp_path):
     ports = {"prefect": free_port(), "mlflow": free_port()}
@@ -125,3 +177,18 @@ def test_ui_serves_both_servers_on_loopback_and_stops_them_on_ctrl_c(tmp_path):
     for url in urls:
         with pytest.raises(requests.ConnectionError):
             requests.get(url, timeout=5)
+
+
+@pytest.mark.parametrize("url, problem", [
+    ("mysql://alice:s3cret@127.0.0.1/db", "--database must be a postgresql://"),
+    ("postgresql://alice:s3cret@127.0.0.1:{port}/postgres?sslmode=disable", "--database takes no query parameters"),
+    ("postgresql://alice:s3cret@127.0.0.1:{port}", "cannot connect to PostgreSQL at 127.0.0.1:{port} as alice: "),
+])
+def test_ui_database_errors_are_one_line_naming_the_problem_without_the_password(url, problem, tmp_path, capsys):
+    from flows.cli import main
+
+    port = free_port()  # nothing listens there
+    assert main(["ui", "--database", url.format(port=port), "--store", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"preftune: {problem.format(port=port)}") and error.count("\n") == 1, error
+    assert "s3cret" not in error

@@ -1,0 +1,54 @@
+"""A throwaway PostgreSQL cluster for the tests of the shared servers (tests only).
+
+The cluster lives in a temporary folder on a free loopback port and trusts loopback logins: nothing
+in it outlives the test. PostgreSQL refuses to run as root, so as root it runs as the `postgres` user.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from ports import free_port
+
+
+def postgres_bin() -> Path | None:
+    """The folder of initdb/pg_ctl: on PATH, or where Debian's packages put them (not on PATH)."""
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    versions = glob.glob("/usr/lib/postgresql/*/bin/initdb")  # the newest, if several
+    newest = max(versions, key=lambda path: [int(n) for n in re.findall(r"\d+", path)], default=None)
+    return Path(newest).parent if newest else None
+
+
+@contextlib.contextmanager
+def postgres_cluster(bin_dir: Path):
+    """Yields the URL of a superuser login (`postgres`, any password) on a fresh cluster; stops it after."""
+    root = Path(tempfile.mkdtemp(prefix="preftune-pg-"))  # not under pytest's tmp: that is private to its user
+    as_root = os.geteuid() == 0
+    if as_root:
+        shutil.chown(root, "postgres", "postgres")
+    prefix = ["runuser", "-u", "postgres", "--"] if as_root else []
+    data, port = root / "data", free_port()
+
+    def run(*command: str) -> None:
+        done = subprocess.run(prefix + list(command), cwd=root, capture_output=True, text=True, timeout=120)
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout}{done.stderr}")
+
+    try:
+        run(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-locale")
+        run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "postgres.log"), "-w", "-o",
+            f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start")
+        try:
+            yield f"postgresql://postgres:not-a-real-secret@127.0.0.1:{port}"  # trust: the password is ignored
+        finally:
+            run(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,133 @@
+"""Several processes by configuration: plans that split the effective batch, accelerate configs for
+every strategy, and a real 2-process (gloo) run of the flow on this CPU that is killed and resumes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from accelerate.commands.config.config_args import load_config_from_file
+from accelerate.utils import DistributedType
+from mlflow import MlflowClient
+
+from tasks.base import PreftuneError
+from tasks.data import DataFile, SplitData
+from tasks.distributed import ACCELERATE_CONFIGS, DevicePool, DistributedSettings, decode_arguments, encode_arguments
+from tasks.models import ModelSettings, RandomInitSettings, ResolvedModel
+from tasks.plan import DeviceSpec, PlanSettings, plan_stage, shape_of
+from tasks.policy import PolicySettings, RewardFunction, policy_trainer
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = ModelSettings(random_init=RandomInitSettings())
+CPU = DeviceSpec(kind="cpu", name="cpu", memory_gib=16, bf16=False)
+GPU = DeviceSpec.described_gpu(80, bf16=True)
+
+
+def _plan(settings, processes: int, strategy="ddp", device=CPU, model=SMOKE):
+    return plan_stage("dpo", "dpo", settings, model, shape_of(model), device, PlanSettings(),
+                      distributed=DistributedSettings(num_processes=processes, strategy=strategy))
+
+
+def test_processes_share_the_effective_batch_of_one():
+    settings = PolicySettings(per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    one, two = _plan(settings, 1), _plan(settings, 2)
+    assert one.micro_batch * one.gradient_accumulation == 8 and one.processes == 1 and one.strategy == "single"
+    assert two.micro_batch * two.gradient_accumulation * two.processes == 8 == two.effective_batch
+    assert two.trainer_overrides()["ddp_find_unused_parameters"] is False
+    with pytest.raises(PreftuneError, match="effective batch 8 .* does not divide over 3 processes"):
+        _plan(settings, 3)
+
+
+def test_sharded_strategies_hold_a_share_of_the_weights():
+    model = ModelSettings(random_init=RandomInitSettings(hidden_size=256, num_hidden_layers=16, intermediate_size=512))
+    settings = PolicySettings(per_device_train_batch_size=8, max_length=512)
+    single = _plan(settings, 1, device=GPU, model=model).memory
+    ddp, fsdp = (_plan(settings, 8, strategy, device=GPU, model=model).memory for strategy in ("ddp", "fsdp"))
+    assert ddp.weights_gib == pytest.approx(single.weights_gib)  # DDP replicates the model
+    assert fsdp.weights_gib < single.weights_gib / 4  # FSDP: 1/8 plus the layer being computed
+    assert fsdp.adapter_gib < ddp.adapter_gib
+
+
+@pytest.mark.parametrize("strategy, kind", [("ddp", DistributedType.MULTI_GPU), ("fsdp", DistributedType.FSDP),
+                                            ("deepspeed_zero2", DistributedType.DEEPSPEED),
+                                            ("deepspeed_zero3", DistributedType.DEEPSPEED)])
+def test_every_strategy_has_an_accelerate_config(strategy, kind):
+    config = load_config_from_file(str(DistributedSettings(strategy=strategy).accelerate_config()))
+    assert config.distributed_type == kind and config.num_machines == 1
+    if strategy.startswith("deepspeed"):
+        assert config.deepspeed_config["zero_stage"] == int(strategy[-1])
+    assert (ACCELERATE_CONFIGS / f"{strategy}.yaml").is_file()
+
+
+def test_a_missing_accelerate_config_is_named():
+    with pytest.raises(PreftuneError, match="distributed.config_file /nowhere.yaml does not exist"):
+        DistributedSettings(config_file="/nowhere.yaml").accelerate_config()
+
+
+def test_launch_arguments_round_trip_through_json(tmp_path):
+    """What the ranks rebuild from launch.json is what the task had, types included."""
+    arguments = {"method_name": "grpo", "settings": PolicySettings(max_steps=3, beta=0.2),
+                 "model": ResolvedModel(path="/m", settings=SMOKE),
+                 "splits": SplitData(train=DataFile(path="/t.jsonl", rows=3, sha256="a"), eval=DataFile(path="/e.jsonl", rows=1, sha256="b")),
+                 "stage_dir": tmp_path, "rewards": [RewardFunction(aspect="helpfulness", model="/r", weight=0.5)]}
+    encoded = json.loads(json.dumps(encode_arguments(policy_trainer, arguments)))
+    assert decode_arguments(policy_trainer, encoded) == arguments
+
+
+def test_no_gpus_no_devices_to_hand_out():
+    if DevicePool.visible():
+        pytest.skip("GPUs are visible")
+    with DevicePool().claim(2) as devices:
+        assert devices is None
+
+
+def _cli(*args: str, cwd: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([str(REPO / ".venv" / "bin" / "preftune"), *args], cwd=cwd, text=True, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_two_processes_train_resume_after_a_kill_and_register(tmp_path):
+    """`distributed.num_processes=2` on this CPU: DPO on 2 gloo ranks through `accelerate launch`, killed
+    after its first checkpoint and run again. Both ranks ran and ended with bit-identical adapters
+    (synchronised gradients), the global batch is the single-process one, the re-run resumed from the
+    checkpoint, and the policy registers like any run."""
+    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                        "PREFECT_HOME": str(tmp_path / "prefect")}
+    args = ["run", "--profile", "smoke", "--set", "distributed.num_processes=2", "--set", "sft.enabled=false",
+            "--set", "policy.max_steps=8", "--set", "policy.save_steps=2", "--set", f"runs_dir={tmp_path / 'runs'}"]
+    first = _cli(*args, cwd=tmp_path, env=env)
+    deadline = time.time() + 400
+    while not list((tmp_path / "runs").glob("smoke/dpo/*/checkpoints/checkpoint-2/trainer_state.json")):
+        assert first.poll() is None and time.time() < deadline, first.stdout.read()[-4000:]
+        time.sleep(0.1)
+    os.killpg(first.pid, signal.SIGKILL)  # the CLI, the launcher and both ranks
+    first.wait()
+
+    second = _cli(*args, cwd=tmp_path, env=env)
+    output, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, output[-4000:]
+    assert "resuming from checkpoint-" in output  # rank 0's log line, streamed into the task's log
+    [stage] = (tmp_path / "runs").glob("smoke/dpo/*")
+    fitted = json.loads((stage / "fit.json").read_text())
+    single = _plan(PolicySettings(per_device_train_batch_size=4, max_length=128), 1)
+    assert fitted["global_step"] == 8 and fitted["processes"] == 2
+    assert fitted["global_batch"] == single.micro_batch * single.gradient_accumulation == 4
+    first_rank, second_rank = fitted["replica_checksums"]
+    assert first_rank == second_rank
+    assert [entry["step"] for entry in fitted["history"] if "loss" in entry] == list(range(1, 9))
+
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("preftune").experiment_id
+    [parent] = client.search_runs([experiment], "tags.`preftune.profile` = 'smoke' and attributes.status = 'FINISHED'")
+    dpo_runs = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
+                                                "and tags.`preftune.stage` = 'dpo'")
+    [dpo] = dpo_runs  # rank 1 opened no run of its own
+    assert dpo.data.params["plan.dpo.processes"] == "2"
+    steps = {m.step for m in client.get_metric_history(dpo.info.run_id, "loss")}  # rank 0's curve, after the resume
+    assert max(steps) == 8 and min(steps) >= 3
+    version = client.get_model_version_by_alias("preftune-smoke-policy", "candidate")
+    assert version.tags["method"] == "dpo" and version.tags["prefect.flow_run_id"] == parent.data.tags["prefect.flow_run_id"]

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test ui bench bench-gpu lock clean-runs
+.PHONY: setup postgres run test ui bench bench-gpu lock clean-runs
 
 # The exact tested versions (requirements.lock), then the project itself without resolving again.
 $(STAMP): pyproject.toml constraints.txt requirements.lock
@@ -30,7 +30,14 @@ setup: $(STAMP)
 run: setup
 	$(BIN)/preftune run --profile quickstart
 
-test: setup
+# The shared-servers test starts a throwaway PostgreSQL cluster: the server binaries, where missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+postgres:
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; }
+
+test: setup postgres
 	$(BIN)/pytest
 
 ui: setup

@@ -18,7 +18,7 @@ from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from transformers import TrainerCallback
+from transformers import TrainerCallback, set_seed
 from transformers.integrations import MLflowCallback
 
 from tasks.base import PreftuneError, retry_unless_user_error
@@ -248,6 +248,7 @@ def fit(make_trainer: Callable[[TrainingPlan], object], settings: TrainerSetting
     checkpoints = stage_dir / "checkpoints"
     out_of_memory = None
     try:
+        set_seed(settings.seed)  # before the model loads: a new head and the LoRA weights start the same every run
         trainer = make_trainer(plan)
         keep_trainable_dtype(trainer.model, plan)
         if trainer.pop_callback(MLflowCallback):

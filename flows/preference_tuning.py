@@ -190,7 +190,8 @@ def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSumm
         # each in a process of its own and as many at once as the `gpu` tag's concurrency limit allows
         # (`preftune deploy` sizes it by the GPUs); an offline policy starts as soon as SFT is done.
         parallel = config.parallel_stages if config.parallel_stages is not None else len(DevicePool.visible()) > 1
-        distributed = config.distributed.model_copy(update={"separate_process": parallel})
+        distributed = config.distributed.model_copy(update={"separate_process": config.distributed.separate_process
+                                                                                  or parallel})
         reward_training, sft_training = {}, None
         for aspect in aspects:
             if aspect.plan is not None:

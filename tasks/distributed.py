@@ -31,6 +31,7 @@ ACCELERATE_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "accel
 SHARDS_WEIGHTS = {"fsdp", "deepspeed_zero3"}  # each process holds 1/N of the frozen weights
 SHARDS_TRAINING_STATE = {"fsdp", "deepspeed_zero2", "deepspeed_zero3"}  # 1/N of gradients and optimizer states
 LAUNCH_FILE = "launch.json"
+USER_ERROR = "launch-user-error.txt"  # a rank's PreftuneError, for the task to raise as such
 
 
 class DistributedSettings(StrictModel):
@@ -174,6 +175,10 @@ def launch(factory: Callable, arguments: dict, plan, stage_dir: Path, settings: 
         logger.info("%s", line.rstrip())
         tail = (tail + [line.rstrip()])[-20:]
     if process.wait() != 0:
+        if (user_error := stage_dir / USER_ERROR).is_file():  # bad input or settings: say it once, no retry
+            message = user_error.read_text()
+            user_error.unlink()
+            raise PreftuneError(message)
         raise RuntimeError(f"{stage_dir.parent.name}: accelerate launch exited with code {process.returncode}; "
                            f"a retry resumes from the last checkpoint in {stage_dir / 'checkpoints'}. Last lines:\n"
                            + "\n".join(tail))
@@ -209,12 +214,17 @@ def main(launch_file: str) -> None:
     factory = _import(spec["factory"])
     arguments = decode_arguments(factory, spec["arguments"])
     plan = TrainingPlan.model_validate(spec["plan"])
-    make_trainer = factory(**arguments)
-    if is_main_process() and spec["mlflow_run_id"]:
-        with mlflow.start_run(run_id=spec["mlflow_run_id"]):
+    try:
+        make_trainer = factory(**arguments)
+        if is_main_process() and spec["mlflow_run_id"]:
+            with mlflow.start_run(run_id=spec["mlflow_run_id"]):
+                fit(make_trainer, arguments["settings"], plan, arguments["stage_dir"])
+        else:
             fit(make_trainer, arguments["settings"], plan, arguments["stage_dir"])
-    else:
-        fit(make_trainer, arguments["settings"], plan, arguments["stage_dir"])
+    except PreftuneError as error:
+        if is_main_process():
+            (arguments["stage_dir"] / USER_ERROR).write_text(str(error))
+        raise
 
 
 if __name__ == "__main__":

@@ -15,11 +15,12 @@ from accelerate.utils import DistributedType
 from mlflow import MlflowClient
 
 from tasks.base import PreftuneError
-from tasks.data import DataFile, SplitData
+from tasks.data import DataFile, DataSettings, SplitData, apply_filter, format_split, load, split
 from tasks.distributed import ACCELERATE_CONFIGS, DevicePool, DistributedSettings, decode_arguments, encode_arguments
-from tasks.models import ModelSettings, RandomInitSettings, ResolvedModel
+from tasks.models import ModelSettings, RandomInitSettings, ResolvedModel, load_tokenizer
 from tasks.plan import DeviceSpec, PlanSettings, plan_stage, shape_of
-from tasks.policy import PolicySettings, RewardFunction, policy_trainer
+from tasks.policy import PolicySettings, RewardFunction, policy_trainer, train_policy_adapter
+from tasks.tracking import TrackingSettings, configure
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = ModelSettings(random_init=RandomInitSettings())
@@ -131,3 +132,18 @@ def test_two_processes_train_resume_after_a_kill_and_register(tmp_path):
     assert max(steps) == 8 and min(steps) >= 3
     version = client.get_model_version_by_alias("preftune-smoke-policy", "candidate")
     assert version.tags["method"] == "dpo" and version.tags["prefect.flow_run_id"] == parent.data.tags["prefect.flow_run_id"]
+
+
+def test_a_bad_setting_in_a_rank_is_a_user_error_not_a_retried_crash(tiny_model_path, tmp_path, tracking_uri):
+    """GRPO's config check runs inside the ranks (it needs their world size): its message reaches the
+    task as a PreftuneError, which Prefect does not retry, instead of an exit code and a traceback."""
+    configure(TrackingSettings())
+    data = DataSettings(synthetic_rows=24)
+    pairs = format_split(split(apply_filter(load(data, tmp_path), data, tmp_path), data, tmp_path),
+                         load_tokenizer(tiny_model_path, SMOKE), tmp_path)
+    settings = PolicySettings(max_steps=1, per_device_train_batch_size=2, num_generations=4, max_length=64)
+    with pytest.raises(PreftuneError, match="policy settings for grpo: .*num_generations"):
+        train_policy_adapter("grpo", settings, ResolvedModel(path=tiny_model_path, settings=SMOKE), pairs,
+                             tmp_path / "grpo", rewards=[RewardFunction(aspect="helpfulness", model=tiny_model_path,
+                                                                         weight=1.0)],
+                             distributed=DistributedSettings(num_processes=2))

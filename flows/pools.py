@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from tasks.base import PreftuneError
-from tasks.training import GPU_TAG  # noqa: F401  (re-exported for the CLI)
+from tasks.training import GPU_TAG
 
 DEPLOYMENTS = Path(__file__).resolve().parent.parent / "deployments"
 # Pool name -> (worker type, base job template in deployments/ or None for the type's default).
@@ -54,8 +54,6 @@ def ensure_work_pools() -> list[str]:
             client.create_work_pool(WorkPoolCreate(name=name, type=kind, base_job_template=job_template(kind, template)))
             created.append(name)
     return created
-
-
 
 
 def gpu_slots() -> int:

@@ -29,7 +29,7 @@ from tasks.methods import method_named
 from tasks.models import ResolvedModel, resolve_base_model
 from tasks.plan import TrainingPlan, plan_training, publish_plans
 from tasks.policy import RewardFunction, train_policy
-from tasks.reward import RewardSettings, train_reward
+from tasks.reward import RewardResult, RewardSettings, train_reward
 from tasks.sft import prepare_chat_data, train_sft
 from tasks.tracking import (PromotionDecision, RegisteredVersion, configure, current_champion, decide_promotion,
                             git_commit, register)
@@ -117,19 +117,21 @@ def prepare_aspect(name: str, settings: RewardSettings, config: PipelineConfig, 
     return Aspect(name=name, settings=settings, model=model, pairs=judged, provenance=provenance, plan=plan)
 
 
-def collect_judges(aspects: list[Aspect], training: dict, reward_dirs: dict[str, str],
-                   stage_runs: dict[str, str]) -> list[Judge]:
-    """Each aspect's judge: given, or the reward model its (submitted) training produced."""
+def results(futures: dict) -> dict:
+    """The submitted tasks' results by name, waiting for those still running."""
+    return {name: future.result() for name, future in futures.items()}
+
+
+def judges_of(aspects: list[Aspect], trained: dict[str, RewardResult]) -> list[Judge]:
+    """Each aspect's judge: the reward model trained for it, or the one it was given."""
     judges = []
     for aspect in aspects:
-        if aspect.plan is None:
+        if reward := trained.get(aspect.name):
+            judges.append(Judge(aspect=aspect.name, weight=reward.weight, model=reward.model_dir,
+                                eval_path=reward.eval_path, provenance=aspect.provenance))
+        else:
             judges.append(Judge(aspect=aspect.name, weight=aspect.settings.weight, model=aspect.settings.judge,
                                 eval_path=aspect.pairs.eval.path, provenance=aspect.provenance))
-            continue
-        reward = training[aspect.name].result()
-        judges.append(Judge(aspect=aspect.name, weight=reward.weight, model=reward.model_dir,
-                            eval_path=reward.eval_path, provenance=aspect.provenance))
-        reward_dirs[aspect.name], stage_runs[f"reward-{aspect.name}"] = reward.model_dir, reward.mlflow_run_id
     return judges
 
 
@@ -202,19 +204,20 @@ def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSumm
                     reward_training[aspect.name].wait()
         if config.sft.enabled:
             sft_training = train_sft.submit(config.sft, base, sft_pairs, sft_plan, workspace, parent_id, distributed)
-        policy_start, adapters, stage_runs, reward_dirs = base, [], {}, {}
+        policy_start, adapters, sft_run = base, [], {}
         if sft_training:
             sft = sft_training.result()
             policy_start, adapters = base.starting_from(sft.model_dir), [sft.adapter_dir]
-            if sft.mlflow_run_id:
-                stage_runs["sft"] = sft.mlflow_run_id
-        judges = collect_judges(aspects, reward_training, reward_dirs, stage_runs) if method.online else []
-        rewards = [RewardFunction(aspect=j.aspect, model=j.model, weight=j.weight) for j in judges]
+            sft_run = {"sft": sft.mlflow_run_id} if sft.mlflow_run_id else {}
+        rewards = [RewardFunction(aspect=j.aspect, model=j.model, weight=j.weight)
+                   for j in judges_of(aspects, results(reward_training))] if method.online else []
         policy_training = train_policy.submit(config.method, policy_settings, policy_start, pairs, policy_plan, rewards,
                                               workspace, parent_id, distributed)
-        judges = judges or collect_judges(aspects, reward_training, reward_dirs, stage_runs)
-        policy = policy_training.result()
-        stage_runs[config.method] = policy.mlflow_run_id
+        rewards_trained, policy = results(reward_training), policy_training.result()
+        judges = judges_of(aspects, rewards_trained)
+        reward_dirs = {name: reward.model_dir for name, reward in rewards_trained.items()}
+        stage_runs = ({f"reward-{name}": reward.mlflow_run_id for name, reward in rewards_trained.items()} | sft_run
+                      | {config.method: policy.mlflow_run_id})
         merged = merge_adapters(base.path, adapters + [policy.adapter_dir], pairs.eval.path, config.merge, workspace)
 
         champion = current_champion(config.tracking)

@@ -21,6 +21,15 @@ class PreftuneError(Exception):
     """An error the user can fix (bad input, bad config): shown as one message, never retried."""
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now (for a launcher's rendezvous or a server)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def cache_root() -> Path:
     """Where converted models live; shared by every run so a conversion happens once."""
     return Path(os.environ.get("PREFTUNE_CACHE_DIR", Path.home() / ".cache" / "preftune"))

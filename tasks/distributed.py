@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Literal
 
 from pydantic import Field, TypeAdapter
 
-from tasks.base import PreftuneError, StrictModel
+from tasks.base import PreftuneError, StrictModel, free_port
 
 log = logging.getLogger(__name__)
 Strategy = Literal["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"]
@@ -158,7 +158,7 @@ def launch(factory: Callable, arguments: dict, plan, stage_dir: Path, settings: 
     launch_file.write_text(json.dumps(spec, indent=1))
     command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
                str(settings.accelerate_config()), "--num_processes", str(settings.num_processes),
-               "--num_machines", "1", "--main_process_port", str(settings.main_process_port or _free_port())]
+               "--num_machines", "1", "--main_process_port", str(settings.main_process_port or free_port())]
     if plan.device_kind == "cpu":  # the cores shared out, not oversubscribed
         command += ["--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // settings.num_processes))]
     command += ["-m", "tasks.distributed", str(launch_file)]
@@ -193,14 +193,6 @@ def task_logger():
         return get_run_logger()
     except MissingContextError:
         return log
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main(launch_file: str) -> None:

@@ -103,10 +103,9 @@ def train_policy_adapter(method_name: str, settings: PolicySettings, model: Reso
         raise PreftuneError(f"{method_name} loads its reward models from folders or hub ids; rewards "
                             f"{', '.join(given)} name a models:/ URI (download it with `mlflow artifacts download`)")
     plan = plan or default_plan(method_name, method.plan_kind, settings, model, splits.train.rows, distributed)
-    inputs = {"callbacks": callbacks} if callbacks else {}
     with stage_run(method_name, parent_run_id) as run:
         fitted = fit_stage(policy_trainer, settings, plan, stage_dir, distributed, method_name=method_name,
-                           model=model, splits=splits, rewards=list(rewards), **inputs)
+                           model=model, splits=splits, rewards=list(rewards), callbacks=callbacks)
         return PolicyResult(method=method_name, adapter_dir=fitted.adapter_dir, metrics=fitted.metrics,
                             mlflow_run_id=run.info.run_id)
 

@@ -78,10 +78,9 @@ def train_reward_model(aspect: str, settings: RewardSettings, model: ResolvedMod
                        parent_run_id: str | None = None, callbacks: list | None = None, plan: TrainingPlan | None = None,
                        distributed: DistributedSettings | None = None) -> RewardResult:
     plan = plan or default_plan(f"reward-{aspect}", "reward", settings, model, splits.train.rows, distributed)
-    inputs = {"callbacks": callbacks} if callbacks else {}
     with stage_run(f"reward-{aspect}", parent_run_id) as run:
         fitted = fit_stage(reward_trainer, settings, plan, stage_dir, distributed, aspect=aspect, model=model,
-                           splits=splits, **inputs)
+                           splits=splits, callbacks=callbacks)
         used = fitted.train_examples
         mlflow.log_metrics({"train_pairs": splits.train.rows, "train_pairs_used": used})
         if used < splits.train.rows:

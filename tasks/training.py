@@ -6,6 +6,7 @@ import gc
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -142,9 +143,15 @@ def adjusted_for_oom(plan: TrainingPlan, stage_dir: Path) -> TrainingPlan:
     return adjusted
 
 
-def record_oom(plan: TrainingPlan, stage_dir: Path) -> None:
+def record_oom(plan: TrainingPlan, stage_dir: Path) -> TrainingPlan:
+    """The shrunk plan the retry trains with, recorded by every rank that ran out of memory (the same
+    plan; written whole, so a rank never reads another's half-written file)."""
+    shrunk = plan.shrunk()
     stage_dir.mkdir(parents=True, exist_ok=True)
-    (stage_dir / OOM_RECORD).write_text(plan.shrunk().model_dump_json())
+    partial = stage_dir / f"{OOM_RECORD}.{os.getpid()}"
+    partial.write_text(shrunk.model_dump_json())
+    partial.replace(stage_dir / OOM_RECORD)
+    return shrunk
 
 
 def keep_trainable_dtype(model: torch.nn.Module, plan: TrainingPlan) -> None:
@@ -193,9 +200,9 @@ class FitResult(BaseModel):
 FIT_RECORD = "fit.json"
 
 
-def read_fit(stage_dir: Path) -> FitResult:
+def read_fit(stage_dir: Path, done: dict | None = None) -> FitResult:
     """What a finished stage recorded (also the result of a launched one, written by its rank 0)."""
-    done = json.loads((stage_dir / FIT_RECORD).read_text())
+    done = done or json.loads((stage_dir / FIT_RECORD).read_text())
     return FitResult.model_validate({key: value for key, value in done.items() if key in FitResult.model_fields}
                                     | {"adapter_dir": str(stage_dir / "adapter")})
 
@@ -209,7 +216,7 @@ def finished_fit(settings: TrainerSettings, stage_dir: Path) -> FitResult | None
     if done["global_step"] < settings.max_steps:
         return None
     relog_history(done["history"])
-    return read_fit(stage_dir)
+    return read_fit(stage_dir, done)
 
 
 def replica_checksums(trainer) -> list[str]:
@@ -277,10 +284,9 @@ def fit(make_trainer: Callable[[TrainingPlan], object], settings: TrainerSetting
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        if main_process:
-            record_oom(plan, stage_dir)
+        retry = record_oom(plan, stage_dir)
         raise torch.OutOfMemoryError(f"{out_of_memory} (micro-batch {plan.micro_batch}; the retry uses "
-                                     f"{TrainingPlan.model_validate_json((stage_dir / OOM_RECORD).read_text()).micro_batch})")
+                                     f"{retry.micro_batch})")
     metrics = numeric(trainer.evaluate()) if settings.evaluate_after_training else {}
     trainer.save_model(str(adapter_dir))  # every rank: sharded strategies gather the adapter here
     args = trainer.args

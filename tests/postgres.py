@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from ports import free_port
+from tasks.base import free_port
 
 
 def postgres_bin() -> Path | None:

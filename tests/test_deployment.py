@@ -22,7 +22,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.pools import GPU_TAG, ensure_gpu_limit
 from flows.servers import MLFLOW_DATABASE, PREFECT_DATABASE, postgres_stores, start_servers
-from ports import free_port
+from tasks.base import free_port
 from postgres import postgres_bin, postgres_cluster
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,11 +31,11 @@ BIN = REPO / ".venv" / "bin"
 
 @pytest.fixture()
 def postgres():
-    """A throwaway PostgreSQL cluster. Missing binaries fail the test: CI must run it (.ci/run installs them)."""
+    """A throwaway PostgreSQL cluster. Missing binaries fail the test: CI must run it (make test installs them)."""
     bin_dir = postgres_bin()
     if bin_dir is None:
         pytest.fail("PostgreSQL's server (initdb) is neither on PATH nor under /usr/lib/postgresql/*/bin: "
-                    "install it (apt-get install postgresql), as .ci/run does")
+                    "install it (apt-get install postgresql), as make test does")
     with postgres_cluster(bin_dir) as url:
         yield url
 

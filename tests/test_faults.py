@@ -137,7 +137,7 @@ class StopServerAt(TrainerCallback):
 
 def test_tracking_server_lost_mid_training_fails_loudly_and_resumes(tiny_model_path, pairs, tmp_path, monkeypatch):
     from flows.servers import start_mlflow
-    from ports import free_port
+    from tasks.base import free_port
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail in seconds, not minutes
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")

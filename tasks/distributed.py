@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import typing
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterator, Literal
 
@@ -206,12 +206,10 @@ def main(launch_file: str) -> None:
     factory = _import(spec["factory"])
     arguments = decode_arguments(factory, spec["arguments"])
     plan = TrainingPlan.model_validate(spec["plan"])
+    logs = is_main_process() and spec["mlflow_run_id"]
     try:
         make_trainer = factory(**arguments)
-        if is_main_process() and spec["mlflow_run_id"]:
-            with mlflow.start_run(run_id=spec["mlflow_run_id"]):
-                fit(make_trainer, arguments["settings"], plan, arguments["stage_dir"])
-        else:
+        with mlflow.start_run(run_id=spec["mlflow_run_id"]) if logs else nullcontext():
             fit(make_trainer, arguments["settings"], plan, arguments["stage_dir"])
     except PreftuneError as error:
         if is_main_process():

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup postgres run test ui bench bench-gpu lock clean-runs
+.PHONY: setup postgres s3rver run test ui bench bench-gpu lock clean-runs
 
 # The exact tested versions (requirements.lock), then the project itself without resolving again.
 $(STAMP): pyproject.toml constraints.txt requirements.lock
@@ -37,7 +37,16 @@ postgres:
 		$(SUDO) apt-get update -qq && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; }
 
-test: setup postgres
+# The S3 artifact test's server (tests/test_servers.py): s3rver, an S3-compatible server that keeps its
+# objects on disk, at the version tests/s3rver/package-lock.json pins, inside .venv (npm and Node.js).
+S3RVER := $(VENV)/s3rver/node_modules/.bin/s3rver
+$(S3RVER): tests/s3rver/package.json tests/s3rver/package-lock.json
+	mkdir -p $(VENV)/s3rver
+	cp tests/s3rver/package.json tests/s3rver/package-lock.json $(VENV)/s3rver/
+	npm ci --prefix $(VENV)/s3rver --no-audit --no-fund --silent
+s3rver: $(S3RVER)
+
+test: setup postgres s3rver
 	$(BIN)/pytest
 
 ui: setup
@@ -50,6 +59,13 @@ bench: setup
 # (e.g. make bench-gpu BENCH_ARGS="--data pairs.jsonl --steps 20").
 bench-gpu: setup
 	$(BIN)/python bench/gpu.py $(BENCH_ARGS)
+
+# Everything a lent GPU should show, in one call (bench/gpu_check.py): prepare .gpu/ where there is PyPI
+# (bash bench/gpu_check.sh prepare --data DIR), carry it to the card, run this there. Results in
+# GPU_CHECK_OUT (default bench/gpu-check/); GPU_CHECK_ARGS=--reduced runs the CPU form, --record appends
+# the table to bench/RESULTS.md. No `setup`: the card has no .venv, the script unpacks the bundle instead.
+gpu-check:
+	bash bench/gpu_check.sh run $(GPU_CHECK_ARGS)
 
 clean-runs:
 	rm -rf runs

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import json
 import shlex
 import sys
 import tempfile
@@ -132,6 +133,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", help="a folder with a chat-template tokenizer (default: the quickstart model's)")
     parser.add_argument("--variants", default="plain-trl,recipe,auto")
     parser.add_argument("--record", help="append the results as Markdown to this file")
+    parser.add_argument("--json", help="also write the results (and each plan's memory estimate) as JSON here")
     args = parser.parse_args()
     from transformers import AutoConfig
     from trl.trainer.utils import get_peak_flops
@@ -148,7 +150,7 @@ def main() -> None:
     peak_flops = get_peak_flops(device.name, "bfloat16") if device.kind == "cuda" else None
     total_steps = args.warmup + args.steps
     settings = book.policy.model_copy(update={"max_steps": total_steps, "logging_steps": 1, "save_steps": 10_000})
-    rows = []
+    rows, estimates = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         configure(TrackingSettings(tracking_uri=f"sqlite:///{out / 'mlflow.db'}"))
@@ -162,6 +164,7 @@ def main() -> None:
             if name == "plain-trl":
                 return lambda: plain_trl(model_dir, tokenizer, pairs.train.path, total_steps, meter, out / name)
             plan = plan_stage("dpo", "dpo", settings, model, shape, device, PlanSettings(mode=name))
+            estimates[name] = plan.memory.total_gib
 
             def run():
                 train_policy_adapter("dpo", settings, ResolvedModel(path=model_dir, settings=model), pairs, out / name,
@@ -172,7 +175,8 @@ def main() -> None:
 
         for name in args.variants.split(","):
             meter = StepMeter(args.warmup)
-            rows.append(measure(name, variant(name, meter), meter, config, peak_flops))
+            rows.append(measure(name, variant(name, meter), meter, config, peak_flops)
+                        | {"estimated GiB": estimates.get(name)})
             print(format_row(rows[-1], rows[0]), flush=True)
             gc.collect()
     table = markdown(rows, device, shape, args)
@@ -180,6 +184,9 @@ def main() -> None:
     if args.record:
         with open(args.record, "a") as handle:
             handle.write(table + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": device.model_dump(), "parameters": shape.parameters,
+                                               "warmup": args.warmup, "rows": rows}, indent=2) + "\n")
 
 
 def format_row(row: dict, baseline: dict) -> str:

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from tasks.base import PreftuneError
+from tasks.base import PreftuneError, redact_logs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -70,6 +70,7 @@ def cmd_run(args) -> int:
 
     config = load_config(args.profile, args.config, args.overrides)
     _quiet_user_errors()
+    redact_logs()
     _print_summary(preference_tuning(config))
     return 0
 
@@ -116,7 +117,7 @@ def cmd_evaluate(args) -> int:
     """Evaluate a policy against a reference on a preference file, as the flow's evaluate stage does."""
     from tasks.data import DataSettings
     from tasks.evaluate import EvalSettings, evaluate_file
-    from tasks.tracking import TrackingSettings, configure
+    from tasks.tracking import PromotionSettings, TrackingSettings, configure, decide_promotion
 
     judges = {}
     for spec in args.judge:
@@ -132,6 +133,7 @@ def cmd_evaluate(args) -> int:
     result = evaluate_file(args.policy, args.reference, DataSettings(source=args.data, format=args.format), judges,
                            settings, Path(args.runs_dir) / "evaluations")
     print(f"MLflow run id : {result.mlflow_run_id}\nreport        : {result.report_path}")
+    print(f"verdict       : {decide_promotion(result.gate, PromotionSettings()).explanation().replace('**', '')}")
     metrics = result.metrics
     for name, value in sorted(metrics.items()):
         if not name.endswith((".ci_low", ".ci_high")):

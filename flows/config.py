@@ -92,6 +92,16 @@ class PipelineConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _judges_named_once(self) -> "PipelineConfig":
+        if both := sorted(set(self.evaluation.referees) & set(self.rewards)):
+            raise ValueError(f"evaluation.referees {', '.join(both)}: already a reward aspect; name the referee apart")
+        safety = self.evaluation.combination.safety_aspect
+        if safety and safety not in set(self.rewards) | set(self.evaluation.referees):
+            raise ValueError(f"evaluation.combination.safety_aspect {safety!r}: not a reward aspect or referee "
+                             f"(have {', '.join(sorted(set(self.rewards) | set(self.evaluation.referees)))})")
+        return self
+
+    @model_validator(mode="after")
     def _policy_options_known_to_the_method(self) -> "PipelineConfig":
         for name, options in self.methods.items():
             method = method_named(name)

@@ -18,12 +18,12 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from flows.config import PipelineConfig
-from tasks.base import Workspace, fingerprint, redact
+from tasks.base import Workspace, fingerprint, redact, redact_logs
 from tasks.cleanup import stored_bytes
 from tasks.data import (DataSettings, LoadedData, SplitData, filter_preferences, format_preferences,
                         load_preferences, read_jsonl, render_example, split_preferences)
 from tasks.distributed import DevicePool
-from tasks.evaluate import Judge, evaluate
+from tasks.evaluate import EvalSettings, Judge, evaluate
 from tasks.merge import merge_adapters
 from tasks.methods import method_named
 from tasks.models import ResolvedModel, resolve_base_model
@@ -122,17 +122,26 @@ def results(futures: dict) -> dict:
     return {name: future.result() for name, future in futures.items()}
 
 
-def judges_of(aspects: list[Aspect], trained: dict[str, RewardResult]) -> list[Judge]:
-    """Each aspect's judge: the reward model trained for it, or the one it was given."""
+def judges_of(aspects: list[Aspect], trained: dict[str, RewardResult], training_reward: bool = False) -> list[Judge]:
+    """Each aspect's judge: the reward model trained for it, or the one it was given. `training_reward`:
+    the policy is trained against them (online methods), so they cannot certify it."""
     judges = []
     for aspect in aspects:
         if reward := trained.get(aspect.name):
             judges.append(Judge(aspect=aspect.name, weight=reward.weight, model=reward.model_dir,
-                                eval_path=reward.eval_path, provenance=aspect.provenance))
+                                eval_path=reward.eval_path, provenance=aspect.provenance, training_reward=training_reward))
         else:
             judges.append(Judge(aspect=aspect.name, weight=aspect.settings.weight, model=aspect.settings.judge,
-                                eval_path=aspect.pairs.eval.path, provenance=aspect.provenance))
+                                eval_path=aspect.pairs.eval.path, provenance=aspect.provenance,
+                                training_reward=training_reward))
     return judges
+
+
+def referees_of(settings: EvalSettings, eval_path: str) -> list[Judge]:
+    """The referees: judges that are no training reward, earning their say on the policy's held-out pairs."""
+    return [Judge(aspect=name, weight=referee.weight, model=referee.model, eval_path=eval_path,
+                  provenance=f"referee, given: {redact(referee.model)}", referee=True)
+            for name, referee in settings.referees.items()]
 
 
 def summary_markdown(tracking_uri: str, parent, metrics: dict[str, float], registered: list[RegisteredVersion]) -> str:
@@ -150,6 +159,7 @@ def summary_markdown(tracking_uri: str, parent, metrics: dict[str, float], regis
 
 @flow(name="preference-tuning", flow_run_name="{config.profile}")
 def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSummary:
+    redact_logs()
     logger = get_run_logger()
     config = config.with_data_root()
     tracking_uri = redact(configure(config.tracking))  # what is shown; MLflow itself has the real one
@@ -214,7 +224,9 @@ def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSumm
         policy_training = train_policy.submit(config.method, policy_settings, policy_start, pairs, policy_plan, rewards,
                                               workspace, parent_id, distributed)
         rewards_trained, policy = results(reward_training), policy_training.result()
-        judges = judges_of(aspects, rewards_trained)
+        aspect_judges = judges_of(aspects, rewards_trained, training_reward=method.online)
+        trained_against = aspect_judges if method.online else []
+        judges = aspect_judges + referees_of(config.evaluation, pairs.eval.path)
         reward_dirs = {name: reward.model_dir for name, reward in rewards_trained.items()}
         stage_runs = ({f"reward-{name}": reward.mlflow_run_id for name, reward in rewards_trained.items()} | sft_run
                       | {config.method: policy.mlflow_run_id})
@@ -226,6 +238,7 @@ def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSumm
         decision = decide_promotion(evaluation.gate, config.tracking.promotion)
 
         metrics = evaluation.metrics | {"merge.max_logit_difference": merged.max_logit_difference}
+        mlflow.set_tag("merge.device", merged.device)
         mlflow.log_metrics(metrics)
         mlflow.log_artifact(evaluation.report_path, "evaluation")
         create_markdown_artifact(key="evaluation-report", markdown=Path(evaluation.report_path).read_text(),
@@ -234,7 +247,7 @@ def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSumm
         registered: list[RegisteredVersion] = []
         if config.tracking.register_models:
             registered = register(merged.model_dir, reward_dirs, decision, config.tracking, parent_id,
-                                  tags | {"method": config.method}, judges if method.online else [])
+                                  tags | {"method": config.method}, trained_against)
         create_markdown_artifact(key="promotion", markdown=decision.explanation(), description="Promotion gate")
         logger.info("promotion: %s", decision.explanation())
         bytes_written = stored_bytes(Path(workspace.path), config.tracking.experiment) - bytes_before

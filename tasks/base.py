@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import hashlib
-import re
 import json
+import logging
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -73,6 +74,8 @@ class Workspace(BaseModel):
 
     @classmethod
     def open(cls, path: Path) -> "Workspace":
+        if path.is_symlink():  # a run folder that is a link would write wherever it points
+            raise PreftuneError(f"the run folder {path} is a symbolic link: choose another run_name or remove the link")
         path.mkdir(parents=True, exist_ok=True)
         token_file = path / ".workspace-token"
         if not token_file.exists():
@@ -86,18 +89,47 @@ class Workspace(BaseModel):
         return folder / fingerprint(inputs) if inputs else folder
 
 
+_SECRET_NAME = r"[\w.-]*(?:token|secret|password|passwd|pwd|api[_-]?key|access[_-]?key|private[_-]?key|credentials?)"
 SECRETS = [
-    (re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s:@]+:[^/\s@]*@"), r"\g<scheme>***@"),  # user:password@
+    # PEM private keys, whole blocks
+    (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----", re.S), "***"),
+    (re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s:@]*:[^/\s@]*@"), r"\g<scheme>***@"),  # [user]:password@
     (re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s:@]{16,}@"), r"\g<scheme>***@"),  # token@
     (re.compile(r"(?i)(?P<key>[?&;][\w-]*(?:token|key|password|passwd|secret|sig|signature|credential)[\w-]*=)[^&\s#]+"),
-     r"\g<key>***"),
-    (re.compile(r"\b(?:hf|sk|ghp|gho|github_pat)_[A-Za-z0-9_]{16,}\b"), "***"),  # well-known token shapes
+     r"\g<key>***"),  # in a query string
+    (re.compile(r"(?i)(?P<key>\b(?:proxy-)?authorization[\"']?\s*[:=]\s*[\"']?)(?:(?:bearer|basic|token)\s+)?[^\s,;\"']+"),
+     r"\g<key>***"),  # Authorization: Bearer ...
+    (re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]{8,}"), "Bearer ***"),
+    (re.compile(rf"(?i)(?P<key>\b{_SECRET_NAME}[\"']?\s*[:=]\s*)(?P<quote>[\"']?)[^\s&#\"',;]+"),
+     r"\g<key>\g<quote>***"),  # HF_TOKEN=..., AWS_SECRET_ACCESS_KEY=..., password: ...
+    (re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"), "***"),  # JWTs
+    (re.compile(r"\b(?:hf|ghp|gho|ghs|ghu|ghr|github_pat|pnu|glpat|xox[abpors])[_-][A-Za-z0-9_-]{16,}"), "***"),
+    (re.compile(r"\bsk-[A-Za-z0-9_-]{16,}"), "***"),  # OpenAI-style keys (sk-..., sk-proj-...)
+    (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), "***"),  # AWS access key ids
 ]
 
 
 def redact(text: str) -> str:
-    """Credentials in a URI or path (user:password@, token@, ?token=..., hf_... tokens) become `***`
-    before anything is logged, tagged, stored or printed."""
+    """Credentials (in URIs, query strings, `NAME=value` settings, HTTP headers, JWTs, PEM keys and the
+    well-known token shapes) become `***` before anything is logged, tagged, stored or printed."""
     for pattern, replacement in SECRETS:
         text = pattern.sub(replacement, text)
     return text
+
+
+def redact_logs() -> None:
+    """Redact every log record as it is made (any logger, any handler: Prefect's API log shipping too)."""
+    factory = logging.getLogRecordFactory()
+    if getattr(factory, "redacts", False):
+        return
+
+    def redacting(*args, **kwargs) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        message = record.getMessage()
+        shown = redact(message)
+        if shown != message:
+            record.msg, record.args = shown, ()
+        return record
+
+    redacting.redacts = True
+    logging.setLogRecordFactory(redacting)

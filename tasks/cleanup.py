@@ -62,13 +62,18 @@ class CleanupReport(BaseModel):
     bytes_freed: int
 
 
+def _folders(path: Path) -> list[Path]:
+    """Real sub-folders only: a symbolic link may point anywhere, and gc never follows one."""
+    return sorted(child for child in path.iterdir() if child.is_dir() and not child.is_symlink())
+
+
 def collect_garbage(runs_dir: Path, dry_run: bool = False) -> CleanupReport:
     needed = registered_folders()
     removed, kept, freed = [], [], 0
-    for run in sorted(path for path in runs_dir.iterdir() if path.is_dir()) if runs_dir.is_dir() else []:
+    for run in _folders(runs_dir) if runs_dir.is_dir() else []:
         touched = False
-        for stage in sorted(path for path in run.iterdir() if path.is_dir()):
-            for keyed in sorted(path for path in stage.iterdir() if path.is_dir()):
+        for stage in _folders(run):
+            for keyed in _folders(stage):
                 if any(folder == keyed.resolve() or keyed.resolve() in folder.parents for folder in needed):
                     kept.append(str(keyed))
                     continue

@@ -7,9 +7,12 @@ Every accuracy and win rate comes with a 95 % bootstrap interval (tasks/stats.py
 - per judge (a reward model per aspect, trained on questions the policy never saw, or given): pairwise
   accuracy on its held-out pairs, overall and by prompt length;
 - generations on a seeded random sample of held-out prompts, policy against reference (and the current
-  champion): win/tie/loss per aspect, raw and length-controlled, and the weighted combined score,
-  standardised per judge. The promotion gate reads the interval of the combined improvement.
-The flow's evaluate stage and `preftune evaluate` run this same code.
+  champion): win/tie/loss per aspect, raw and length-controlled, and the combined score of the judges
+  that earned a say (tasks/verdict.py), standardised per judge;
+- where the data's prompts carry verifiable instructions, the rule checker's pass rates: ground truth
+  that no judge decides.
+The promotion gate reads the length-controlled combined improvement (tasks/verdict.py). The flow's
+evaluate stage and `preftune evaluate` run this same code.
 """
 from __future__ import annotations
 
@@ -26,11 +29,21 @@ from pydantic import BaseModel, Field
 from tasks.base import PreftuneError, StrictModel, Workspace, redact, retry_unless_user_error
 from tasks.caching import EVALUATION_CACHE
 from tasks.data import DataSettings, read_jsonl
+from tasks.instructions import verify
 from tasks.methods import ImplicitReward
 from tasks.plan import inference_placement
 from tasks.plots import margin_histograms, plt, training_curves
 from tasks.stats import Estimate, estimate, mean
 from tasks.tracking import stage_run
+from tasks.verdict import CombinationSettings, GateInput, combine, length_controlled, pass_rate_difference, standing
+
+
+class RefereeSettings(StrictModel):
+    """A judge that is not a training reward: it scores the policy's answers and earns its say on the
+    policy's held-out pairs like any judge."""
+
+    model: str = Field(description="a sequence-classification reward model: folder, Hub id or models:/ URI")
+    weight: float = Field(1.0, gt=0, description="its share of the combined score")
 
 
 class EvalSettings(StrictModel):
@@ -42,6 +55,13 @@ class EvalSettings(StrictModel):
     length_match_ratio: float = Field(1.25, ge=1)  # answers within this token-length ratio are "length-matched"
     example_rows: int = Field(8, ge=0)
     seed: int = 0
+    min_judge_accuracy: float = Field(
+        0.5, ge=0.5, lt=1, description="a judge is heard only if the 95 % lower bound of its held-out pairwise "
+                                       "accuracy is above this (0.5: better than chance)")
+    combination: CombinationSettings = Field(default_factory=CombinationSettings,
+                                             description="how the heard judges' scores combine")
+    referees: dict[str, RefereeSettings] = Field(
+        default_factory=dict, description="judges that are no training reward, by name (e.g. a public reward model)")
 
 
 class Judge(BaseModel):
@@ -52,16 +72,8 @@ class Judge(BaseModel):
     model: str  # a folder, a hub id or a models:/ URI of a sequence-classification model
     eval_path: str  # its held-out pairs (conversational)
     provenance: str  # e.g. "trained on 56 pairs of questions the policy never saw"
-
-
-class GateInput(BaseModel):
-    """What the promotion gate compares: the candidate's combined reward against the baseline's, prompt
-    by prompt, on the same held-out prompts."""
-
-    candidate_score: float
-    baseline_score: float
-    baseline: str  # "reference" or the champion's model URI
-    improvement: Estimate  # mean per-prompt difference, with its interval
+    training_reward: bool = False  # the policy was trained against it (online methods): it cannot certify it
+    referee: bool = False
 
 
 class EvalResult(BaseModel):
@@ -215,13 +227,20 @@ def implicit_reward_metrics(policy, reference, pairs: pd.DataFrame, settings: Ev
 
 
 def pairwise_metrics(aspect: str, scorer: RewardScorer, pairs: pd.DataFrame, batch_size: int, seed: int = 0):
-    """A judge's held-out accuracy (with its interval), mean margin and accuracy by prompt length."""
+    """A judge's held-out accuracy (with its interval), mean margin, accuracy by prompt length, and how
+    much its scores follow the answers' lengths (Pearson, over both answers of every pair)."""
     prompts = [list(p) for p in pairs.prompt]
-    chosen, rejected = (shrinking(lambda size: scorer.score(prompts, [_answer(a) for a in pairs[side]], size), batch_size)
+    answers = {side: [_answer(a) for a in pairs[side]] for side in ("chosen", "rejected")}
+    chosen, rejected = (shrinking(lambda size: scorer.score(prompts, answers[side], size), batch_size)
                         for side in ("chosen", "rejected"))
     margins = chosen - rejected
     metrics = mean(margins > 0, seed).metrics(f"{aspect}.pairwise_accuracy")
     metrics |= {f"{aspect}.mean_margin": float(np.mean(margins)), f"{aspect}.eval_pairs": float(len(pairs))}
+    lengths = np.array([len(scorer.tokenizer(text, add_special_tokens=False).input_ids)
+                        for text in answers["chosen"] + answers["rejected"]])
+    scores = np.r_[chosen, rejected]
+    correlation = np.corrcoef(scores, lengths)[0, 1] if np.ptp(lengths) and np.ptp(scores) else 0.0
+    metrics[f"{aspect}.length_correlation"] = float(correlation)
     prompt_chars = pd.Series([sum(len(m["content"]) for m in p) for p in prompts])
     buckets = pd.qcut(prompt_chars.rank(method="first"), min(3, len(pairs)), labels=False).to_numpy()
     for bucket, name in enumerate(["short", "medium", "long"][: buckets.max() + 1]):
@@ -280,6 +299,18 @@ def sample_prompts(pairs: pd.DataFrame, settings: EvalSettings) -> list[list[dic
     return [unique[index] for index in sorted(chosen)]
 
 
+def checked_answers(prompts: list[list[dict]], answers: dict[str, tuple[list[str], np.ndarray]]
+                    ) -> dict[str, np.ndarray] | None:
+    """Ground truth where it can be computed: per policy, whether each answer follows the verifiable
+    instruction its prompt carries (tasks/instructions.py), on the prompts that carry one; None if none do."""
+    users = [next((m["content"] for m in reversed(p) if m["role"] == "user"), "") for p in prompts]
+    verdicts = {name: [verify(user, text) for user, text in zip(users, texts)] for name, (texts, _) in answers.items()}
+    checkable = [i for i, user in enumerate(users) if verify(user, "") is not None]
+    if not checkable:
+        return None
+    return {name: np.array([bool(results[i]) for i in checkable]) for name, results in verdicts.items()}
+
+
 def markdown_report(metrics: dict[str, float], judges: list[Judge], gate: GateInput, examples: pd.DataFrame,
                     method: str, implicit: ImplicitReward = "log_ratio") -> str:
     def figure(name: str) -> str:
@@ -288,14 +319,24 @@ def markdown_report(metrics: dict[str, float], judges: list[Judge], gate: GateIn
         low, high = metrics.get(f"{name}.ci_low"), metrics.get(f"{name}.ci_high")
         return f"{metrics[name]:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None else "")
 
-    lines = ["# preftune evaluation", "", f"Method: **{method}**. Figures are means with 95 % bootstrap intervals.", "",
-             f"Promotion gate: combined-reward improvement over {gate.baseline} {gate.improvement.text()} on "
-             f"{gate.improvement.n} held-out prompts (candidate {gate.candidate_score:.3f}, baseline "
-             f"{gate.baseline_score:.3f}).", ""]
+    lines = ["# preftune evaluation", "", f"Method: **{method}**. Figures are means with 95 % bootstrap intervals.", ""]
+    heard = [j.aspect for j in gate.judges if j.heard]
+    if gate.lc_improvement is None:
+        lines += ["Promotion gate: **no evidence**: no judge earned a say (see *Judges*).", ""]
+    else:
+        lines += [f"Promotion gate: combined improvement over {gate.baseline} ({gate.rule} rule over "
+                  f"{', '.join(heard)}), length-controlled {gate.lc_improvement.text()}, raw "
+                  f"{gate.improvement.text()}, on {gate.prompts} held-out prompts.", ""]
+    if gate.ground_truth is not None:
+        lines += ["## Ground truth (rule checker, independent of every judge)", "", "| policy | pass rate |", "|---|---|"]
+        lines += [f"| {name.removeprefix('ground_truth.pass_rate_')} | {figure(name)} |" for name in sorted(metrics)
+                  if name.startswith("ground_truth.pass_rate_") and not name.endswith((".ci_low", ".ci_high"))]
+        lines += [f"| difference, tuned - {gate.baseline} ({gate.ground_truth.n} verifiable prompts) "
+                  f"| {gate.ground_truth.text()} |", ""]
     if implicit is None:
-        lines += ["## Implicit reward", "", f"{method} defines none: it is judged by the reward models below, which "
-                  "are also what it was trained against, so read its win rates as how far it climbed them, not as "
-                  "independent evidence.", ""]
+        lines += ["## Implicit reward", "", f"{method} defines none. The reward models it was trained against "
+                  "score it below, but have no say in the gate: their win rates show how far it climbed them, not "
+                  "independent evidence (a referee or the ground truth is).", ""]
     else:
         what = "policy vs reference log-probabilities" if implicit == "log_ratio" else "the policy's mean token log-probability"
         lines += [f"## Implicit reward ({what})", "", "| metric | value |", "|---|---|",
@@ -305,27 +346,40 @@ def markdown_report(metrics: dict[str, float], judges: list[Judge], gate: GateIn
                   f"| mean margin | {figure('implicit_reward.margin')} |",
                   f"| share of pairs whose chosen answer is longer | {metrics.get('implicit_reward.chosen_longer_share', float('nan')):.3f} |",
                   ""]
-    lines += ["## Judges", "", "| aspect | weight | judge | held-out accuracy | win | tie | loss | length-controlled win |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines += ["## Judges", "", "A judge is heard only if its held-out accuracy is better than chance at 95 % and it is not "
+              "a reward the policy was trained against. Length-controlled figures are read at a zero length gap.", "",
+              "| aspect | weight | judge | held-out accuracy | length correlation | heard | win | tie | loss "
+              "| length-controlled win | length-controlled improvement |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    standing_of = {j.aspect: j for j in gate.judges}
     for judge in judges:
-        a = judge.aspect
-        lines.append(f"| {a} | {judge.weight:g} | {judge.provenance} | {figure(f'{a}.pairwise_accuracy')} "
+        a, role = judge.aspect, " (referee)" if judge.referee else " (training reward)" if judge.training_reward else ""
+        heard_text = "yes" if standing_of[a].heard else f"no: {standing_of[a].reason}"
+        lines.append(f"| {a}{role} | {judge.weight:g} | {judge.provenance} | {figure(f'{a}.pairwise_accuracy')} "
+                     f"| {metrics[f'{a}.length_correlation']:.2f} | {heard_text} "
                      f"| {figure(f'{a}.win_rate')} | {figure(f'{a}.tie_rate')} | {figure(f'{a}.loss_rate')} "
-                     f"| {figure(f'{a}.lc_win_rate')} |")
-    lines.append(f"| combined | | | | {figure('combined.win_rate')} | {figure('combined.tie_rate')} "
-                 f"| {figure('combined.loss_rate')} | {figure('combined.lc_win_rate')} |")
+                     f"| {figure(f'{a}.lc_win_rate')} | {figure(f'{a}.lc_improvement')} |")
+    if heard:
+        lines.append(f"| combined (heard) | | | | | | {figure('combined.win_rate')} | {figure('combined.tie_rate')} "
+                     f"| {figure('combined.loss_rate')} | {figure('combined.lc_win_rate')} "
+                     f"| {figure('combined.lc_improvement')} |")
     lines += ["", "| other metric | value |", "|---|---|"]
     lines += [f"| {name} | {value:.4f} |" for name, value in sorted(metrics.items())
-              if not name.startswith(("implicit_reward.", "combined.")) and not any(
+              if not name.startswith(("implicit_reward.", "combined.", "ground_truth.")) and not any(
                   name.startswith(f"{j.aspect}.") for j in judges) and not name.endswith((".ci_low", ".ci_high"))]
     if not examples.empty:
         def cell(text):
             return str(text).replace("|", "\\|").replace("\n", " ")[:160]
+        scored = "reference_combined" in examples
+
+        def score(row, name):
+            return f" {getattr(row, f'{name}_combined'):.3f} |" if scored else ""
+
         lines += ["", "## Examples (random held-out prompts)", "",
-                  "| prompt | reference | reward | tuned | reward |", "|---|---|---|---|---|"]
+                  "| prompt | reference |" + (" reward |" if scored else "") + " tuned |" + (" reward |" if scored else ""),
+                  "|---|---|---|" + ("---|---|" if scored else "")]
         for row in examples.itertuples():
-            lines.append(f"| {cell(row.prompt)} | {cell(row.reference)} | {row.reference_combined:.3f} "
-                         f"| {cell(row.tuned)} | {row.tuned_combined:.3f} |")
+            lines.append(f"| {cell(row.prompt)} | {cell(row.reference)} |{score(row, 'reference')} "
+                         f"{cell(row.tuned)} |{score(row, 'tuned')}")
     return "\n".join(lines) + "\n"
 
 
@@ -342,12 +396,17 @@ def evaluate_policy(settings: EvalSettings, pairs_path: str, reference: str, pol
     if implicit is not None:
         metrics |= implicit_reward_metrics(models["tuned"], models["reference"], pairs, settings, implicit)
 
-    scorers, margins, scales = {}, {}, {}
+    scorers, margins, scales, standings = {}, {}, {}, []
     for judge in judges:
         scorers[judge.aspect] = RewardScorer(judge.model, settings.max_length)
         judge_metrics, margins[judge.aspect], scales[judge.aspect] = pairwise_metrics(
             judge.aspect, scorers[judge.aspect], read_jsonl(judge.eval_path), settings.batch_size, settings.seed)
-        metrics |= judge_metrics
+        standings.append(standing(
+            judge.aspect, judge.weight, Estimate.from_metrics(judge_metrics, f"{judge.aspect}.pairwise_accuracy",
+                                                              len(margins[judge.aspect])),
+            judge_metrics[f"{judge.aspect}.length_correlation"], settings.min_judge_accuracy, judge.training_reward,
+            judge.referee))
+        metrics |= judge_metrics | {f"{judge.aspect}.heard": float(standings[-1].heard)}
 
     prompts = sample_prompts(pairs, settings)
     if champion_uri:
@@ -355,34 +414,47 @@ def evaluate_policy(settings: EvalSettings, pairs_path: str, reference: str, pol
     answers = {name: shrinking(lambda size: generate(model, tokenizer, prompts, settings, size), settings.batch_size)
                for name, (model, tokenizer) in models.items()}
     del models
-    total_weight = sum(judge.weight for judge in judges) or 1.0
-    combined = {name: np.zeros(len(prompts)) for name in answers}
+    baseline = "champion" if champion_uri else "reference"
+    gaps = answers["tuned"][1] - answers[baseline][1]
     examples = pd.DataFrame({"prompt": [p[-1]["content"] for p in prompts],
                              "reference": answers["reference"][0], "tuned": answers["tuned"][0]})
+    standardised, judge_lc = {}, {}
     for judge in judges:
         aspect, (centre, spread) = judge.aspect, scales[judge.aspect]
         scored = {name: shrinking(lambda size: scorers[aspect].score(prompts, texts, size), settings.batch_size)
                   for name, (texts, _) in answers.items()}
-        for name in answers:
-            combined[name] += judge.weight / total_weight * (scored[name] - centre) / spread
+        standardised[aspect] = {name: (scores - centre) / spread for name, scores in scored.items()}
         metrics |= win_rates(scored["tuned"], scored["reference"], answers["tuned"][1], answers["reference"][1],
                              f"{aspect}.", settings)
+        judge_lc[aspect] = length_controlled(standardised[aspect]["tuned"] - standardised[aspect][baseline], gaps,
+                                             settings.seed)
+        metrics |= judge_lc[aspect].metrics(f"{aspect}.lc_improvement")
         examples[f"reference_{aspect}"], examples[f"tuned_{aspect}"] = scored["reference"], scored["tuned"]
-    examples["reference_combined"], examples["tuned_combined"] = combined["reference"], combined["tuned"]
-    metrics |= win_rates(combined["tuned"], combined["reference"], answers["tuned"][1], answers["reference"][1],
-                         "combined.", settings)
-    metrics |= {
-        "combined_reward_tuned": float(np.mean(combined["tuned"])),
-        "combined_reward_reference": float(np.mean(combined["reference"])),
-        "mean_length_tuned": float(np.mean(answers["tuned"][1])),
-        "mean_length_reference": float(np.mean(answers["reference"][1])),
-        "generation_prompts": float(len(prompts)),
-    }
-    baseline = "champion" if champion_uri else "reference"
-    improvement = mean(combined["tuned"] - combined[baseline], settings.seed)
-    metrics |= improvement.metrics("combined.improvement")
-    gate = GateInput(candidate_score=metrics["combined_reward_tuned"], baseline_score=float(np.mean(combined[baseline])),
-                     baseline=champion_uri or "reference", improvement=improvement)
+    metrics |= {"mean_length_tuned": float(np.mean(answers["tuned"][1])),
+                "mean_length_reference": float(np.mean(answers["reference"][1])),
+                "generation_prompts": float(len(prompts)), "judges_heard": float(sum(j.heard for j in standings))}
+    gate = GateInput(baseline=champion_uri or "reference", judges=standings, rule=settings.combination.rule,
+                     judge_lc_improvement=judge_lc, prompts=len(prompts))
+
+    combined = combine(standardised, standings, settings.combination)
+    if combined is not None:
+        examples["reference_combined"], examples["tuned_combined"] = combined["reference"], combined["tuned"]
+        metrics |= win_rates(combined["tuned"], combined["reference"], answers["tuned"][1], answers["reference"][1],
+                             "combined.", settings)
+        gate.improvement = mean(combined["tuned"] - combined[baseline], settings.seed)
+        gate.lc_improvement = length_controlled(combined["tuned"] - combined[baseline], gaps, settings.seed)
+        gate.candidate_score, gate.baseline_score = float(np.mean(combined["tuned"])), float(np.mean(combined[baseline]))
+        metrics |= {"combined_reward_tuned": gate.candidate_score,
+                    "combined_reward_reference": float(np.mean(combined["reference"]))}
+        metrics |= gate.improvement.metrics("combined.improvement") | gate.lc_improvement.metrics("combined.lc_improvement")
+
+    passes = checked_answers(prompts, answers)
+    if passes is not None:
+        for name, passed in passes.items():
+            metrics |= mean(passed, settings.seed).metrics(f"ground_truth.pass_rate_{name}")
+        gate.ground_truth = pass_rate_difference(passes["tuned"], passes[baseline], settings.seed)
+        metrics |= gate.ground_truth.metrics("ground_truth.improvement")
+        metrics["ground_truth.prompts"] = float(gate.ground_truth.n)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     report = markdown_report(metrics, judges, gate, examples.head(settings.example_rows), method, implicit)
@@ -391,8 +463,11 @@ def evaluate_policy(settings: EvalSettings, pairs_path: str, reference: str, pol
     examples.to_json(examples_path, orient="records", lines=True, force_ascii=False)
     with stage_run("evaluate", parent_run_id) as run:
         mlflow.log_params({"evaluate.policy": redact(policy), "evaluate.reference": redact(reference),
-                           "evaluate.method": method, "evaluate.baseline": redact(gate.baseline)}
+                           "evaluate.method": method, "evaluate.baseline": redact(gate.baseline),
+                           "evaluate.device": str(inference_placement()[0])}
                           | {f"evaluate.judge.{j.aspect}": redact(j.provenance)[:500] for j in judges})
+        mlflow.set_tags({f"judge.{j.aspect}.heard": str(j.heard) for j in standings}
+                        | {f"judge.{j.aspect}.reason": j.reason for j in standings})
         mlflow.log_metrics(metrics)
         mlflow.log_text(report, "evaluation/report.md")
         mlflow.log_table(examples, "evaluation/examples.json")

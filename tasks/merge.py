@@ -36,6 +36,7 @@ class MergeResult(BaseModel):
     model_dir: str
     max_logit_difference: float
     prompts_checked: int
+    device: str = "cpu"  # where the check ran
 
 
 # Building a model patches process-wide state (empty-weight initialisation), so stages that finish at the
@@ -110,7 +111,8 @@ def merge_and_check(base_path: str, adapter_dirs: list[str], eval_path: str, set
             f"merged model {rejected} differs from base+adapters by {difference:.2e} in logits "
             f"(tolerance {settings.tolerance:.0e}) on {len(prompts)} held-out prompts"
         )
-    return MergeResult(model_dir=model_dir, max_logit_difference=difference, prompts_checked=len(prompts))
+    return MergeResult(model_dir=model_dir, max_logit_difference=difference, prompts_checked=len(prompts),
+                       device=str(inference_placement()[0]))
 
 
 @task(name="merge-adapters", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unless_user_error,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from tasks.base import PreftuneError, Workspace
 from tasks.data import SplitData
@@ -24,7 +24,15 @@ from tasks.training import TrainerSettings, load_pairs, training_task
 
 class PolicySettings(TrainerSettings):
     """Our common trainer settings; any other key is an option of the method's TRL config under TRL's
-    name (`beta`, `loss_type`, `num_generations`, ...), checked against that class."""
+    name (`beta`, `loss_type`, `num_generations`, ...), checked against that class. Length control
+    where TRL has one: DPO's `ld_alpha` (down-weights the log-probabilities of the longer answer's
+    extra tokens), SimPO's length-normalised reward, and for online methods `overlong_penalty_tokens`."""
+
+    own_fields = TrainerSettings.own_fields | {"overlong_penalty_tokens"}
+
+    overlong_penalty_tokens: int | None = Field(
+        None, gt=0, description="online methods (rloo, grpo): penalise completions that run into the last this-many "
+                                "tokens before max_completion_length (TRL's soft overlong punishment, DAPO)")
 
 
 class RewardFunction(BaseModel):
@@ -74,8 +82,16 @@ def policy_trainer(method_name: str, settings: PolicySettings, model: ResolvedMo
     def make_trainer(plan: TrainingPlan):
         arguments = config_arguments(method, settings, stage_dir / "checkpoints", plan, method_name)
         online = {"reward_funcs": [reward.model for reward in rewards]} if method.online else {}
+        names = [reward.aspect for reward in rewards]
         if method.online:
             arguments["reward_weights"] = [reward.weight for reward in rewards]
+            if settings.overlong_penalty_tokens:
+                from trl.rewards import get_soft_overlong_punishment
+
+                limit = arguments.get("max_completion_length") or method.config_class()().max_completion_length
+                online["reward_funcs"].append(get_soft_overlong_punishment(limit, settings.overlong_penalty_tokens))
+                arguments["reward_weights"].append(1.0)
+                names.append("overlong")
         try:
             args = method.config_class()(**arguments)
         except (TypeError, ValueError) as error:  # e.g. a batch that num_generations does not divide
@@ -86,7 +102,7 @@ def policy_trainer(method_name: str, settings: PolicySettings, model: ResolvedMo
             peft_config=settings.lora.peft_config("CAUSAL_LM", network.config.num_hidden_layers),
             callbacks=callbacks, **online)
         if method.online:  # TRL names each reward by its folder (all ours are `model`): name them by aspect
-            trainer.reward_func_names = [reward.aspect for reward in rewards]
+            trainer.reward_func_names = names
         return trainer
 
     return make_trainer

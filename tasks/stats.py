@@ -21,6 +21,11 @@ class Estimate(BaseModel):
         """`name`, `name.ci_low`, `name.ci_high`: the MLflow metric names."""
         return {name: self.value, f"{name}.ci_low": self.ci_low, f"{name}.ci_high": self.ci_high}
 
+    @classmethod
+    def from_metrics(cls, metrics: dict[str, float], name: str, n: int) -> "Estimate":
+        """The estimate that `metrics(name)` wrote."""
+        return cls(value=metrics[name], ci_low=metrics[f"{name}.ci_low"], ci_high=metrics[f"{name}.ci_high"], n=n)
+
     def text(self, digits: int = 3) -> str:
         return f"{self.value:.{digits}f} [{self.ci_low:.{digits}f}, {self.ci_high:.{digits}f}]"
 

@@ -18,6 +18,7 @@ from prefect import task
 from pydantic import BaseModel, Field
 
 from tasks.base import PreftuneError, StrictModel, fingerprint, redact, retry_unless_user_error
+from tasks.verdict import GateInput, PromotionDecision, decide
 
 log = logging.getLogger(__name__)
 DEFAULT_STORE = Path("mlflow")
@@ -25,12 +26,14 @@ SERVING_REQUIREMENTS = ["torch", "transformers", "accelerate", "safetensors"]
 
 
 class PromotionSettings(StrictModel):
-    """The gate: the new policy becomes `champion` only if the 95 % interval of its combined-reward
-    improvement over the current champion (first run: its reference), prompt by prompt on held-out
-    prompts, lies entirely above this margin. A lucky prompt or two cannot promote a model."""
+    """The gate (tasks/verdict.py): the new policy becomes `champion` only if the 95 % interval of its
+    length-controlled combined improvement over the current champion (first run: its reference), prompt
+    by prompt on held-out prompts and by the judges that earned a say, lies entirely above this margin,
+    and no heard judge nor the ground truth rates it worse. A lucky prompt or two cannot promote a model."""
 
-    alias: str = "champion"
-    min_improvement: float = 0.0
+    alias: str = Field("champion", description="the registry alias the gate moves")
+    min_improvement: float = Field(0.0, ge=0, description="the margin the improvement's lower bound must clear "
+                                                          "(never below 0: a worse model cannot pass)")
 
 
 class TrackingSettings(StrictModel):
@@ -49,26 +52,6 @@ class RegisteredVersion(BaseModel):
     alias: str
     source_run_id: str
     reused: bool = False  # an unchanged model registered before: no new version
-
-
-class PromotionDecision(BaseModel):
-    promoted: bool
-    candidate_score: float
-    baseline_score: float
-    baseline: str
-    improvement: float
-    improvement_ci_low: float
-    improvement_ci_high: float
-    prompts: int
-    min_improvement: float
-
-    def explanation(self) -> str:
-        verdict = "promoted to champion" if self.promoted else "not promoted"
-        comparison = ">" if self.promoted else "is not above"
-        return (f"**{verdict}**: the combined-reward improvement over {self.baseline} is {self.improvement:.3f} "
-                f"(95 % interval [{self.improvement_ci_low:.3f}, {self.improvement_ci_high:.3f}], {self.prompts} "
-                f"held-out prompts); its lower bound {self.improvement_ci_low:.3f} {comparison} the required "
-                f"{self.min_improvement:g}. Candidate {self.candidate_score:.3f}, baseline {self.baseline_score:.3f}.")
 
 
 def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
@@ -195,32 +178,23 @@ def current_champion(settings: TrackingSettings) -> str | None:
     return f"models:/{settings.policy_model_name}/{version.version}"
 
 
-def decide_promotion(gate, settings: PromotionSettings) -> PromotionDecision:
-    """`gate` is the evaluation's `GateInput`: promote only when the interval's lower bound clears the margin."""
-    improvement = gate.improvement
-    return PromotionDecision(promoted=improvement.ci_low > settings.min_improvement,
-                             candidate_score=gate.candidate_score, baseline_score=gate.baseline_score,
-                             baseline=gate.baseline, improvement=improvement.value,
-                             improvement_ci_low=improvement.ci_low, improvement_ci_high=improvement.ci_high,
-                             prompts=improvement.n, min_improvement=settings.min_improvement)
+def decide_promotion(gate: GateInput, settings: PromotionSettings) -> PromotionDecision:
+    """The evaluation's evidence against this gate's margin (tasks/verdict.py decides)."""
+    return decide(gate, settings.min_improvement)
 
 
 def apply_promotion(policy: RegisteredVersion, decision: PromotionDecision, settings: TrackingSettings) -> None:
     """Record the decision and its numbers on the version and the run; move the alias if it passed."""
     client = MlflowClient()
-    record = {"promotion.promoted": str(decision.promoted), "promotion.baseline": decision.baseline,
-              "promotion.candidate_score": f"{decision.candidate_score:.6f}",
-              "promotion.baseline_score": f"{decision.baseline_score:.6f}",
-              "promotion.improvement_ci": f"[{decision.improvement_ci_low:.6f}, {decision.improvement_ci_high:.6f}]"}
+    record = decision.record()
     for key, value in record.items():
         client.set_model_version_tag(policy.name, policy.version, key, value)
     mlflow.set_tags(record)
-    mlflow.log_metrics({"promotion.promoted": float(decision.promoted),
-                        "promotion.candidate_score": decision.candidate_score,
-                        "promotion.baseline_score": decision.baseline_score,
-                        "promotion.improvement": decision.improvement,
-                        "promotion.improvement.ci_low": decision.improvement_ci_low,
-                        "promotion.improvement.ci_high": decision.improvement_ci_high})
+    gate = decision.gate
+    mlflow.log_metrics({"promotion.promoted": float(decision.promoted), "promotion.judges_heard":
+                        float(sum(judge.heard for judge in gate.judges))}
+                       | (gate.lc_improvement.metrics("promotion.lc_improvement") if gate.lc_improvement else {})
+                       | (gate.improvement.metrics("promotion.improvement") if gate.improvement else {}))
     if decision.promoted:
         client.set_registered_model_alias(policy.name, settings.promotion.alias, policy.version)
 

@@ -256,6 +256,8 @@ def fit(make_trainer: Callable[[TrainingPlan], object], settings: TrainerSetting
     out_of_memory = None
     try:
         set_seed(settings.seed)  # before the model loads: a new head and the LoRA weights start the same every run
+        if torch.cuda.is_available():  # this stage's own peak, from its model load on
+            torch.cuda.reset_peak_memory_stats()
         trainer = make_trainer(plan)
         keep_trainable_dtype(trainer.model, plan)
         if trainer.pop_callback(MLflowCallback):
@@ -266,6 +268,8 @@ def fit(make_trainer: Callable[[TrainingPlan], object], settings: TrainerSetting
         if resume_from and main_process:
             log.warning("%s: resuming from %s", stage_dir.parent.name, Path(resume_from).name)
         trainer.train(resume_from_checkpoint=resume_from)
+        if main_process and torch.cuda.is_available():  # measured, beside the plan's estimated_peak_gib
+            mlflow.log_metric("peak_memory_gib", torch.cuda.max_memory_allocated() / 2**30)
     except torch.OutOfMemoryError as error:
         out_of_memory = str(error).splitlines()[0][:300]
     except MlflowException as error:

@@ -2,6 +2,7 @@
 data samples beside the repository, and small real models built once per session."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -40,10 +41,12 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_path() -> str:
-    """A tiny random Llama with the real SmolLM2 tokenizer (converted from the packaged GGUF)."""
-    from tasks.models import ModelSettings, RandomInitSettings, resolve_model_path
+    """A tiny random Llama with the real SmolLM2 tokenizer (converted from the packaged GGUF, or the
+    tokenizer folder PREFTUNE_TEST_BASE_MODEL names, as the GPU check carries it to a card)."""
+    from tasks.models import DEFAULT_BASE_MODEL, ModelSettings, RandomInitSettings, resolve_model_path
 
-    return resolve_model_path(ModelSettings(random_init=RandomInitSettings()))
+    base = os.environ.get("PREFTUNE_TEST_BASE_MODEL", DEFAULT_BASE_MODEL)
+    return resolve_model_path(ModelSettings(base_model=base, random_init=RandomInitSettings()))
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +63,19 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
     return uri
+
+
+@pytest.fixture(scope="session")
+def coin_judge_path(tiny_model_path, tmp_path_factory) -> str:
+    """A sequence-classification model whose score head was never trained: a judge at chance."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("coin-judge")
+    torch.manual_seed(3)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    coin = AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=1)
+    coin.config.pad_token_id = tokenizer.pad_token_id
+    coin.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

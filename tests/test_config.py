@@ -122,14 +122,65 @@ def test_deployment_runs_stay_inside_the_runs_root(tmp_path, monkeypatch):
         load_config("smoke", overrides=["runs_dir=/tmp/elsewhere"])
 
 
-@pytest.mark.parametrize("secret, shown", [
+# Every credential shape redaction must catch (all values are made up), and look-alikes it must leave alone.
+CREDENTIALS = [
     ("https://alice:pa55word@mlflow.example.com", "https://***@mlflow.example.com"),
     ("postgresql://preftune:s3cret@db:5432/mlflow", "postgresql://***@db:5432/mlflow"),
+    ("redis://:hunter2pw@cache:6379/0", "redis://***@cache:6379/0"),
     ("s3://bucket/pairs.parquet?X-Amz-Signature=abc123&part=1", "s3://bucket/pairs.parquet?X-Amz-Signature=***&part=1"),
     ("hf_FAKEsecret0123456789abcdefXYZ", "***"),
+    ("AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYFAKEKEY", "AWS_SECRET_ACCESS_KEY=***"),
+    ("export HF_TOKEN=abc123notreal && run", "export HF_TOKEN=*** && run"),
+    ("password=hunter2 user=bob", "password=*** user=bob"),
+    ('{"api_key": "abcd1234efgh"}', '{"api_key": "***"}'),
+    ("Authorization: Bearer abc.def.ghi-1234567890", "Authorization: ***"),
+    ("curl -H 'authorization: token ghp_notarealtoken0123456789abcd'", "curl -H 'authorization: ***'"),
+    ("sent Bearer 0123456789abcdefABCDEF to the server", "sent Bearer *** to the server"),
+    ("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U", "***"),
+    ("-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA75notreal\n-----END RSA PRIVATE KEY-----", "***"),
+    ("key sk-proj-abcdefghijklmnop0123", "key ***"),
+    ("ghs_16C7e42F292c6912E7710c838347Ae178B4a", "***"),
+    ("pnu_abcdefghijklmnopqrstuvwxyz0123456789", "***"),
+    ("AKIAIOSFODNN7EXAMPLE", "***"),
+    # look-alikes stay as they are
     ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
-])
+    ("tokenizer=HuggingFaceTB/SmolLM2 max_new_tokens=48", "tokenizer=HuggingFaceTB/SmolLM2 max_new_tokens=48"),
+    ("models:/preftune-policy@champion", "models:/preftune-policy@champion"),
+]
+
+
+@pytest.mark.parametrize("secret, shown", CREDENTIALS)
 def test_credentials_are_redacted(secret, shown):
     from tasks.base import redact
 
     assert redact(secret) == shown
+
+
+def test_log_records_are_redacted_whatever_the_logger(caplog):
+    import logging
+
+    from tasks.base import redact_logs
+
+    redact_logs()
+    redact_logs()  # once is enough, twice changes nothing
+    for secret, shown in CREDENTIALS:
+        with caplog.at_level(logging.INFO):
+            logging.getLogger("some.library").info("connecting with %s", secret)
+        assert caplog.records[-1].getMessage() == f"connecting with {shown}"
+
+
+def test_a_run_folder_that_is_a_symlink_is_refused_and_gc_never_follows_one(tmp_path, tracking_uri):
+    from tasks.base import Workspace
+    from tasks.cleanup import collect_garbage
+
+    elsewhere = tmp_path / "elsewhere" / "stage" / "0123abcd"
+    elsewhere.mkdir(parents=True)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "linked").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(PreftuneError, match="is a symbolic link"):
+        Workspace.open(runs / "linked")
+    (runs / "real" / "stage").mkdir(parents=True)
+    (runs / "real" / "stage" / "linked-key").symlink_to(elsewhere)
+    report = collect_garbage(runs, dry_run=False)
+    assert report.removed == [] and elsewhere.is_dir()  # nothing behind a link was counted or deleted

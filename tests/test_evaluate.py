@@ -11,12 +11,13 @@ from mlflow import MlflowClient
 
 from tasks.data import DataSettings, apply_filter, format_split, load, read_jsonl, split
 from tasks.policy import PolicySettings, train_policy_adapter
-from tasks.evaluate import (EvalSettings, GateInput, Judge, answer_logps, evaluate_policy, length_controlled_wins,
-                            load_policy, sample_prompts, win_rates)
+from tasks.evaluate import (EvalSettings, Judge, answer_logps, evaluate_policy, length_controlled_wins, load_policy,
+                            sample_prompts, win_rates)
 from tasks.merge import MergeMismatchError, MergeSettings, merge_and_check
 from tasks.models import ModelSettings, RandomInitSettings, ResolvedModel, load_tokenizer
 from tasks.reward import RewardSettings, train_reward_model
 from tasks.stats import Estimate, mean
+from tasks.verdict import GateInput, standing
 from tasks.tracking import (PromotionSettings, TrackingSettings, apply_promotion, configure, decide_promotion,
                             hf_folder, register_model, save_mlflow_model)
 
@@ -103,21 +104,46 @@ def test_report_has_intervals_for_every_figure_and_names_the_judges(trained, tin
                              stage_runs={"dpo": dpo.mlflow_run_id})
     metrics = result.metrics
     rates = [name for name in metrics if name.endswith(("accuracy", "win_rate", "tie_rate", "loss_rate"))]
-    assert len(rates) >= 2 * 5 + 4 + 1
+    assert len(rates) >= 2 * 5 + 1
     for name in rates:
-        assert metrics[f"{name}.ci_low"] <= metrics[name] <= metrics[f"{name}.ci_high"], name
+        assert metrics[f"{name}.ci_low"] < metrics[f"{name}.ci_high"] or metrics[name] in (0.0, 1.0), name
     assert metrics["generation_prompts"] == 3 and metrics["implicit_reward.pairs"] == pairs.eval.rows
     # Tuned vs itself would be all ties; this policy moved, so its log-probs differ from the reference's.
     assert metrics["implicit_reward.margin"] != 0
-    assert result.gate.baseline == "reference" and result.gate.improvement.n == 3
+    # Each judge's standing follows its own held-out interval, and the report says why.
+    for judge in result.gate.judges:
+        low = metrics[f"{judge.aspect}.pairwise_accuracy.ci_low"]
+        assert judge.heard == (low > 0.5) and metrics[f"{judge.aspect}.heard"] == float(judge.heard)
+        assert -1 <= metrics[f"{judge.aspect}.length_correlation"] <= 1 and f"{judge.aspect}.lc_improvement" in metrics
+    assert result.gate.baseline == "reference" and result.gate.prompts == 3
     report = Path(result.report_path).read_text()
     assert "trained on" in report and "| harmlessness | 0.5 |" in report and "length-matched" in report
     assert report.count(" [") >= len(rates)  # every rate printed with its interval
     run = MlflowClient().get_run(result.mlflow_run_id)
     assert "implicit_reward.accuracy.ci_low" in run.data.metrics
+    assert {f"judge.{j.aspect}.heard" for j in judges} <= set(run.data.tags)
     artifacts = {a.path for a in MlflowClient().list_artifacts(result.mlflow_run_id, "evaluation")}
     assert {"evaluation/report.md", "evaluation/examples.json", "evaluation/reward_margins.png",
             "evaluation/training_curves.png"} <= artifacts
+
+
+def test_a_planted_judge_at_chance_is_reported_but_not_heard(trained, tiny_model_path, coin_judge_path, tmp_path):
+    """A reward model whose head was never trained (random) scores the answers like any judge, and is
+    reported with its accuracy, but has no say: the gate is the same with or without it."""
+    root, pairs, judges, dpo = trained
+    planted = Judge(aspect="coin", weight=100.0, model=coin_judge_path, eval_path=pairs.eval.path,
+                    provenance="a random head")
+    settings = EvalSettings(generation_prompts=4, max_new_tokens=6)
+    merged = merge_and_check(tiny_model_path, [dpo.adapter_dir], pairs.eval.path, MergeSettings(), root / "merged-coin")
+    without = evaluate_policy(settings, pairs.eval.path, tiny_model_path, merged.model_dir, judges[:1], None,
+                              tmp_path / "without")
+    with_coin = evaluate_policy(settings, pairs.eval.path, tiny_model_path, merged.model_dir, judges[:1] + [planted],
+                                None, tmp_path / "with")
+    coin_standing = next(j for j in with_coin.gate.judges if j.aspect == "coin")
+    assert not coin_standing.heard and coin_standing.accuracy.ci_low <= 0.5 < coin_standing.accuracy.ci_high
+    assert "coin.win_rate" in with_coin.metrics  # it printed its verdict on the answers ...
+    assert with_coin.gate.lc_improvement == without.gate.lc_improvement  # ... and nobody listened
+    assert "| coin | 100 | a random head |" in Path(with_coin.report_path).read_text()
 
 
 def test_merge_check_catches_a_wrong_merge(trained, tiny_model_path):
@@ -131,16 +157,23 @@ def test_merge_check_catches_a_wrong_merge(trained, tiny_model_path):
     assert not wrong.exists() and (root / "wrong.rejected" / "model" / "config.json").is_file()
 
 
-def _gate(low: float, value: float, high: float, baseline: str = "reference") -> GateInput:
-    return GateInput(candidate_score=value, baseline_score=0.0, baseline=baseline,
-                     improvement=Estimate(value=value, ci_low=low, ci_high=high, n=32))
+HEARD = standing("helpfulness", 1.0, Estimate(value=0.86, ci_low=0.79, ci_high=0.94, n=65), 0.1, 0.5)
+
+
+def _gate(low: float, value: float, high: float, baseline: str = "reference", judges=(HEARD,)) -> GateInput:
+    interval = Estimate(value=value, ci_low=low, ci_high=high, n=32)
+    return GateInput(baseline=baseline, judges=list(judges), candidate_score=value, baseline_score=0.0,
+                     improvement=interval, lc_improvement=interval, prompts=32,
+                     judge_lc_improvement={judge.aspect: interval for judge in judges})
 
 
 def test_gate_promotes_only_when_the_interval_clears_the_margin():
     assert decide_promotion(_gate(0.05, 0.2, 0.35), PromotionSettings()).promoted
     lucky = decide_promotion(_gate(-0.02, 0.2, 0.4), PromotionSettings())  # a good mean, an interval across 0
-    assert not lucky.promoted and "lower bound -0.020 is not above the required 0" in lucky.explanation()
+    assert not lucky.promoted and lucky.verdict == "not shown" and "lower bound at or below 0" in lucky.explanation()
     assert not decide_promotion(_gate(0.05, 0.2, 0.35), PromotionSettings(min_improvement=0.1)).promoted
+    with pytest.raises(ValueError, match="greater than or equal to 0"):
+        PromotionSettings(min_improvement=-1e9)  # the gate cannot be talked into passing a worse model
 
 
 def _mlflow_model(source: str, target: Path) -> str:
@@ -170,20 +203,30 @@ def test_registration_points_at_the_model_once_and_copies_nothing(trained, tiny_
     assert loaded["model"].config.hidden_size == 64  # models:/ loads the registered folder
 
 
-def test_gate_keeps_the_champion_when_the_candidate_is_worse(trained, tiny_model_path, tmp_path):
+def test_gate_keeps_the_champion_when_the_candidate_is_worse_or_unjudged(trained, tiny_model_path, tmp_path):
     settings = TrackingSettings(policy_model_name="gate-policy")
+    coin = standing("helpfulness", 1.0, Estimate(value=0.55, ci_low=0.43, ci_high=0.67, n=65), 0.0, 0.5)
     with mlflow.start_run():
         first = register_model(_mlflow_model(tiny_model_path, tmp_path / "one"), "gate-policy", settings, {})
         apply_promotion(first, decide_promotion(_gate(0.1, 0.3, 0.5), settings.promotion), settings)
         second = register_model(_mlflow_model(tiny_model_path, tmp_path / "two"), "gate-policy", settings, {})
         worse = decide_promotion(_gate(-0.3, -0.1, 0.05, f"models:/gate-policy/{first.version}"), settings.promotion)
         apply_promotion(second, worse, settings)
+        third = register_model(_mlflow_model(tiny_model_path, tmp_path / "three"), "gate-policy", settings, {})
+        # Judged only by a judge at chance, even a huge "improvement" is no evidence.
+        unjudged = decide_promotion(GateInput(baseline=f"models:/gate-policy/{first.version}", judges=[coin]),
+                                    settings.promotion)
+        apply_promotion(third, unjudged, settings)
     client = MlflowClient()
-    assert not worse.promoted
+    assert not worse.promoted and unjudged.verdict == "no evidence" and not unjudged.promoted
     assert str(client.get_model_version_by_alias("gate-policy", "champion").version) == first.version
-    assert str(client.get_model_version_by_alias("gate-policy", "candidate").version) == second.version
+    assert str(client.get_model_version_by_alias("gate-policy", "candidate").version) == third.version
     tags = client.get_model_version("gate-policy", second.version).tags
-    assert tags["promotion.promoted"] == "False" and tags["promotion.improvement_ci"].startswith("[-0.3")
+    assert tags["promotion.promoted"] == "False" and tags["promotion.lc_improvement_ci"].startswith("[-0.3")
+    assert tags["judge.helpfulness.heard"] == "True" and "lower bound above 0.5" in tags["judge.helpfulness.reason"]
+    tags = client.get_model_version("gate-policy", third.version).tags
+    assert tags["promotion.verdict"] == "no evidence" and tags["judge.helpfulness.heard"] == "False"
+    assert "cannot be told from chance" in tags["judge.helpfulness.reason"]
 
 
 def test_out_of_memory_while_evaluating_halves_the_batch():
@@ -222,6 +265,8 @@ def test_cli_evaluates_any_policy_on_any_preference_file(trained, tiny_model_pat
     run = MlflowClient(tracking_uri=store).get_run(run_id)
     metrics = run.data.metrics
     assert metrics["implicit_reward.pairs"] == 184 and metrics["helpfulness.eval_pairs"] == 184
-    assert metrics["generation_prompts"] == 4 and "combined.lc_win_rate.ci_low" in metrics
+    assert metrics["generation_prompts"] == 4 and "helpfulness.lc_win_rate.ci_low" in metrics
+    # A tiny judge trained 3 steps on other data is at chance on orca: heard only if its lower bound says otherwise.
+    assert (metrics["helpfulness.pairwise_accuracy.ci_low"] > 0.5) == ("combined.lc_improvement" in metrics)
     assert run.data.params["evaluate.judge.helpfulness"].startswith("given: ")
-    assert "implicit_reward.accuracy" in printed and " [" in printed
+    assert "implicit_reward.accuracy" in printed and " [" in printed and "verdict       : " in printed

@@ -55,11 +55,16 @@ def test_smoke_flow_logs_runs_metrics_and_registers_models(smoke_runs):
     assert parent.data.tags["prefect.flow_run_id"] == str(first.state_details.flow_run_id)
     assert len(parent.data.tags["data.sha256"]) == 64 and parent.data.tags["git.commit"]
     for metric in ("helpfulness.pairwise_accuracy", "harmlessness.pairwise_accuracy", "implicit_reward.accuracy",
-                   "implicit_reward.accuracy.ci_low", "combined.win_rate.ci_high", "helpfulness.lc_win_rate",
-                   "combined.improvement.ci_low", "mean_length_tuned", "merge.max_logit_difference",
+                   "implicit_reward.accuracy.ci_low", "helpfulness.lc_improvement.ci_high", "helpfulness.lc_win_rate",
+                   "harmlessness.length_correlation", "judges_heard", "mean_length_tuned", "merge.max_logit_difference",
                    "data.rows_kept", "data.dropped.status_tie", "data-harmlessness.rows_kept"):
         assert metric in parent.data.metrics, metric
     metrics = parent.data.metrics
+    # The gate hears exactly the judges whose held-out lower bound clears 0.5, and says so on the version.
+    heard = {a for a in config.rewards if metrics[f"{a}.pairwise_accuracy.ci_low"] > 0.5}
+    assert {j.aspect for j in summary.promotion.gate.judges if j.heard} == heard
+    assert (summary.promotion.verdict == "no evidence") == (not heard) and metrics["judges_heard"] == len(heard)
+    assert ("combined.lc_improvement" in metrics) == bool(heard)
     assert metrics["data.shared_questions"] == 0 and metrics["data-harmlessness.shared_questions"] == 0
     assert metrics["data.rows_train"] + metrics["data.rows_eval"] + metrics["data.rows_judge"] == metrics["data.rows_kept"]
     assert metrics["implicit_reward.pairs"] == metrics["data.rows_eval"]
@@ -79,6 +84,10 @@ def test_smoke_flow_logs_runs_metrics_and_registers_models(smoke_runs):
 
     assert {r.name for r in summary.registered} == {"preftune-smoke-policy", "preftune-smoke-reward-helpfulness",
                                                     "preftune-smoke-reward-harmlessness"}
+    policy = next(v for v in summary.registered if v.name == "preftune-smoke-policy")
+    policy_tags = client.get_model_version(policy.name, policy.version).tags
+    assert policy_tags["promotion.verdict"] == summary.promotion.verdict
+    assert {policy_tags[f"judge.{a}.heard"] for a in config.rewards} == {str(a in heard) for a in config.rewards}
     for registered in summary.registered:
         version = client.get_model_version(registered.name, registered.version)
         assert version.tags["data.sha256"] == parent.data.tags["data.sha256"]

@@ -27,10 +27,13 @@ def store(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_smoke_flow_trains_evaluates_and_registers_each_method(name, store):
+def test_smoke_flow_trains_evaluates_and_registers_each_method(name, store, coin_judge_path):
     root, uri = store
+    # Online methods also get TRL's overlong penalty and a referee (a judge at chance: it must earn its say).
+    online = [f"methods.{name}.overlong_penalty_tokens=4",
+              f"evaluation.referees.coin.model={coin_judge_path}"] if METHODS[name].online else []
     config = load_config("smoke", overrides=[f"method={name}", f"runs_dir={root / 'runs'}",
-                                             f"tracking.tracking_uri={uri}"])
+                                             f"tracking.tracking_uri={uri}", *online])
     summary = preference_tuning(config)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient()
@@ -46,17 +49,22 @@ def test_smoke_flow_trains_evaluates_and_registers_each_method(name, store):
 
     evaluated = next(run for run in children if run.data.tags["preftune.stage"] == "evaluate")
     assert evaluated.data.params["evaluate.method"] == name
-    assert "combined.win_rate" in summary.metrics and "helpfulness.win_rate.ci_low" in summary.metrics
+    assert "helpfulness.win_rate.ci_low" in summary.metrics and "helpfulness.lc_improvement" in summary.metrics
+    if METHODS[name].online:  # the rewards it climbed cannot certify it, and no referee was given
+        assert summary.promotion.verdict == "no evidence" and not summary.promotion.promoted
+        judged = {j.aspect: j for j in summary.promotion.gate.judges}
+        assert all(judged[a].training_reward and not judged[a].heard for a in config.rewards)
+        assert judged["coin"].referee and not judged["coin"].training_reward and "coin.win_rate" in summary.metrics
+        assert judged["coin"].heard == (summary.metrics["coin.pairwise_accuracy.ci_low"] > 0.5)
     if METHODS[name].implicit_reward:
         pairs, accuracy = summary.metrics["implicit_reward.pairs"], summary.metrics["implicit_reward.accuracy"]
         assert pairs == parent.data.metrics["data.rows_eval"] > 0  # every held-out pair scored
         assert accuracy * pairs == pytest.approx(round(accuracy * pairs))  # a share of those pairs
-        assert summary.metrics["implicit_reward.accuracy.ci_low"] <= accuracy <= summary.metrics[
-            "implicit_reward.accuracy.ci_high"]
     else:
         assert "implicit_reward.accuracy" not in summary.metrics
 
     if METHODS[name].online:  # scored by each aspect's reward model, recorded on the policy's version
+        assert "rewards/overlong/mean" in trained.data.metrics  # TRL's soft overlong punishment, asked for above
         for aspect in config.rewards:
             assert f"rewards/{aspect}/mean" in trained.data.metrics
             reward = next(v for v in summary.registered if v.name.endswith(f"-{aspect}"))

@@ -1,0 +1,199 @@
+"""The verdict on a candidate policy: which judges may speak, and what their evidence says.
+
+A judge (a reward model) earns its say: the 95 % interval of its pairwise accuracy on its own held-out
+pairs must lie above `min_judge_accuracy` (0.5: better than chance), and it must not be a reward the
+policy was trained against (the reward an online method climbed cannot also certify it). The others
+are reported, never heard. The gate reads the length-controlled improvement: the per-prompt
+differences with the effect of the length gap regressed out and read at a zero gap (as AlpacaEval's
+length-controlled win rate does), so a shorter or longer answer cannot buy a verdict. A heard judge,
+or the ground-truth checker where the data has one, that rates the candidate worse with 95 %
+confidence vetoes it, whatever the combined score says.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, Field, model_validator
+
+from tasks.base import StrictModel
+from tasks.stats import Estimate, estimate, mean
+
+Verdict = Literal["improved", "not shown", "worse", "vetoed", "no evidence"]
+
+
+class CombinationSettings(StrictModel):
+    """How the heard judges' standardised scores become one score per answer."""
+
+    rule: Literal["weighted", "piecewise"] = Field(
+        "weighted", description="weighted: the heard judges' weighted mean; piecewise (Llama 2): the safety judge "
+                                "decides on the prompts it flags, the other judges everywhere else")
+    safety_aspect: str | None = Field(None, description="piecewise: the aspect whose judge is the safety judge")
+    safety_threshold: float = Field(
+        -1.0, description="piecewise: a prompt is the safety judge's when any compared answer's standardised "
+                          "safety score is below this (in spreads of its held-out scores)")
+
+    @model_validator(mode="after")
+    def _piecewise_names_its_safety_judge(self):
+        if self.rule == "piecewise" and not self.safety_aspect:
+            raise ValueError("combination.rule piecewise needs combination.safety_aspect (the safety judge's aspect)")
+        return self
+
+
+class JudgeStanding(BaseModel):
+    """One judge's credentials and whether they earned it a say."""
+
+    aspect: str
+    weight: float
+    accuracy: Estimate  # pairwise accuracy on its own held-out pairs
+    length_correlation: float  # of its scores with the answers' lengths, on those pairs
+    training_reward: bool = False
+    referee: bool = False
+    heard: bool
+    reason: str
+
+
+def standing(aspect: str, weight: float, accuracy: Estimate, length_correlation: float, min_accuracy: float,
+             training_reward: bool = False, referee: bool = False) -> JudgeStanding:
+    """Hear a judge only if it is not the policy's training reward and is better than chance at 95 %."""
+    figures = f"held-out accuracy {accuracy.text()} on {accuracy.n} pairs"
+    if training_reward:
+        heard, reason = False, f"a reward the policy was trained against ({figures}): it shows how far the policy " \
+                               "climbed it, not independent evidence"
+    elif accuracy.ci_low > min_accuracy:
+        heard, reason = True, f"{figures}: lower bound above {min_accuracy:g}"
+    else:
+        heard, reason = False, f"{figures}: the interval reaches {min_accuracy:g}, so it cannot be told from chance"
+    return JudgeStanding(aspect=aspect, weight=weight, accuracy=accuracy, length_correlation=length_correlation,
+                         training_reward=training_reward, referee=referee, heard=heard, reason=reason)
+
+
+def at_zero_gap(differences: np.ndarray, gaps: np.ndarray) -> float:
+    """The intercept of `differences ~ a + b * gaps` (least squares): the difference a judge would see
+    between answers of equal length. Where every gap is the same non-zero value, length and content
+    cannot be told apart, and nothing is credited (0)."""
+    if np.ptp(gaps) == 0:
+        return float(np.mean(differences)) if gaps[0] == 0 else 0.0
+    slope, intercept = np.polyfit(gaps, differences, 1)
+    return float(intercept)
+
+
+def length_controlled(differences: np.ndarray, gaps: np.ndarray, seed: int = 0) -> Estimate:
+    """`at_zero_gap` with a paired bootstrap interval over prompts."""
+    return estimate(at_zero_gap, differences, gaps, seed=seed)
+
+
+def combine(standardised: dict[str, dict[str, np.ndarray]], judges: list[JudgeStanding],
+            settings: CombinationSettings) -> dict[str, np.ndarray] | None:
+    """One score per policy and prompt from the heard judges (`standardised[aspect][policy]`), or None
+    when no judge is heard. Piecewise: on a prompt where the safety judge scores any compared answer
+    below the threshold, every policy's score on it is the safety judge's."""
+    heard = [judge for judge in judges if judge.heard]
+    if not heard:
+        return None
+
+    def weighted(group: list[JudgeStanding]) -> dict[str, np.ndarray]:
+        total = sum(judge.weight for judge in group)
+        policies = standardised[group[0].aspect]
+        return {name: sum(judge.weight / total * standardised[judge.aspect][name] for judge in group)
+                for name in policies}
+
+    safety = next((j for j in heard if j.aspect == settings.safety_aspect), None) if settings.rule == "piecewise" else None
+    others = [judge for judge in heard if judge is not safety]
+    if safety is None or not others:
+        return weighted(heard)
+    safety_scores, rest = standardised[safety.aspect], weighted(others)
+    flagged = np.min(np.stack(list(safety_scores.values())), axis=0) < settings.safety_threshold
+    return {name: np.where(flagged, safety_scores[name], rest[name]) for name in rest}
+
+
+class GateInput(BaseModel):
+    """What the promotion gate reads: the candidate against the baseline, prompt by prompt, on the same
+    held-out prompts: the judges' standing, the combined and per-judge length-controlled differences,
+    and the ground truth where the data has one."""
+
+    baseline: str  # "reference" or the champion's model URI
+    judges: list[JudgeStanding]
+    rule: str = "weighted"
+    candidate_score: float | None = None  # mean combined score (None: no judge heard)
+    baseline_score: float | None = None
+    improvement: Estimate | None = None  # mean per-prompt combined difference
+    lc_improvement: Estimate | None = None  # the same at a zero length gap: what the gate reads
+    judge_lc_improvement: dict[str, Estimate] = Field(default_factory=dict)  # per heard judge
+    ground_truth: Estimate | None = None  # checker pass-rate difference, candidate minus baseline
+    prompts: int = 0
+
+
+class PromotionDecision(BaseModel):
+    promoted: bool
+    verdict: Verdict
+    reason: str
+    gate: GateInput
+    min_improvement: float
+
+    def explanation(self) -> str:
+        """A paragraph and a table of the judges: what was shown, on what, and by whom."""
+        head = "promoted to champion" if self.promoted else "not promoted"
+        gate = self.gate
+        lines = [f"**{head}** (verdict: {self.verdict}): {self.reason}", ""]
+        if gate.lc_improvement is not None:
+            lines += [f"Combined improvement over {gate.baseline} ({gate.rule} rule, heard judges, {gate.prompts} "
+                      f"held-out prompts): length-controlled {gate.lc_improvement.text()}, raw "
+                      f"{gate.improvement.text()}; required: lower bound above {self.min_improvement:g}.", ""]
+        if gate.ground_truth is not None:
+            lines += [f"Ground truth (rule checker, {gate.ground_truth.n} verifiable prompts): pass-rate difference "
+                      f"{gate.ground_truth.text()}.", ""]
+        lines += ["| judge | heard | why | length-controlled improvement |", "|---|---|---|---|"]
+        for judge in gate.judges:
+            lc = gate.judge_lc_improvement.get(judge.aspect)
+            role = " (referee)" if judge.referee else " (training reward)" if judge.training_reward else ""
+            lines.append(f"| {judge.aspect}{role} | {'yes' if judge.heard else 'no'} | {judge.reason} "
+                         f"| {lc.text() if lc else ''} |")
+        return "\n".join(lines)
+
+    def record(self) -> dict[str, str]:
+        """The decision as registry/run tags: verdict, intervals, and which judges were heard and why."""
+        gate = self.gate
+        tags = {"promotion.promoted": str(self.promoted), "promotion.verdict": self.verdict,
+                "promotion.reason": self.reason[:5000], "promotion.baseline": gate.baseline, "promotion.rule": gate.rule}
+        for name in ("improvement", "lc_improvement", "ground_truth"):
+            if (value := getattr(gate, name)) is not None:
+                tags[f"promotion.{name}"] = f"{value.value:.6f}"
+                tags[f"promotion.{name}_ci"] = f"[{value.ci_low:.6f}, {value.ci_high:.6f}]"
+        for judge in gate.judges:
+            tags[f"judge.{judge.aspect}.heard"] = str(judge.heard)
+            tags[f"judge.{judge.aspect}.reason"] = judge.reason[:5000]
+        return tags
+
+
+def decide(gate: GateInput, min_improvement: float) -> PromotionDecision:
+    """Promote only on heard judges, on the length-controlled interval, with no veto."""
+    heard = [judge for judge in gate.judges if judge.heard]
+
+    def decision(verdict: Verdict, reason: str) -> PromotionDecision:
+        return PromotionDecision(promoted=verdict == "improved", verdict=verdict, reason=reason, gate=gate,
+                                 min_improvement=min_improvement)
+
+    if not heard or gate.lc_improvement is None:
+        unheard = "; ".join(f"{j.aspect}: {j.reason}" for j in gate.judges) or "no judges were given"
+        return decision("no evidence", f"no judge earned a say ({unheard}), so nothing can be concluded")
+    vetoes = [f"{judge.aspect} rates it worse once length is controlled "
+              f"({gate.judge_lc_improvement[judge.aspect].text()})"
+              for judge in heard if gate.judge_lc_improvement[judge.aspect].ci_high < 0]
+    if gate.ground_truth is not None and gate.ground_truth.ci_high < 0:
+        vetoes.append(f"the rule checker passes fewer of its answers ({gate.ground_truth.text()})")
+    lc, judged_by = gate.lc_improvement, ", ".join(judge.aspect for judge in heard)
+    if vetoes:
+        return decision("vetoed", "; ".join(vetoes))
+    if lc.ci_low > min_improvement:
+        return decision("improved", f"heard judges ({judged_by}) rate it better once length is controlled: "
+                                    f"{lc.text()}, lower bound above {min_improvement:g}")
+    if lc.ci_high < 0:
+        return decision("worse", f"heard judges ({judged_by}) rate it worse once length is controlled: {lc.text()}")
+    return decision("not shown", f"heard judges ({judged_by}): the length-controlled improvement {lc.text()} has its "
+                                 f"lower bound at or below {min_improvement:g}")
+
+
+def pass_rate_difference(candidate: np.ndarray, baseline: np.ndarray, seed: int = 0) -> Estimate:
+    """Ground truth: the checker's pass rate of the candidate minus the baseline's, paired by prompt."""
+    return mean(candidate.astype(float) - baseline.astype(float), seed)

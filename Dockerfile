@@ -1,9 +1,15 @@
 # The preftune image: the flow and its locked dependencies with the CUDA build of torch, the Prefect
-# Kubernetes worker, and the quickstart model. The flow-run jobs, the worker and the optional in-cluster
-# servers (deployments/k8s/) all run it, so their Prefect and MLflow versions always agree.
+# Kubernetes worker, MLflow's basic-auth app and boto3 (S3 artifacts), and the quickstart model. The
+# flow-run jobs, the worker and the in-cluster servers (deployments/k8s/) all run it, so their Prefect
+# and MLflow versions always agree. Tag it with its commit and name that tag in
+# deployments/k8s/kustomization.yaml (`images`), the one place the cluster setup reads it from:
 #
-#   docker build -t REGISTRY/preftune:0.1.0 --build-arg GIT_COMMIT=$(git rev-parse HEAD) .
-#   docker push REGISTRY/preftune:0.1.0
+#   TAG=$(git rev-parse --short HEAD)
+#   docker build -t registry.example.com/preftune:$TAG --build-arg GIT_COMMIT=$(git rev-parse HEAD) .
+#   docker push registry.example.com/preftune:$TAG
+#
+# It runs as user 1000 on a read-only root filesystem in the cluster: everything it writes goes to
+# the volumes (/app/runs, /app/cache) or to scratch volumes (/tmp, HOME=/tmp there).
 #
 # Why python:3.11-slim and not an nvidia/cuda base: torch from PyPI (its version pinned by
 # constraints.txt) brings the CUDA runtime, cuBLAS, cuDNN and NCCL as wheels, and bitsandbytes and
@@ -33,9 +39,10 @@ RUN groupadd --gid 1000 preftune && useradd --uid 1000 --gid 1000 --create-home 
 WORKDIR /app
 
 # Dependencies first, in a layer that changes only with the lock. One resolve: the lock's exact
-# versions (minus its CPU-only torch pin), torch at the version constraints.txt pins, from PyPI or
-# TORCH_INDEX_URL, and the worker's prefect-kubernetes (the `kubernetes` extra): at the lock's version
-# where the lock has it, else the newest that fits the locked Prefect; never moving a locked package.
+# versions (minus its CPU-only torch pin; the lock holds the `kubernetes` and `s3` extras' packages
+# too), torch at the version constraints.txt pins, from PyPI or TORCH_INDEX_URL, and the worker's
+# prefect-kubernetes: at the lock's version where the lock has it, else the newest that fits the
+# locked Prefect; never moving a locked package.
 COPY requirements.lock constraints.txt ./
 RUN sed '/^torch==/d' requirements.lock > /tmp/requirements.txt \
  && pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -c constraints.txt \

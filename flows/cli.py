@@ -175,6 +175,7 @@ def cmd_deploy(args) -> int:
     `gpu` tag's concurrency limit, so that training tasks at once never outnumber the GPUs."""
     from prefect.settings import PREFECT_API_URL
 
+    from flows.cluster import deploy_environment
     from flows.pools import GPU_TAG, ensure_gpu_limit, ensure_work_pools
 
     if not PREFECT_API_URL.value():
@@ -188,29 +189,35 @@ def cmd_deploy(args) -> int:
     names = ["--all"] if not args.names else [f"--name={name}" for name in args.names]
     command = [str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", *names,
                "--prefect-file", str(REPO / "deployments" / "prefect.yaml")]
-    env = os.environ | {"PREFTUNE_HOME": os.environ.get("PREFTUNE_HOME", str(REPO))}
+    env = os.environ | {"PREFTUNE_HOME": os.environ.get("PREFTUNE_HOME", str(REPO))} | deploy_environment()
     return subprocess.run(command, cwd=REPO, env=env).returncode
 
 
 def cmd_ui(args) -> int:
     """Real Prefect and MLflow servers on loopback until Ctrl-C (or SIGTERM): on the local stores, or on
-    PostgreSQL (`--database`) when several workers share them."""
-    from flows.servers import local_stores, postgres_stores, start_servers
+    PostgreSQL (`--database`) when several workers share them; with `--auth` both require a login."""
+    from flows.servers import ServerSecrets, local_stores, postgres_stores, start_servers
 
     store = Path(args.store)
-    stores = (postgres_stores(args.database, store, args.artifacts_destination) if args.database
+    secrets = ServerSecrets.load(Path(args.secrets_file) if args.secrets_file else None)
+    if args.auth:
+        secrets.require_auth()  # before any database is created
+    stores = (postgres_stores(args.database, store, args.artifacts_destination, secrets, args.auth) if args.database
               else local_stores(store, args.artifacts_destination))
-    print("\n".join(stores.describe()), flush=True)
+    print("\n".join(stores.describe(args.auth)), flush=True)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     logs = store / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     servers = []
     try:
-        servers = start_servers(args.prefect_port, args.mlflow_port, stores, logs)
+        servers = start_servers(args.prefect_port, args.mlflow_port, stores, logs, secrets=secrets, auth=args.auth)
         print(f"Prefect UI : {servers[0].url}   (API: {servers[0].url}/api)")
         print(f"MLflow UI  : {servers[1].url}")
         print(f"Point runs at them:\n  export PREFECT_API_URL={servers[0].url}/api MLFLOW_TRACKING_URI={servers[1].url}")
+        if args.auth:
+            print("  and log in: PREFECT_API_AUTH_STRING, MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD as "
+                  "these servers were started with (the UIs ask for them)")
         print(f"Logs in {logs}. Ctrl-C stops both.", flush=True)
         while all(server.process.poll() is None for server in servers):
             time.sleep(1)
@@ -290,9 +297,16 @@ def main(argv: list[str] | None = None) -> int:
     ui.add_argument("--prefect-port", type=int, default=4200)
     ui.add_argument("--mlflow-port", type=int, default=5000)
     ui.add_argument("--store", default=str(REPO / "mlflow"), help="the MLflow store to serve (default: mlflow/)")
-    ui.add_argument("--database", metavar="postgresql://USER[:PASSWORD]@HOST[:PORT]",
+    ui.add_argument("--database", metavar="postgresql://USER@HOST[:PORT]",
                     help="run both servers on this PostgreSQL server (databases preftune_prefect and preftune_mlflow, "
-                         "created when missing) instead of SQLite")
+                         "created when missing) instead of SQLite; the password from PGPASSWORD or ~/.pgpass, never "
+                         "the URL")
+    ui.add_argument("--auth", action="store_true",
+                    help="require a login on both servers: Prefect's API auth string (PREFECT_API_AUTH_STRING=USER:PASSWORD) "
+                         "and MLflow's basic-auth app (admin MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)")
+    ui.add_argument("--secrets-file", metavar="PATH",
+                    help="KEY=value lines (mode 600) for the variables above, PGPASSWORD and MLFLOW_FLASK_SERVER_SECRET_KEY; "
+                         "the environment wins")
     ui.add_argument("--artifacts-destination", metavar="PATH_OR_URI",
                     help="where the MLflow server keeps the artifacts it serves, e.g. s3://bucket/preftune "
                          "(default: <store>/artifacts)")

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from flows.config import PipelineConfig
 from tasks.base import Workspace, fingerprint, redact, redact_logs
 from tasks.cleanup import stored_bytes
+from tasks.cuda_required import require_cuda_if_asked
 from tasks.data import (DataSettings, LoadedData, SplitData, filter_preferences, format_preferences,
                         load_preferences, read_jsonl, render_example, split_preferences)
 from tasks.distributed import DevicePool
@@ -160,6 +161,7 @@ def summary_markdown(tracking_uri: str, parent, metrics: dict[str, float], regis
 @flow(name="preference-tuning", flow_run_name="{config.profile}")
 def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSummary:
     redact_logs()
+    require_cuda_if_asked()  # a pod given GPUs that CUDA cannot use fails now, not after planning for the CPU
     logger = get_run_logger()
     config = config.with_data_root()
     tracking_uri = redact(configure(config.tracking))  # what is shown; MLflow itself has the real one

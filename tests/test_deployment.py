@@ -21,7 +21,7 @@ from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.pools import GPU_TAG, ensure_gpu_limit
-from flows.servers import MLFLOW_DATABASE, PREFECT_DATABASE, postgres_stores, start_servers
+from flows.servers import MLFLOW_DATABASE, PREFECT_DATABASE, ServerSecrets, postgres_stores, start_servers
 from tasks.base import free_port
 from postgres import postgres_bin, postgres_cluster
 
@@ -36,27 +36,32 @@ def postgres():
     if bin_dir is None:
         pytest.fail("PostgreSQL's server (initdb) is neither on PATH nor under /usr/lib/postgresql/*/bin: "
                     "install it (apt-get install postgresql), as make test does")
-    with postgres_cluster(bin_dir) as url:
-        yield url
+    with postgres_cluster(bin_dir) as cluster:
+        yield cluster
 
 
 @pytest.fixture()
 def servers(tmp_path, postgres):
     """Both servers on PostgreSQL, started as `preftune ui --database` starts them."""
     prefect_home = tmp_path / "prefect-home"
-    stores = postgres_stores(postgres, tmp_path / "mlflow")
+    # The password as `preftune ui --secrets-file` passes it: to the database check and, as PGPASSWORD, to both servers.
+    secrets = ServerSecrets(PGPASSWORD=postgres.password)
+    stores = postgres_stores(postgres.url, tmp_path / "mlflow", secrets=secrets)
     assert stores.created == (PREFECT_DATABASE, MLFLOW_DATABASE)
-    assert "not-a-real-secret" not in "".join(stores.describe())
-    prefect, mlflow = start_servers(free_port(), free_port(), stores, tmp_path, {"PREFECT_HOME": str(prefect_home)})
+    assert postgres.password not in "".join(stores.describe()) + stores.prefect_database + stores.mlflow_backend
+    prefect, mlflow = start_servers(free_port(), free_port(), stores, tmp_path, {"PREFECT_HOME": str(prefect_home)},
+                                    secrets)
     try:
-        yield prefect, mlflow, prefect_home, stores
+        yield prefect, mlflow, prefect_home, stores, postgres.password
     finally:
         prefect.stop()
         mlflow.stop()
 
 
-def _query(database_url: str, statement: str, **params) -> list[tuple]:
-    engine = sqlalchemy.create_engine(database_url.replace("+asyncpg", "+psycopg2"))
+def _query(database: tuple[str, str], statement: str, **params) -> list[tuple]:
+    """`database`: a URL without a password, and the password."""
+    url, password = database
+    engine = sqlalchemy.create_engine(url.replace("+asyncpg", "+psycopg2"), connect_args={"password": password})
     try:
         with engine.connect() as connection:
             return [tuple(row) for row in connection.execute(sqlalchemy.text(statement), params)]
@@ -84,7 +89,8 @@ async def _pools_and_deployments():
 
 
 def test_smoke_deployment_runs_through_a_worker(servers, tmp_path, tiny_model_path):
-    prefect, mlflow, prefect_home, stores = servers
+    prefect, mlflow, prefect_home, stores, password = servers
+    mlflow_db, prefect_db = (stores.mlflow_backend, password), (stores.prefect_database, password)
     api = f"{prefect.url}/api"
     env = os.environ | {"PREFECT_API_URL": api, "PREFECT_HOME": str(prefect_home), "MLFLOW_TRACKING_URI": mlflow.url,
                         "PREFTUNE_HOME": str(REPO)}
@@ -131,19 +137,19 @@ def test_smoke_deployment_runs_through_a_worker(servers, tmp_path, tiny_model_pa
 
     # Everything is in PostgreSQL: MLflow's runs and model versions, Prefect's flow run and the
     # training tasks, whose `gpu` tag the concurrency limit deploy created holds to its size.
-    [(status,)] = _query(stores.mlflow_backend, "SELECT status FROM runs WHERE run_uuid = :id", id=parent.info.run_id)
+    [(status,)] = _query(mlflow_db, "SELECT status FROM runs WHERE run_uuid = :id", id=parent.info.run_id)
     assert status == "FINISHED"
     versions = {(name, str(number)): (run_id, source, artifact_uri) for name, number, run_id, source, artifact_uri in
-                _query(stores.mlflow_backend, "SELECT v.name, v.version, v.run_id, v.source, r.artifact_uri FROM "
+                _query(mlflow_db, "SELECT v.name, v.version, v.run_id, v.source, r.artifact_uri FROM "
                        "model_versions v JOIN runs r ON r.run_uuid = v.run_id")}
     assert {name for name, _ in versions} == {"preftune-smoke-policy", "preftune-smoke-reward-helpfulness",
                                               "preftune-smoke-reward-harmlessness"}
     assert versions[version.name, version.version][0] == version.run_id
-    flow_runs = _query(stores.prefect_database, "SELECT state_type FROM flow_run WHERE id = :id", id=run.id)
+    flow_runs = _query(prefect_db, "SELECT state_type FROM flow_run WHERE id = :id", id=run.id)
     assert flow_runs == [("COMPLETED",)]
-    assert _query(stores.prefect_database, "SELECT count(*) FROM task_run WHERE flow_run_id = :id AND "
+    assert _query(prefect_db, "SELECT count(*) FROM task_run WHERE flow_run_id = :id AND "
                   "tags::jsonb ? :tag", id=run.id, tag=GPU_TAG)[0][0] >= 4  # two reward models, SFT, the policy
-    assert _query(stores.prefect_database, 'SELECT "limit", active FROM concurrency_limit_v2 WHERE name = :name',
+    assert _query(prefect_db, 'SELECT "limit", active FROM concurrency_limit_v2 WHERE name = :name',
                   name=f"tag:{GPU_TAG}") == [(slots, True)]
     # The models' files went to the MLflow server, which keeps them under its artifacts destination.
     destination = Path(stores.artifacts.removeprefix("file://"))
@@ -181,8 +187,11 @@ def test_ui_serves_both_servers_on_loopback_and_stops_them_on_ctrl_c(tmp_path):
 
 @pytest.mark.parametrize("url, problem", [
     ("mysql://alice:s3cret@127.0.0.1/db", "--database must be a postgresql://"),
-    ("postgresql://alice:s3cret@127.0.0.1:{port}/postgres?sslmode=disable", "--database takes no query parameters"),
-    ("postgresql://alice:s3cret@127.0.0.1:{port}", "cannot connect to PostgreSQL at 127.0.0.1:{port} as alice: "),
+    ("postgresql://alice:s3cret@127.0.0.1:{port}", "--database holds a password, which `ps` shows to every user: "
+                                                   "drop it from the URL and set PGPASSWORD"),
+    ("postgresql://alice:@127.0.0.1:{port}", "--database holds a password"),  # an empty one too
+    ("postgresql://alice@127.0.0.1:{port}/postgres?sslmode=disable", "--database takes no query parameters"),
+    ("postgresql://alice@127.0.0.1:{port}", "cannot connect to PostgreSQL at 127.0.0.1:{port} as alice: "),
 ])
 def test_ui_database_errors_are_one_line_naming_the_problem_without_the_password(url, problem, tmp_path, capsys):
     from flows.cli import main

@@ -30,7 +30,7 @@ def test_every_imported_package_is_declared():
     declared = {_name(re.split(r"[<>=\[; ]", spec)[0])
                 for spec in project["dependencies"] + project["optional-dependencies"]["dev"]}
     providers = packages_distributions()
-    own = {"flows", "tasks"} | {path.stem for path in REPO.glob("tests/*.py")}  # and the tests' own helpers
+    own = {"flows", "tasks"} | {path.stem for path in [*REPO.glob("tests/*.py"), *REPO.glob("bench/*.py")]}  # and helpers
     imported = set()
     for path in [*REPO.glob("flows/*.py"), *REPO.glob("tasks/*.py"), *REPO.glob("bench/*.py"), *REPO.glob("tests/*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):

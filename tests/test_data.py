@@ -11,7 +11,7 @@ from tasks.data import (DataSettings, apply_filter, fit_pair, format_split, load
                         read_jsonl, render_example, split)
 from tasks.models import ModelSettings, load_tokenizer
 from tasks.schemas import parse_transcript
-from tasks.synthetic import generate_preferences, generate_safety_preferences
+from tasks.synthetic import generate_instruction_preferences, generate_preferences, generate_safety_preferences
 
 
 def test_orca_openai_format_maps_system_prompt_and_answers(shared_data, tmp_path):
@@ -269,6 +269,18 @@ def test_generated_sets_are_not_separable_by_a_keyword():
     assert _best_keyword_accuracy(helpfulness) < 0.6
     assert _best_keyword_accuracy(harmlessness) < 0.65
     assert len({r["chosen"] for r in harmlessness}) >= 24 and len({r["rejected"] for r in harmlessness}) >= 14
+
+
+def test_instruction_set_is_not_separable_by_a_keyword_and_feeds_the_filter(tmp_path):
+    """The quickstart's verifiable-instruction pairs: only the instructed property tells the answers
+    apart, and the recipe's filter has ties, low scores and GSM8K-flagged rows to drop."""
+    rows = generate_instruction_preferences(480, seed=42)
+    assert _best_keyword_accuracy([r for r in rows if r["status"] != "tie"]) < 0.6
+    assert len({r["input"] for r in rows}) >= 250 and len({r["rejected"] for r in rows}) >= 90
+    settings = DataSettings(source="synthetic:instructions", synthetic_rows=480, seed=42)
+    report = apply_filter(load(settings, tmp_path), settings, tmp_path)
+    assert report.dropped["status_tie"] == sum(r["status"] == "tie" for r in rows) > 0
+    assert report.dropped["chosen_score_below_min"] > 0 and report.dropped["in_gsm8k_train"] > 0
 
 
 def test_tokenizer_without_chat_template_is_refused(tiny_model_path, tmp_path):

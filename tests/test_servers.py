@@ -120,8 +120,11 @@ def test_clients_log_in_from_the_environment_and_artifacts_land_in_s3(servers, s
 
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", secrets_.mlflow_username)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", secrets_.mlflow_password.get_secret_value())
+    for name in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):  # what earlier tests' stores left set
+        monkeypatch.delenv(name, raising=False)
     mlflow.set_tracking_uri(mlflow_server.url)
     try:
+        mlflow.set_experiment("s3-artifacts")  # on this server: not the active experiment of another store
         (tmp_path / "note.txt").write_text("kept in the bucket")
         with mlflow.start_run() as run:
             mlflow.log_artifact(str(tmp_path / "note.txt"))

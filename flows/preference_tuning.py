@@ -234,7 +234,7 @@ def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSumm
                       | {config.method: policy.mlflow_run_id})
         merged = merge_adapters(base.path, adapters + [policy.adapter_dir], pairs.eval.path, config.merge, workspace)
 
-        champion = current_champion(config.tracking)
+        champion = current_champion(config.tracking, merged.model_dir)
         evaluation = evaluate(config.evaluation, pairs.eval.path, policy_start.path, merged.model_dir, judges, champion,
                               workspace, parent_id, stage_runs, config.method, method.implicit_reward)
         decision = decide_promotion(evaluation.gate, config.tracking.promotion)

@@ -146,7 +146,7 @@ def register_model(model_dir: str, registered_name: str, settings: TrackingSetti
     With a local store the version points at the folder; a tracking server gets one copy, logged as
     the active run's artifacts, so machines without this disk can load it."""
     source = Path(model_dir).parent
-    key = fingerprint(str(source.resolve()))
+    key = _model_key(model_dir)
     client = MlflowClient()
     try:
         client.create_registered_model(registered_name)
@@ -169,11 +169,20 @@ def register_model(model_dir: str, registered_name: str, settings: TrackingSetti
                              source_run_id=version.run_id or run_id, reused=bool(known))
 
 
-def current_champion(settings: TrackingSettings) -> str | None:
-    """The champion's pinned URI (`models:/name/version`), or None before the first promotion."""
+def _model_key(model_dir: str) -> str:
+    """What identifies a registered model across re-runs: the MLflow model folder around `model_dir`."""
+    return fingerprint(str(Path(model_dir).parent.resolve()))
+
+
+def current_champion(settings: TrackingSettings, candidate_dir: str | None = None) -> str | None:
+    """The champion's pinned URI (`models:/name/version`), or None before the first promotion, and
+    None when the champion is the candidate itself (an unchanged re-run compares against the reference
+    again, so its cached evaluation is found instead of a model judged against itself)."""
     try:
         version = MlflowClient().get_model_version_by_alias(settings.policy_model_name, settings.promotion.alias)
     except MlflowException:
+        return None
+    if candidate_dir and version.tags.get("preftune.model_key") == _model_key(candidate_dir):
         return None
     return f"models:/{settings.policy_model_name}/{version.version}"
 

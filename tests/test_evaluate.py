@@ -18,8 +18,8 @@ from tasks.models import ModelSettings, RandomInitSettings, ResolvedModel, load_
 from tasks.reward import RewardSettings, train_reward_model
 from tasks.stats import Estimate, mean
 from tasks.verdict import GateInput, standing
-from tasks.tracking import (PromotionSettings, TrackingSettings, apply_promotion, configure, decide_promotion,
-                            hf_folder, register_model, save_mlflow_model)
+from tasks.tracking import (PromotionSettings, TrackingSettings, apply_promotion, configure, current_champion,
+                            decide_promotion, hf_folder, register_model, save_mlflow_model)
 
 MODEL = ModelSettings(random_init=RandomInitSettings())
 FAST = dict(max_steps=3, per_device_train_batch_size=4, logging_steps=1, save_steps=3, max_length=96)
@@ -227,6 +227,9 @@ def test_gate_keeps_the_champion_when_the_candidate_is_worse_or_unjudged(trained
     tags = client.get_model_version("gate-policy", third.version).tags
     assert tags["promotion.verdict"] == "no evidence" and tags["judge.helpfulness.heard"] == "False"
     assert "cannot be told from chance" in tags["judge.helpfulness.reason"]
+    # An unchanged re-run's candidate is the champion itself: it is compared with its reference again.
+    assert current_champion(settings, str(tmp_path / "one" / "model")) is None
+    assert current_champion(settings, str(tmp_path / "two" / "model")) == f"models:/gate-policy/{first.version}"
 
 
 def test_out_of_memory_while_evaluating_halves_the_batch():

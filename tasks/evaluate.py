@@ -305,7 +305,7 @@ def checked_answers(prompts: list[list[dict]], answers: dict[str, tuple[list[str
     instruction its prompt carries (tasks/instructions.py), on the prompts that carry one; None if none do."""
     users = [next((m["content"] for m in reversed(p) if m["role"] == "user"), "") for p in prompts]
     verdicts = {name: [verify(user, text) for user, text in zip(users, texts)] for name, (texts, _) in answers.items()}
-    checkable = [i for i, user in enumerate(users) if verify(user, "") is not None]
+    checkable = [i for i, verdict in enumerate(verdicts["tuned"]) if verdict is not None]  # None: no instruction
     if not checkable:
         return None
     return {name: np.array([bool(results[i]) for i in checkable]) for name, results in verdicts.items()}

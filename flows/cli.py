@@ -79,6 +79,7 @@ def cmd_plan(args) -> int:
     """The training plan of every training stage, as JSON, for this machine or a described GPU."""
     from flows.config import load_config
     from tasks.plan import DeviceSpec, plan_stage, shape_of
+    from tasks.stages import training_stages
 
     config = load_config(args.profile, args.config, args.overrides)
     if args.gpu_memory_gib:
@@ -88,14 +89,9 @@ def cmd_plan(args) -> int:
     else:
         device = DeviceSpec.detect()
     shape = shape_of(config.model)
-    stages = [(f"reward-{aspect}", "reward", settings, settings.model or config.model)
-              for aspect, settings in config.rewards.items()]
-    stages += [("sft", "sft", config.sft, config.model)] if config.sft.enabled else []
-    from tasks.methods import method_named
-
-    stages += [(config.method, method_named(config.method).plan_kind, config.policy_settings(), config.model)]
-    plans = [plan_stage(stage, kind, settings, model, shape if model is config.model else shape_of(model), device,
-                        config.plan, distributed=config.distributed) for stage, kind, settings, model in stages]
+    plans = [plan_stage(stage.name, stage.kind, stage.settings, stage.model,
+                        shape if stage.model is config.model else shape_of(stage.model), device, config.plan,
+                        distributed=config.distributed) for stage in training_stages(config)]
     print(json.dumps({"device": device.model_dump(), "model": {"base_model": config.model.base_model,
                                                                "parameters": shape.parameters},
                       "stages": {plan.stage: plan.model_dump() for plan in plans}}, indent=2))

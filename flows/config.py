@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, StringConstraints, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from tasks.base import PreftuneError, StrictModel
 from tasks.data import DataSettings
@@ -22,7 +22,7 @@ from tasks.models import ModelSettings
 from tasks.plan import PlanSettings
 from tasks.policy import PolicySettings
 from tasks.reward import RewardSettings
-from tasks.sft import SFTSettings
+from tasks.sft import ChatDataSettings, SFTSettings
 from tasks.tracking import TrackingSettings
 from tasks.training import unknown_message
 
@@ -33,34 +33,44 @@ PROFILES_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 class PipelineConfig(StrictModel):
     """Settings given explicitly are applied over the named profile's YAML, so a deployment's
-    parameters or a UI form only need what differs (e.g. `{profile: book, dpo: {max_steps: 50}}`)."""
+    parameters or a UI form only need what differs (e.g. `{profile: book, policy: {max_steps: 50}}`)."""
 
-    profile: str = "quickstart"
-    # None: the profile's name; stages inside are keyed by their inputs. A plain name, never a path.
-    run_name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] | None = None
-    # Where runs are written; with PREFTUNE_RUNS_ROOT set (workers, deployments), it must lie inside it.
-    runs_dir: str = "runs"
-    data_root: str = "."  # relative local data files (data.source and the aspects' sources) are read from here
-    data: DataSettings = Field(default_factory=DataSettings)
-    model: ModelSettings = Field(default_factory=ModelSettings)
-    plan: PlanSettings = Field(default_factory=PlanSettings)  # auto: fitted to the device; recipe: verbatim
-    # Processes per training stage and how they share the model (accelerate: ddp, fsdp, deepspeed_zero2/3).
-    distributed: DistributedSettings = Field(default_factory=DistributedSettings)
-    # Train the independent stages (reward aspects, SFT) at the same time, each in a process of its own.
-    # None: when several GPUs are visible (each stage then gets its own); off on a CPU, whose cores one stage fills.
-    parallel_stages: bool | None = None
-    # One reward model per aspect; a profile's aspects are kept and given ones are added or updated.
-    rewards: dict[AspectName, RewardSettings] = Field(default_factory=lambda: {"helpfulness": RewardSettings()},
-                                                      min_length=1)
-    sft: SFTSettings = Field(default_factory=SFTSettings)
-    # The preference method (tasks/methods.py) and its trainer's settings; TRL options under TRL's names.
-    method: Literal[tuple(METHODS)] = "dpo"
-    policy: PolicySettings = Field(default_factory=PolicySettings)
-    # Settings for one method only, applied over `policy` when that method runs (e.g. grpo's num_generations).
-    methods: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    merge: MergeSettings = Field(default_factory=MergeSettings)
-    evaluation: EvalSettings = Field(default_factory=EvalSettings)
-    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+    profile: str = Field("quickstart", description="The YAML profile in configs/ (quickstart, smoke, sample-data, "
+                                                   "book) the other settings are applied over.")
+    run_name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] | None = Field(
+        None, description="The run's folder under runs_dir, a plain name (never a path); empty: the profile's name.")
+    runs_dir: str = Field("runs", description="Where runs are written; with PREFTUNE_RUNS_ROOT set (workers, "
+                                              "deployments) it must lie inside it.")
+    data_root: str = Field(".", description="The folder relative local data files (data.source, the aspects' and "
+                                            "SFT's sources) are read from.")
+    data: DataSettings = Field(default_factory=DataSettings, description="The policy's preference pairs: source, "
+                                                                         "filter and split.")
+    model: ModelSettings = Field(default_factory=ModelSettings, description="The base model every stage starts "
+                                                                            "from, and how it is loaded.")
+    plan: PlanSettings = Field(default_factory=PlanSettings, description="How training is fitted to the device "
+                                                                         "(auto) or run verbatim (recipe).")
+    distributed: DistributedSettings = Field(default_factory=DistributedSettings, description=(
+        "Processes per training stage and how they share the model (accelerate: ddp, fsdp, deepspeed_zero2/3)."))
+    parallel_stages: bool | None = Field(None, description=(
+        "Train the independent stages (reward aspects, SFT) at once, each in its own process; empty: only when "
+        "several GPUs are visible (off on a CPU, whose cores one stage fills)."))
+    rewards: dict[AspectName, RewardSettings] = Field(
+        default_factory=lambda: {"helpfulness": RewardSettings()}, min_length=1, description=(
+            "One reward model (judge) per aspect, by name; a profile's aspects are kept, given ones added or updated."))
+    sft: SFTSettings = Field(default_factory=SFTSettings, description="Optional supervised fine-tuning before the "
+                                                                      "preference method.")
+    method: Literal[tuple(METHODS)] = Field("dpo", description="The preference method (`preftune methods`: dpo, kto, "
+                                                               "orpo, simpo, rloo, grpo, ...).")
+    policy: PolicySettings = Field(default_factory=PolicySettings, description=(
+        "The method's trainer settings; other TRL options under TRL's own names."))
+    methods: dict[str, dict[str, Any]] = Field(default_factory=dict, description=(
+        "Settings for one method only, by method name, applied over policy when that method runs."))
+    merge: MergeSettings = Field(default_factory=MergeSettings, description="Merging the adapters into the base "
+                                                                            "model, and its check.")
+    evaluation: EvalSettings = Field(default_factory=EvalSettings, description="Held-out evaluation, the judges "
+                                                                               "and the verdict.")
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings, description="The MLflow store, experiment, "
+                                                                                     "registered names and gate.")
 
     @model_validator(mode="before")
     @classmethod
@@ -118,16 +128,24 @@ class PipelineConfig(StrictModel):
         return PolicySettings.model_validate(_merge(self.policy.model_dump(), own)) if own else self.policy
 
     def with_data_root(self) -> "PipelineConfig":
-        """The same settings with relative local data files resolved against `data_root`."""
-        def resolve(data):  # DataSettings or ChatDataSettings: anything with a `source`
-            if data is None or not Path(data.source).suffix or Path(data.source).is_absolute():
-                return data
-            return data.model_copy(update={"source": str(Path(self.data_root).expanduser() / data.source)})
+        """The same settings with every relative local data file (any stage's `DataSettings` or
+        `ChatDataSettings`, wherever it sits) resolved against `data_root`."""
+        root = Path(self.data_root).expanduser()
 
-        rewards = {name: reward.model_copy(update={"data": resolve(reward.data)}) for name, reward in self.rewards.items()}
-        return self.model_copy(update={"data": resolve(self.data), "rewards": rewards,
-                                       "sft": self.sft.model_copy(update={"data": resolve(self.sft.data),
-                                                                          "chat_data": resolve(self.sft.chat_data)})})
+        def resolve(value):
+            if isinstance(value, (DataSettings, ChatDataSettings)):
+                source = Path(value.source)
+                return value if not source.suffix or source.is_absolute() else value.model_copy(
+                    update={"source": str(root / source)})
+            if isinstance(value, dict):
+                return {key: resolve(item) for key, item in value.items()}
+            if isinstance(value, BaseModel):
+                changed = {name: new for name in type(value).model_fields
+                           if (new := resolve(old := getattr(value, name))) is not old}
+                return value.model_copy(update=changed) if changed else value
+            return value
+
+        return resolve(self)
 
     def resolved_run_name(self) -> str:
         """One folder per profile by default; each stage inside it is keyed by its own inputs, so a

@@ -268,7 +268,9 @@ def start_prefect(port: int, log_path: Path | None = None, env: dict[str, str] |
     auth_env = {"PREFECT_SERVER_API_AUTH_STRING": auth_string, "PREFECT_API_AUTH_STRING": auth_string} if auth_string \
         else {}
     process = _spawn([_bin("prefect"), "server", "start", "--host", HOST, "--port", str(port)], log_path,
-                     {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "true"} | database_env
+                     # the UI's calls go to this server's API, on whatever port it was given
+                     {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "true",
+                      "PREFECT_UI_API_URL": f"http://{HOST}:{port}/api"} | database_env
                      | (env or {}) | security | auth_env)
     url = f"http://{HOST}:{port}"
     return Server("Prefect", url, f"{url}/api/health", process)

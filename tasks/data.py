@@ -24,26 +24,37 @@ LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".cs
 
 
 class DataSettings(StrictModel):
-    # "synthetic" (or "synthetic:harmlessness"), a local jsonl/json/parquet/csv file, or a hub dataset id
-    source: str = "synthetic"
-    split: str = "train"
-    data_dir: str | None = None  # a hub dataset's subset folder, e.g. "harmless-base" of Anthropic/hh-rlhf
-    format: Format = "auto"
-    synthetic_rows: int = Field(480, gt=0)
-    max_rows: int | None = Field(None, gt=0)
-    # The recipe's filter. The data's authors drop ties; the recipe's literal note keeps only ties.
-    status_rule: Literal["drop_ties", "only_ties", "keep_all"] = "drop_ties"
-    min_chosen_score: float | None = 8.0
-    drop_in_gsm8k_train: bool = True
-    eval_fraction: float = Field(0.1, gt=0, lt=1)
-    # A further share of questions for the judges (reward models trained on this data): the policy never
-    # sees them, so a judge's verdict on the policy is not a verdict on its own training pairs.
-    judge_fraction: float = Field(0.0, ge=0, lt=1)
-    # Pairs longer than the training stage's max_length: counted, then shortened ("truncate": the prompt
-    # loses its oldest turns and text first, the answers are kept whole unless they alone are too long)
-    # or dropped ("drop"). Nothing is dropped silently by a trainer.
-    overlong: Literal["truncate", "drop"] = "truncate"
-    seed: int = 42
+    """Where preference pairs come from and how they are filtered and split. The split is by question,
+    so no question is in two of the policy's train, held-out and judges' splits."""
+
+    source: str = Field("synthetic", description="A generated set (synthetic, synthetic:instructions, "
+                                                 "synthetic:harmlessness), a local jsonl/json/parquet/csv file, "
+                                                 "or a Hub dataset id.")
+    split: str = Field("train", description="The dataset split to read (Hub datasets).")
+    data_dir: str | None = Field(None, description="A Hub dataset's subset folder, e.g. harmless-base of "
+                                                   "Anthropic/hh-rlhf.")
+    format: Format = Field("auto", description="The rows' schema (tasks/schemas.py); auto: detected from the "
+                                               "columns.")
+    synthetic_rows: int = Field(480, gt=0, description="Pairs a generated source makes.")
+    max_rows: int | None = Field(None, gt=0, description="Read only the first this-many rows; empty: all.")
+    # The data's authors drop ties; the recipe's literal note keeps only ties.
+    status_rule: Literal["drop_ties", "only_ties", "keep_all"] = Field("drop_ties", description=(
+        "The recipe's filter on a `status` column: drop_ties (the data's authors), only_ties (the recipe's "
+        "literal note) or keep_all."))
+    min_chosen_score: float | None = Field(8.0, description="Drop pairs whose `chosen_score` is below this; "
+                                                            "empty: no score filter.")
+    drop_in_gsm8k_train: bool = Field(True, description="Drop pairs flagged `in_gsm8k_train` (the recipe's "
+                                                        "contamination filter).")
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of questions held out for evaluation.")
+    # The policy never sees the judges' share, so a judge's verdict on the policy is not a verdict on its
+    # own training pairs.
+    judge_fraction: float = Field(0.0, ge=0, lt=1, description=(
+        "A further share of questions for the judges trained on this data, which the policy never sees."))
+    # Nothing is dropped silently by a trainer: overlong pairs are counted first.
+    overlong: Literal["truncate", "drop"] = Field("truncate", description=(
+        "Pairs longer than a stage's max_length: truncate (the prompt loses its oldest turns and text first, "
+        "answers stay whole unless alone too long) or drop."))
+    seed: int = Field(42, description="Seed of the split and of generated data.")
 
 
 class DataFile(BaseModel):

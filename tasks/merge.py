@@ -28,8 +28,11 @@ TASKS = {"causal-lm": "text-generation", "sequence-classification": "text-classi
 
 
 class MergeSettings(StrictModel):
-    check_prompts: int = Field(4, ge=1)
-    tolerance: float = Field(1e-3, gt=0)  # max |logit difference| merged vs base+adapters
+    """The merged model must give the logits of base + adapters, or the merge stage fails."""
+
+    check_prompts: int = Field(4, ge=1, description="Held-out prompts the merged model's logits are checked on.")
+    tolerance: float = Field(1e-3, gt=0, description="Largest |logit difference| allowed between the merged model "
+                                                     "and base + adapters.")
 
 
 class MergeResult(BaseModel):

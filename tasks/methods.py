@@ -23,7 +23,7 @@ DataShape = Literal["pairs", "unpaired", "prompts"]
 ImplicitReward = Literal["log_ratio", "mean_logp"] | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Method:
     trainer: str  # import path of the TRL trainer class
     config: str  # import path of its config class
@@ -49,17 +49,22 @@ class Method:
 ONLINE = frozenset({"max_length"})  # prompts are shortened by the data stage; completions by max_completion_length
 
 METHODS: dict[str, Method] = {
-    "dpo": Method("trl.DPOTrainer", "trl.DPOConfig", "pairs", True, False, "log_ratio"),
-    "ipo": Method("trl.DPOTrainer", "trl.DPOConfig", "pairs", True, False, "log_ratio", {"loss_type": ["ipo"]}),
-    "kto": Method("trl.KTOTrainer", "trl.KTOConfig", "unpaired", True, False, "log_ratio", plan_kind="kto"),
-    "orpo": Method("trl.experimental.orpo.ORPOTrainer", "trl.experimental.orpo.ORPOConfig", "pairs", False, False,
-                   "mean_logp", plan_kind="pairs"),
-    "simpo": Method("trl.experimental.cpo.CPOTrainer", "trl.experimental.cpo.CPOConfig", "pairs", False, False,
-                    "mean_logp", {"loss_type": "simpo", "cpo_alpha": 0.0}, plan_kind="pairs"),
-    "rloo": Method("trl.RLOOTrainer", "trl.RLOOConfig", "prompts", True, True, None, {"num_generations": 4},
-                   plan_kind="online", data_only=ONLINE),
-    "grpo": Method("trl.GRPOTrainer", "trl.GRPOConfig", "prompts", True, True, None,
-                   {"num_generations": 4, "beta": 0.04}, plan_kind="online", data_only=ONLINE),
+    "dpo": Method(trainer="trl.DPOTrainer", config="trl.DPOConfig", data="pairs", reference=True, online=False,
+                  implicit_reward="log_ratio"),
+    "ipo": Method(trainer="trl.DPOTrainer", config="trl.DPOConfig", data="pairs", reference=True, online=False,
+                  implicit_reward="log_ratio", defaults={"loss_type": ["ipo"]}),
+    "kto": Method(trainer="trl.KTOTrainer", config="trl.KTOConfig", data="unpaired", reference=True, online=False,
+                  implicit_reward="log_ratio", plan_kind="kto"),
+    "orpo": Method(trainer="trl.experimental.orpo.ORPOTrainer", config="trl.experimental.orpo.ORPOConfig",
+                   data="pairs", reference=False, online=False, implicit_reward="mean_logp", plan_kind="pairs"),
+    "simpo": Method(trainer="trl.experimental.cpo.CPOTrainer", config="trl.experimental.cpo.CPOConfig", data="pairs",
+                    reference=False, online=False, implicit_reward="mean_logp",
+                    defaults={"loss_type": "simpo", "cpo_alpha": 0.0}, plan_kind="pairs"),
+    "rloo": Method(trainer="trl.RLOOTrainer", config="trl.RLOOConfig", data="prompts", reference=True, online=True,
+                   implicit_reward=None, defaults={"num_generations": 4}, plan_kind="online", data_only=ONLINE),
+    "grpo": Method(trainer="trl.GRPOTrainer", config="trl.GRPOConfig", data="prompts", reference=True, online=True,
+                   implicit_reward=None, defaults={"num_generations": 4, "beta": 0.04}, plan_kind="online",
+                   data_only=ONLINE),
 }
 # PPO is not offered: TRL 1.16 has no PPO trainer (trl.experimental.ppo is gone); rloo and grpo are its
 # online successors there.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import dataclass
 from typing import Literal
 
 import mlflow
@@ -47,8 +48,11 @@ MEMORY_SAVING_OPTIMIZERS = ("paged_", "_8bit")
 class PlanSettings(StrictModel):
     """`auto` (default) fits the training to the device; `recipe` runs the profile's settings verbatim."""
 
-    mode: Literal["auto", "recipe"] = "auto"
-    memory_fraction: float = Field(0.85, gt=0, le=1)  # of the device's free memory the estimate may fill
+    mode: Literal["auto", "recipe"] = Field("auto", description=(
+        "auto: fit quantization, micro-batch, checkpointing and optimizer to the device; recipe: the profile's "
+        "settings verbatim (only precision fitted)."))
+    memory_fraction: float = Field(0.85, gt=0, le=1, description="Share of the device's free memory a stage's "
+                                                                 "estimated peak may fill.")
 
 
 class DeviceSpec(StrictModel):
@@ -285,58 +289,93 @@ def _micro_batches(effective: int) -> list[int]:
     return [size for size in range(effective, 0, -1) if effective % size == 0]
 
 
+@dataclass
+class StageToFit:
+    """One stage's request, as both planners read it: what it trains, where, and its share of the batch."""
+
+    stage: str
+    kind: Kind
+    settings: object  # the stage's TrainerSettings
+    model: ModelSettings
+    shape: ModelShape
+    device: DeviceSpec
+    plan_settings: PlanSettings
+    precision: PrecisionChoice
+    effective: int  # examples per optimizer step, over all processes
+    processes: int
+    strategy: str
+    budget_gib: float
+    precompute: bool | None  # DPO/KTO's precompute_ref_log_probs as the profile sets it
+    reasons: list[str]
+
+    @property
+    def per_process(self) -> int:
+        return self.effective // self.processes
+
+    def build(self, micro: int, checkpointing: bool, quantized: bool, optim: str, attn: str,
+              precompute: bool | None) -> TrainingPlan:
+        choice, quant, settings = self.precision, self.model.quantization, self.settings
+        trainable: DType = "bfloat16" if quantized and choice.precision == "bf16" else "float32"
+        memory = estimate_memory(self.shape, settings.lora, self.kind, micro, settings.max_length, choice.precision,
+                                 choice.weights_dtype, quantized, checkpointing, trainable, self.device.kind,
+                                 self.processes, self.strategy)
+        compute = quant.compute_dtype if self.plan_settings.mode == "recipe" else choice.weights_dtype
+        if quantized and choice.precision == "fp16" and compute == "bfloat16":
+            compute = "float16"
+        return TrainingPlan(
+            stage=self.stage, mode=self.plan_settings.mode, device=self.device.name, device_kind=self.device.kind,
+            precision=choice.precision, weights_dtype=choice.weights_dtype,
+            quantization=quant.quant_type if quantized else "none", compute_dtype=compute if quantized else None,
+            double_quant=quant.double_quant and quantized, trainable_dtype=trainable, micro_batch=micro,
+            gradient_accumulation=self.per_process // micro, effective_batch=self.effective, processes=self.processes,
+            strategy=self.strategy, gradient_checkpointing=checkpointing, optim=optim, attn_implementation=attn,
+            precompute_ref_log_probs=precompute, max_length=settings.max_length, memory=memory,
+            memory_budget_gib=self.budget_gib, reasons=list(self.reasons))
+
+
 def plan_stage(stage: str, kind: Kind, settings, model: ModelSettings, shape: ModelShape, device: DeviceSpec,
                plan_settings: PlanSettings, train_pairs: int | None = None,
                distributed: DistributedSettings | None = None) -> TrainingPlan:
     """Fit one stage's training (its `TrainerSettings`) to `device`: one process's share of it when
-    `distributed` launches several, with the same effective batch."""
+    `distributed` launches several, with the same effective batch; `plan.mode` picks the planner."""
     choice = choose_precision(model.precision, device)
-    reasons = [choice.reason]
     effective = settings.per_device_train_batch_size * settings.gradient_accumulation_steps
     processes = distributed.num_processes if distributed else 1
     strategy = distributed.strategy if processes > 1 else "single"
     if effective % processes:
         raise PreftuneError(f"{stage}: the effective batch {effective} (per_device_train_batch_size x "
                             f"gradient_accumulation_steps) does not divide over {processes} processes")
-    per_process = effective // processes
+    request = StageToFit(stage=stage, kind=kind, settings=settings, model=model, shape=shape, device=device,
+                         plan_settings=plan_settings, precision=choice, effective=effective, processes=processes,
+                         strategy=strategy, budget_gib=device.memory_gib * plan_settings.memory_fraction,
+                         precompute=getattr(settings, "precompute_ref_log_probs", None), reasons=[choice.reason])
     if processes > 1:
-        reasons.append(f"{processes} processes ({strategy}): each takes {per_process} of the {effective} examples "
-                       "of an optimizer step")
-    quant = model.quantization
-    budget = device.memory_gib * plan_settings.memory_fraction
+        request.reasons.append(f"{processes} processes ({strategy}): each takes {request.per_process} of the "
+                               f"{effective} examples of an optimizer step")
+    return recipe_plan(request) if plan_settings.mode == "recipe" else auto_plan(request, train_pairs)
 
-    def build(micro: int, checkpointing: bool, quantized: bool, optim: str, attn: str) -> TrainingPlan:
-        trainable: DType = "bfloat16" if quantized and choice.precision == "bf16" else "float32"
-        memory = estimate_memory(shape, settings.lora, kind, micro, settings.max_length, choice.precision,
-                                 choice.weights_dtype, quantized, checkpointing, trainable, device.kind,
-                                 processes, strategy)
-        compute = quant.compute_dtype if plan_settings.mode == "recipe" else choice.weights_dtype
-        if quantized and choice.precision == "fp16" and compute == "bfloat16":
-            compute = "float16"
-        return TrainingPlan(
-            stage=stage, mode=plan_settings.mode, device=device.name, device_kind=device.kind,
-            precision=choice.precision, weights_dtype=choice.weights_dtype,
-            quantization=quant.quant_type if quantized else "none", compute_dtype=compute if quantized else None,
-            double_quant=quant.double_quant and quantized, trainable_dtype=trainable, micro_batch=micro,
-            gradient_accumulation=per_process // micro, effective_batch=effective, processes=processes,
-            strategy=strategy, gradient_checkpointing=checkpointing,
-            optim=optim, attn_implementation=attn, precompute_ref_log_probs=precompute, max_length=settings.max_length,
-            memory=memory, memory_budget_gib=budget, reasons=list(reasons))
 
-    precompute = getattr(settings, "precompute_ref_log_probs", None)
-    if plan_settings.mode == "recipe":
-        quantized = quant.mode == "4bit" or (quant.mode == "auto" and device.kind == "cuda")
-        reasons.append("recipe: batch, checkpointing, optimizer and quantization as the profile sets them")
-        micro = min(settings.per_device_train_batch_size, per_process)
-        if per_process % micro:
-            raise PreftuneError(f"{stage}: {processes} processes of micro-batch {micro} cannot make the effective batch "
-                                f"{effective}")
-        plan = build(micro, settings.gradient_checkpointing, quantized, settings.optim, "sdpa")
-        if plan.memory.total_gib > budget:
-            plan.reasons.append(f"estimated {plan.memory.total_gib:.1f} GiB exceeds the {budget:.1f} GiB budget: "
-                                "expect the out-of-memory retry, or use plan.mode=auto")
-        return plan
+def recipe_plan(request: StageToFit) -> TrainingPlan:
+    """The profile's batch, checkpointing, optimizer and quantization as they are; only precision is fitted."""
+    settings, quant = request.settings, request.model.quantization
+    quantized = quant.mode == "4bit" or (quant.mode == "auto" and request.device.kind == "cuda")
+    request.reasons.append("recipe: batch, checkpointing, optimizer and quantization as the profile sets them")
+    micro = min(settings.per_device_train_batch_size, request.per_process)
+    if request.per_process % micro:
+        raise PreftuneError(f"{request.stage}: {request.processes} processes of micro-batch {micro} cannot make the "
+                            f"effective batch {request.effective}")
+    plan = request.build(micro, settings.gradient_checkpointing, quantized, settings.optim, "sdpa", request.precompute)
+    if plan.memory.total_gib > request.budget_gib:
+        plan.reasons.append(f"estimated {plan.memory.total_gib:.1f} GiB exceeds the {request.budget_gib:.1f} GiB "
+                            "budget: expect the out-of-memory retry, or use plan.mode=auto")
+    return plan
 
+
+def auto_plan(request: StageToFit, train_pairs: int | None) -> TrainingPlan:
+    """What changes the result stays the profile's; the rest is fitted to the device's memory: 16-bit weights
+    before 4-bit, no checkpointing before checkpointing, the largest micro-batch that fits first."""
+    settings, device, quant, choice = request.settings, request.device, request.model.quantization, request.precision
+    reasons, budget, per_process = request.reasons, request.budget_gib, request.per_process
     optim = settings.optim
     if any(marker in optim for marker in MEMORY_SAVING_OPTIMIZERS) or device.kind == "cuda":
         optim = "adamw_torch_fused" if device.kind == "cuda" else "adamw_torch"
@@ -344,10 +383,12 @@ def plan_stage(stage: str, kind: Kind, settings, model: ModelSettings, shape: Mo
             reasons.append(f"optimizer {settings.optim} -> {optim} (same AdamW update; paged/8-bit states only "
                            "save memory, which is not short here)")
     attn = "flash_attention_2" if device.flash_attention and choice.precision != "fp32" else "sdpa"
-    if kind in PRECOMPUTES_REFERENCE and train_pairs and not precompute and settings.max_steps * effective >= train_pairs:
+    precompute = request.precompute
+    examples = settings.max_steps * request.effective
+    if request.kind in PRECOMPUTES_REFERENCE and train_pairs and not precompute and examples >= train_pairs:
         precompute = True
-        reasons.append(f"reference log-probs precomputed: {settings.max_steps * effective} examples over {train_pairs} "
-                       "train pairs, so one pass over the data is cheaper than a reference forward every step")
+        reasons.append(f"reference log-probs precomputed: {examples} examples over {train_pairs} train pairs, so "
+                       "one pass over the data is cheaper than a reference forward every step")
     if quant.mode == "4bit":
         quantizations, why = [True], "4-bit: model.quantization.mode is 4bit"
     elif quant.mode == "none" or device.kind == "cpu":
@@ -358,22 +399,25 @@ def plan_stage(stage: str, kind: Kind, settings, model: ModelSettings, shape: Mo
     micro_batches = _micro_batches(per_process)
     if device.kind == "cpu":  # a CPU's throughput per pair does not grow with the micro-batch (bench/dpo_step.py)
         micro_batches = [size for size in micro_batches if size <= settings.per_device_train_batch_size]
+    smallest = None
     for quantized in quantizations:
         # Without checkpointing first (it recomputes every layer: ~1/3 more compute), largest micro-batch first.
         for checkpointing in (False, True):
             for micro in micro_batches:
-                plan = build(micro, checkpointing, quantized, optim, attn)
+                plan = request.build(micro, checkpointing, quantized, optim, attn, precompute)
                 if plan.memory.total_gib <= budget:
                     plan.reasons.append(why or (f"4-bit {quant.quant_type}: {choice.weights_dtype} weights do not fit"
                                                 if quantized else f"{choice.weights_dtype} weights fit"))
                     plan.reasons.append(f"micro-batch {micro} x accumulation {per_process // micro}"
-                                        f"{f' x {processes} processes' if processes > 1 else ''}, checkpointing "
-                                        f"{'on' if checkpointing else 'off'}: estimated {plan.memory.total_gib:.1f} of "
-                                        f"{budget:.1f} GiB")
+                                        f"{f' x {request.processes} processes' if request.processes > 1 else ''}, "
+                                        f"checkpointing {'on' if checkpointing else 'off'}: estimated "
+                                        f"{plan.memory.total_gib:.1f} of {budget:.1f} GiB")
                     return plan
-    raise PreftuneError(f"{stage}: does not fit on {device.name} ({device.memory_gib:.1f} GiB free) even at micro-batch 1 "
-                        f"with checkpointing{' and 4-bit' if True in quantizations else ''} (estimated "
-                        f"{plan.memory.total_gib:.1f} GiB): lower max_length ({settings.max_length}) or use a larger card")
+                smallest = plan if smallest is None or plan.memory.total_gib < smallest.memory.total_gib else smallest
+    raise PreftuneError(f"{request.stage}: does not fit on {device.name} ({device.memory_gib:.1f} GiB free) even at "
+                        f"micro-batch 1 with checkpointing{' and 4-bit' if True in quantizations else ''} (estimated "
+                        f"{smallest.memory.total_gib:.1f} GiB): lower max_length ({settings.max_length}) or use a "
+                        "larger card")
 
 
 # --- Prefect tasks and reporting -------------------------------------------------------------
@@ -403,10 +447,14 @@ def plan_table(plans: list[TrainingPlan]) -> list[dict]:
 
 
 def publish_plans(plans: list[TrainingPlan]) -> None:
-    """Every run shows what it will run: MLflow params on the parent run, and a Prefect table artifact."""
+    """Every run shows what it will run: MLflow params on the parent run, and a Prefect table artifact;
+    the policy's plan (the last) also tags the run with its device, adapter and precision."""
     from prefect.artifacts import create_table_artifact
 
+    policy = plans[-1]
     mlflow.log_params({key: value for plan in plans for key, value in plan.params().items()})
+    mlflow.set_tags({"preftune.device": policy.device, "preftune.adapter": policy.adapter,
+                     "preftune.precision": policy.precision, "preftune.plan": policy.mode})
     create_table_artifact(key="training-plan", table=plan_table(plans),
                           description=f"{plans[0].mode} training plan on {plans[0].device}")
 

@@ -14,12 +14,12 @@ from pydantic import BaseModel, Field
 
 from tasks.base import PreftuneError, Workspace
 from tasks.data import SplitData
-from tasks.distributed import DistributedSettings, fit_stage
+from tasks.distributed import DistributedSettings
 from tasks.methods import Method, method_named
 from tasks.models import ResolvedModel
 from tasks.plan import TrainingPlan, default_plan
 from tasks.tracking import stage_run
-from tasks.training import TrainerSettings, load_pairs, training_task
+from tasks.training import TrainerSettings, fit, load_pairs, training_task
 
 
 class PolicySettings(TrainerSettings):
@@ -31,8 +31,8 @@ class PolicySettings(TrainerSettings):
     own_fields = TrainerSettings.own_fields | {"overlong_penalty_tokens"}
 
     overlong_penalty_tokens: int | None = Field(
-        None, gt=0, description="online methods (rloo, grpo): penalise completions that run into the last this-many "
-                                "tokens before max_completion_length (TRL's soft overlong punishment, DAPO)")
+        None, gt=0, description="Online methods (rloo, grpo): penalise completions that run into the last this-many "
+                                "tokens before max_completion_length (TRL's soft overlong punishment, DAPO).")
 
 
 class RewardFunction(BaseModel):
@@ -120,7 +120,7 @@ def train_policy_adapter(method_name: str, settings: PolicySettings, model: Reso
                             f"{', '.join(given)} name a models:/ URI (download it with `mlflow artifacts download`)")
     plan = plan or default_plan(method_name, method.plan_kind, settings, model, splits.train.rows, distributed)
     with stage_run(method_name, parent_run_id) as run:
-        fitted = fit_stage(policy_trainer, settings, plan, stage_dir, distributed, method_name=method_name,
+        fitted = fit(policy_trainer, settings, plan, stage_dir, distributed, method_name=method_name,
                            model=model, splits=splits, rewards=list(rewards), callbacks=callbacks)
         return PolicyResult(method=method_name, adapter_dir=fitted.adapter_dir, metrics=fitted.metrics,
                             mlflow_run_id=run.info.run_id)

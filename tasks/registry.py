@@ -1,13 +1,16 @@
 """Reading the MLflow Model Registry: which versions exist, how they scored, and using one."""
 from __future__ import annotations
 
+import re
+
 import mlflow
 from mlflow import MlflowClient
 
 from tasks.base import PreftuneError
 
-SHOWN_METRICS = ("implicit_reward.accuracy", "combined.lc_win_rate", "helpfulness.pairwise_accuracy",
-                 "harmlessness.pairwise_accuracy", "promotion.improvement")
+# Shown per version: the gate's figures, and each judge's held-out accuracy (whatever its aspect is called).
+SHOWN_METRICS = re.compile(r"implicit_reward\.accuracy|combined\.lc_win_rate|promotion\.improvement"
+                           r"|[^.]+\.pairwise_accuracy")
 
 
 def list_versions(prefix: str = "preftune-") -> list[dict]:
@@ -24,7 +27,8 @@ def list_versions(prefix: str = "preftune-") -> list[dict]:
             metrics = client.get_run(parent_id).data.metrics if parent_id else {}
             rows.append({"name": model.name, "version": str(version.version), "run_id": parent_id or "",
                          "aliases": sorted(aliases_by_version.get(str(version.version), [])),
-                         "metrics": {key: metrics[key] for key in SHOWN_METRICS if key in metrics}})
+                         "metrics": {key: value for key, value in sorted(metrics.items())
+                                     if SHOWN_METRICS.fullmatch(key)}})
     return sorted(rows, key=lambda row: (row["name"], -int(row["version"])))
 
 

@@ -11,30 +11,36 @@ from typing import Callable
 import mlflow
 from pydantic import BaseModel, Field
 
+from tasks import stages
 from tasks.base import Workspace
 from tasks.data import DataSettings, SplitData
-from tasks.distributed import DistributedSettings, fit_stage
+from tasks.distributed import DistributedSettings
 from tasks.merge import merge_into_base
 from tasks.models import ModelSettings, ResolvedModel
 from tasks.plan import TrainingPlan, default_plan
 from tasks.tracking import stage_run
-from tasks.training import TrainerSettings, load_pairs, training_task
+from tasks.training import TrainerSettings, fit, load_pairs, training_task
 
 
 log = logging.getLogger(__name__)
 
 
 class RewardSettings(TrainerSettings):
+    """One reward aspect's judge: trained with TRL's `RewardTrainer` (other keys: `RewardConfig`'s options),
+    or given as an existing model."""
+
     own_fields = TrainerSettings.own_fields | {"weight", "data", "model", "judge"}
     trl_config = "trl.RewardConfig"
 
-    learning_rate: float = 1e-4
-    weight: float = Field(1.0, gt=0)  # share of this aspect in the combined score
-    # None: the pipeline's preference data, its judges' split (questions the policy never sees)
-    data: DataSettings | None = None
-    model: ModelSettings | None = None  # None: the policy's base model (a small encoder also works)
-    # A sequence-classification reward model to judge with instead of training one: folder, hub id or models:/ URI
-    judge: str | None = None
+    learning_rate: float = Field(1e-4, description="Peak learning rate of the schedule.")
+    weight: float = Field(1.0, gt=0, description="This aspect's share of the combined score.")
+    data: DataSettings | None = Field(None, description=(
+        "This aspect's own preference pairs; empty: the judges' share of the pipeline's data (questions the "
+        "policy never sees)."))
+    model: ModelSettings | None = Field(None, description="The judge's backbone; empty: the policy's base model "
+                                                          "(a small encoder also works).")
+    judge: str | None = Field(None, description="A sequence-classification model to judge with instead of "
+                                                "training one: folder, Hub id or models:/ URI.")
 
 
 class RewardResult(BaseModel):
@@ -57,7 +63,7 @@ def reward_trainer(aspect: str, settings: RewardSettings, model: ResolvedModel, 
     tokenizer = model.tokenizer()
 
     def make_trainer(plan: TrainingPlan) -> RewardTrainer:
-        args = RewardConfig(**settings.trainer_args(stage_dir / "checkpoints", plan, f"reward-{aspect}"))
+        args = RewardConfig(**settings.trainer_args(stage_dir / "checkpoints", plan, stages.reward(aspect)))
         network = AutoModelForSequenceClassification.from_pretrained(model.path, num_labels=1,
                                                                      **plan.load_kwargs(model.settings))
         network.config.pad_token_id = tokenizer.pad_token_id
@@ -77,14 +83,14 @@ def reward_trainer(aspect: str, settings: RewardSettings, model: ResolvedModel, 
 def train_reward_model(aspect: str, settings: RewardSettings, model: ResolvedModel, splits: SplitData, stage_dir: Path,
                        parent_run_id: str | None = None, callbacks: list | None = None, plan: TrainingPlan | None = None,
                        distributed: DistributedSettings | None = None) -> RewardResult:
-    plan = plan or default_plan(f"reward-{aspect}", "reward", settings, model, splits.train.rows, distributed)
-    with stage_run(f"reward-{aspect}", parent_run_id) as run:
-        fitted = fit_stage(reward_trainer, settings, plan, stage_dir, distributed, aspect=aspect, model=model,
+    plan = plan or default_plan(stages.reward(aspect), "reward", settings, model, splits.train.rows, distributed)
+    with stage_run(stages.reward(aspect), parent_run_id) as run:
+        fitted = fit(reward_trainer, settings, plan, stage_dir, distributed, aspect=aspect, model=model,
                            splits=splits, callbacks=callbacks)
         used = fitted.train_examples
         mlflow.log_metrics({"train_pairs": splits.train.rows, "train_pairs_used": used})
         if used < splits.train.rows:
-            log.warning("reward-%s: the trainer used %d of %d train pairs", aspect, used, splits.train.rows)
+            log.warning("%s: the trainer used %d of %d train pairs", stages.reward(aspect), used, splits.train.rows)
         adapter_dir = Path(fitted.adapter_dir)
         model_dir = merge_into_base(model.path, [str(adapter_dir)], stage_dir / "model", head="sequence-classification")
         return RewardResult(aspect=aspect, weight=settings.weight, eval_path=splits.eval.path, model_dir=model_dir,
@@ -96,6 +102,6 @@ def train_reward_model(aspect: str, settings: RewardSettings, model: ResolvedMod
 def train_reward(aspect: str, settings: RewardSettings, model: ResolvedModel, splits: SplitData,
                  plan: TrainingPlan, workspace: Workspace, parent_run_id: str | None = None,
                  distributed: DistributedSettings | None = None) -> RewardResult:
-    stage_dir = workspace.stage(f"reward-{aspect}", settings, model, splits, plan.result_key())
+    stage_dir = workspace.stage(stages.reward(aspect), settings, model, splits, plan.result_key())
     return train_reward_model(aspect, settings, model, splits, stage_dir, parent_run_id, plan=plan,
                               distributed=distributed)

@@ -13,38 +13,46 @@ import pandas as pd
 from prefect import task
 from pydantic import BaseModel, Field, model_validator
 
+from tasks import stages
 from tasks.base import PreftuneError, StrictModel, Workspace, retry_unless_user_error
 from tasks.caching import DATA_CACHE
 from tasks.data import DataSettings, SplitData, read_jsonl, read_table, write_jsonl
-from tasks.distributed import DistributedSettings, fit_stage
+from tasks.distributed import DistributedSettings
 from tasks.merge import merge_into_base
 from tasks.models import ResolvedModel
 from tasks.plan import TrainingPlan, default_plan
 from tasks.tracking import stage_run
-from tasks.training import TrainerSettings, load_pairs, training_task
+from tasks.training import TrainerSettings, fit, load_pairs, training_task
 
 
 class ChatDataSettings(StrictModel):
     """Conversations for SFT: a column of chat messages (role/content turns ending with the assistant),
     which TRL's SFTTrainer renders with the model's chat template (e.g. ultrachat_200k's `messages`)."""
 
-    source: str  # a hub dataset id or a local jsonl/json/parquet file
-    split: str = "train"
-    column: str = "messages"
-    rows: int | None = Field(None, gt=0)  # a seeded shuffle's first rows, as `Dataset.shuffle(seed).select(...)`
-    seed: int = 42
-    eval_rows: int = Field(16, gt=0)  # held out after the training rows
+    source: str = Field(description="A Hub dataset id or a local jsonl/json/parquet file.")
+    split: str = Field("train", description="The dataset split to read (Hub datasets).")
+    column: str = Field("messages", description="The column holding each conversation's role/content turns.")
+    rows: int | None = Field(None, gt=0, description="Training conversations: a seeded shuffle's first rows "
+                                                     "(Dataset.shuffle(seed).select); empty: all but eval_rows.")
+    seed: int = Field(42, description="Seed of the shuffle that picks the rows.")
+    eval_rows: int = Field(16, gt=0, description="Conversations held out after the training rows.")
 
 
 class SFTSettings(TrainerSettings):
+    """Supervised fine-tuning before the preference method, with TRL's `SFTTrainer` (other keys: `SFTConfig`'s
+    options); the policy then starts from, and is referenced to, the merged SFT model."""
+
     own_fields = TrainerSettings.own_fields | {"enabled", "adapter_path", "data", "chat_data"}
     trl_config = "trl.SFTConfig"
 
-    enabled: bool = False
-    adapter_path: str | None = None  # an SFT adapter trained elsewhere: merged, not trained
-    chat_data: ChatDataSettings | None = None  # its own conversations (the recipe's ultrachat rows)
-    data: DataSettings | None = None  # without chat_data: the chosen answers of these pairs (None: the policy's)
-    learning_rate: float = 2e-4
+    enabled: bool = Field(False, description="Run the SFT stage (off: the policy starts from the base model).")
+    adapter_path: str | None = Field(None, description="An SFT adapter trained elsewhere, merged instead of "
+                                                        "training one (with enabled on).")
+    chat_data: ChatDataSettings | None = Field(None, description="Its own conversations (the recipe's ultrachat "
+                                                                 "rows); set this or data, not both.")
+    data: DataSettings | None = Field(None, description="Without chat_data: train on the chosen answers of these "
+                                                        "pairs; empty: the policy's.")
+    learning_rate: float = Field(2e-4, description="Peak learning rate of the schedule.")
 
     @model_validator(mode="after")
     def _one_source(self) -> "SFTSettings":
@@ -111,7 +119,7 @@ def sft_trainer(settings: SFTSettings, model: ResolvedModel, train_path: str, ev
     tokenizer = model.tokenizer()
 
     def make_trainer(plan: TrainingPlan) -> SFTTrainer:
-        args = SFTConfig(**settings.trainer_args(stage_dir / "checkpoints", plan, "sft"))  # before the model (ZeRO-3)
+        args = SFTConfig(**settings.trainer_args(stage_dir / "checkpoints", plan, stages.SFT))  # before the model (ZeRO-3)
         network = AutoModelForCausalLM.from_pretrained(model.path, **plan.load_kwargs(model.settings))
         return SFTTrainer(
             model=network,
@@ -134,15 +142,15 @@ def train_sft_adapter(settings: SFTSettings, model: ResolvedModel, splits: Split
         merged = merge_into_base(model.path, [settings.adapter_path], stage_dir / "model")
         return SFTResult(adapter_dir=settings.adapter_path, model_dir=merged, metrics={}, mlflow_run_id=None)
 
-    plan = plan or default_plan("sft", "sft", settings, model, splits.train.rows, distributed)
+    plan = plan or default_plan(stages.SFT, "sft", settings, model, splits.train.rows, distributed)
     if settings.chat_data:  # conversations: TRL's conversational format as they are
         train_path, eval_path = splits.train.path, splits.eval.path
     else:
         train_path = to_prompt_completion(splits.train.path, stage_dir / "train.jsonl")
         eval_path = to_prompt_completion(splits.eval.path, stage_dir / "eval.jsonl")
 
-    with stage_run("sft", parent_run_id) as run:
-        fitted = fit_stage(sft_trainer, settings, plan, stage_dir, distributed, model=model, train_path=train_path,
+    with stage_run(stages.SFT, parent_run_id) as run:
+        fitted = fit(sft_trainer, settings, plan, stage_dir, distributed, model=model, train_path=train_path,
                            eval_path=eval_path)
         merged = merge_into_base(model.path, [fitted.adapter_dir], stage_dir / "model")
         return SFTResult(adapter_dir=fitted.adapter_dir, model_dir=merged, metrics=fitted.metrics,
@@ -153,5 +161,5 @@ def train_sft_adapter(settings: SFTSettings, model: ResolvedModel, splits: Split
 def train_sft(settings: SFTSettings, model: ResolvedModel, splits: SplitData, plan: TrainingPlan,
               workspace: Workspace, parent_run_id: str | None = None,
               distributed: DistributedSettings | None = None) -> SFTResult:
-    stage_dir = workspace.stage("sft", settings, model, splits, plan.result_key())
+    stage_dir = workspace.stage(stages.SFT, settings, model, splits, plan.result_key())
     return train_sft_adapter(settings, model, splits, stage_dir, parent_run_id, plan=plan, distributed=distributed)

@@ -8,6 +8,7 @@ import subprocess
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # read when mlflow is imported; a user's setting wins
 
@@ -18,6 +19,7 @@ from prefect import task
 from pydantic import BaseModel, Field
 
 from tasks.base import PreftuneError, StrictModel, fingerprint, redact, retry_unless_user_error
+from tasks.promotion import PromotionOutcome, PromotionRefused, mark, promote, record_decision
 from tasks.verdict import GateInput, PromotionDecision, decide
 
 log = logging.getLogger(__name__)
@@ -31,19 +33,43 @@ class PromotionSettings(StrictModel):
     by prompt on held-out prompts and by the judges that earned a say, lies entirely above this margin,
     and no heard judge nor the ground truth rates it worse. A lucky prompt or two cannot promote a model."""
 
-    alias: str = Field("champion", description="the registry alias the gate moves")
-    min_improvement: float = Field(0.0, ge=0, description="the margin the improvement's lower bound must clear "
-                                                          "(never below 0: a worse model cannot pass)")
+    alias: str = Field("champion", description="The registry alias the gate moves.")
+    min_improvement: float = Field(0.0, ge=0, description="The margin the improvement's lower bound must clear, in "
+                                                          "spreads of the judges' scores (never below 0: a worse "
+                                                          "model cannot pass).")
+    approval: Literal["auto", "person"] = Field(
+        "auto", description="auto: a candidate that passes the gate becomes champion at once; person: it stays "
+                            "candidate until a person approves it (the promote-candidate flow waits for their "
+                            "input in the Prefect UI, or `preftune promote`).")
+    approval_timeout_hours: float = Field(168.0, gt=0, description="How long a promotion waits for a person's "
+                                                                   "approval before its run fails.")
+    deployment: str = Field("promote-candidate/promote", description="The promotion flow's deployment (flow/name) "
+                                                                     "a run starts when a person must approve; "
+                                                                     "without it on the server, the run logs how to "
+                                                                     "promote by hand.")
+    notify_block: str | None = Field(None, description="A Prefect notification block (`<block-type>/<name>`, e.g. "
+                                                       "custom-webhook/preftune) told every verdict: promoted, not "
+                                                       "promoted, waiting for approval, rejected or refused.")
 
 
 class TrackingSettings(StrictModel):
-    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite under ./mlflow
-    experiment: str = "preftune"
-    policy_model_name: str = "preftune-policy"
-    reward_model_prefix: str = "preftune-reward"  # one model per aspect: preftune-reward-<aspect>
-    alias: str = "candidate"
-    register_models: bool = True
-    promotion: PromotionSettings = Field(default_factory=PromotionSettings)
+    """Where runs are recorded and under which names models are registered."""
+
+    tracking_uri: str | None = Field(None, description="The MLflow tracking store; empty: $MLFLOW_TRACKING_URI, "
+                                                       "else SQLite under ./mlflow.")
+    experiment: str = Field("preftune", description="The MLflow experiment the runs go to.")
+    policy_model_name: str = Field("preftune-policy", description="The registered model the tuned policy is a "
+                                                                  "version of.")
+    reward_model_prefix: str = Field("preftune-reward", description="Reward models are registered as "
+                                                                    "<prefix>-<aspect>, one per aspect.")
+    alias: str = Field("candidate", description="The registry alias every newly registered version gets.")
+    register_models: bool = Field(True, description="Register the policy and reward models at the end of a run "
+                                                    "(off: evaluate only, the registry is untouched).")
+    promotion: PromotionSettings = Field(default_factory=PromotionSettings,
+                                         description="The gate that moves the champion alias.")
+    license: str | None = Field(None, description="The licence on the registered models' cards (a Hugging Face "
+                                                  "licence id such as apache-2.0); empty: the base model's, as "
+                                                  "its own card declares it.")
 
 
 class RegisteredVersion(BaseModel):
@@ -90,11 +116,12 @@ def configure(settings: TrackingSettings) -> str:
 
 @contextmanager
 def stage_run(stage: str, parent_run_id: str | None):
-    """A nested MLflow run for one stage. A failure inside marks it FAILED; if the tracking server is
-    gone by then, that is logged and the original error, which says what went wrong, propagates."""
-    run = mlflow.start_run(run_name=stage, nested=parent_run_id is not None, parent_run_id=parent_run_id)
+    """A nested MLflow run for one stage, tagged `preftune.stage` from its creation. A failure inside
+    marks it FAILED; if the tracking server is gone by then, that is logged and the original error, which
+    says what went wrong, propagates (mlflow's own `with start_run()` would raise the server's error instead)."""
+    run = mlflow.start_run(run_name=stage, nested=parent_run_id is not None, parent_run_id=parent_run_id,
+                           tags={"preftune.stage": stage})
     try:
-        mlflow.set_tag("preftune.stage", stage)
         yield run
     except BaseException:
         try:

@@ -1,4 +1,5 @@
-"""Settings shared by the TRL trainers, and the checkpoint plumbing that makes training resumable."""
+"""Training one stage: the settings every TRL trainer shares, `fit` (the one entry: in this process,
+or handed to the launcher for several), and the checkpoint plumbing that makes training resumable."""
 from __future__ import annotations
 
 import errno
@@ -24,7 +25,8 @@ from transformers.integrations import MLflowCallback
 
 from tasks.base import PreftuneError, retry_unless_user_error
 from tasks.caching import TRAINING_CACHE
-from tasks.distributed import is_main_process
+from tasks.distributed import DEVICES, DevicePool, DistributedSettings, is_main_process
+from tasks.launcher import launch
 from tasks.models import LoraSettings
 from tasks.plan import TrainingPlan, keep_freed_memory
 
@@ -41,27 +43,31 @@ class TrainerSettings(BaseModel):
     # The TRL config class the extra keys must belong to (None: checked by whoever picks the class).
     trl_config: ClassVar[str | None] = None
 
-    max_steps: int = Field(40, gt=0)
-    per_device_train_batch_size: int = Field(2, gt=0)
-    per_device_eval_batch_size: int = Field(8, gt=0)
-    gradient_accumulation_steps: int = Field(1, gt=0)
-    learning_rate: float = Field(5e-5, gt=0)
-    lr_scheduler_type: str = "cosine"
-    warmup_steps: float = Field(0.1, ge=0)  # below 1: a fraction of max_steps (TRL 1.x dropped warmup_ratio)
-    optim: str = "adamw_torch"
-    max_length: int = Field(256, gt=8)
-    gradient_checkpointing: bool = False
-    logging_steps: int = Field(5, gt=0)
-    save_steps: int = Field(20, gt=0)
-    save_total_limit: int = Field(2, gt=0)
-    seed: int = 42
-    # The trainer's own held-out pass after training. Off by default: the evaluate stage measures the
-    # same pairs (with intervals), and on a CPU this pass can cost as much as the training.
-    evaluate_after_training: bool = False
-    # Checkpoints are for resuming an unfinished stage; once it is done, the adapter and the training
-    # history are what later stages and re-runs need, so the checkpoints are deleted unless kept.
-    keep_checkpoints: bool = False
-    lora: LoraSettings = Field(default_factory=LoraSettings)
+    max_steps: int = Field(40, gt=0, description="Optimizer steps the stage trains for.")
+    per_device_train_batch_size: int = Field(2, gt=0, description=(
+        "Examples per micro-batch; times gradient_accumulation_steps it is the effective batch the plan keeps."))
+    per_device_eval_batch_size: int = Field(8, gt=0, description="Examples per batch in the trainer's held-out pass.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate of the schedule.")
+    lr_scheduler_type: str = Field("cosine", description="transformers' learning-rate schedule (cosine, linear, ...).")
+    warmup_steps: float = Field(0.1, ge=0, description=(
+        "Warm-up steps; below 1, a fraction of max_steps (TRL 1.x dropped warmup_ratio)."))
+    optim: str = Field("adamw_torch", description="transformers' optimizer name (the auto plan may pick an "
+                                                  "equivalent implementation for the device).")
+    max_length: int = Field(256, gt=8, description="Tokens per sequence, prompt and answer together; longer rows "
+                                                   "are shortened by the data stage.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (the auto "
+                                                            "plan turns it on only when memory is short).")
+    logging_steps: int = Field(5, gt=0, description="Steps between training-curve points logged to MLflow.")
+    save_steps: int = Field(20, gt=0, description="Steps between checkpoints a killed run resumes from.")
+    save_total_limit: int = Field(2, gt=0, description="Checkpoints kept on disk while the stage trains.")
+    seed: int = Field(42, description="Seed for the new weights (LoRA, reward head) and the data order.")
+    evaluate_after_training: bool = Field(False, description=(
+        "Run the trainer's own held-out pass after training (off: the evaluate stage measures the same pairs, "
+        "with intervals, and on a CPU this pass can cost as much as training)."))
+    keep_checkpoints: bool = Field(False, description=(
+        "Keep the checkpoints once the stage is done (off: the adapter and history are all later stages need)."))
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="The LoRA adapter the stage trains.")
 
     @model_validator(mode="after")
     def _options_known_to_trl(self) -> "TrainerSettings":
@@ -234,78 +240,113 @@ def replica_checksums(trainer) -> list[str]:
     return gather_object([digest.hexdigest()])
 
 
-def fit(make_trainer: Callable[[TrainingPlan], object], settings: TrainerSettings, plan: TrainingPlan,
-        stage_dir: Path) -> FitResult:
-    """Train from the last checkpoint (if any), save the adapter and the training history, then (if
-    asked) evaluate on the held-out split.
+def fit(factory: Callable, settings: TrainerSettings, plan: TrainingPlan, stage_dir: Path,
+        distributed: DistributedSettings | None = None, **inputs) -> FitResult:
+    """Train one stage: `factory(settings=..., stage_dir=..., **inputs)` returns the stage's `make_trainer`
+    (see `train_here`). In this process, or launched (tasks/launcher.py): on `distributed.num_processes`
+    processes, and on a machine with several GPUs always (so each stage trains on cards of its own)."""
+    distributed = distributed or DistributedSettings()
+    arguments = {"settings": settings, "stage_dir": stage_dir} | inputs
+    if not (distributed.launched or len(DevicePool.visible()) > 1):
+        return train_here(factory(**arguments), settings, plan, stage_dir)
+    if done := finished_fit(settings, stage_dir):
+        return done
+    if inputs.get("callbacks"):
+        raise PreftuneError("trainer callbacks cannot cross into launched processes: train in one process")
+    with DEVICES.claim(distributed.num_processes) as devices:
+        launch(factory, arguments, plan, stage_dir, distributed, devices)
+    return read_fit(stage_dir)
+
+
+def train_here(make_trainer: Callable[[TrainingPlan], object], settings: TrainerSettings, plan: TrainingPlan,
+               stage_dir: Path) -> FitResult:
+    """Train in this process from the last complete checkpoint, then record the finished stage.
 
     A stage found finished (a re-run against a new tracking store) trains nothing and re-logs its
     curves from its history. An out-of-memory error, while loading or training, is recorded and
     re-raised without the failed trainer attached (so its memory is freed): the task's Prefect retry
     then trains with the smaller micro-batch (see `adjusted_for_oom`)."""
-    adapter_dir, record = stage_dir / "adapter", stage_dir / FIT_RECORD
     if done := finished_fit(settings, stage_dir):
         return done
     plan = adjusted_for_oom(plan, stage_dir)
-    main_process = is_main_process()
-    if main_process:
+    if is_main_process():
         mlflow.log_params(plan.params())
-    if plan.device_kind == "cpu":
-        keep_freed_memory()
     checkpoints = stage_dir / "checkpoints"
     out_of_memory = None
     try:
-        set_seed(settings.seed)  # before the model loads: a new head and the LoRA weights start the same every run
-        if torch.cuda.is_available():  # this stage's own peak, from its model load on
-            torch.cuda.reset_peak_memory_stats()
-        trainer = make_trainer(plan)
-        keep_trainable_dtype(trainer.model, plan)
-        if trainer.pop_callback(MLflowCallback):
-            trainer.add_callback(SynchronousMLflowCallback())
-        if TaskRunContext.get():  # in a Prefect task: show progress in the UI
-            trainer.add_callback(PrefectProgress(stage_dir.parent.name))
-        resume_from = resume_point(checkpoints)
-        if resume_from and main_process:
-            log.warning("%s: resuming from %s", stage_dir.parent.name, Path(resume_from).name)
-        trainer.train(resume_from_checkpoint=resume_from)
-        if main_process and torch.cuda.is_available():  # measured, beside the plan's estimated_peak_gib
-            mlflow.log_metric("peak_memory_gib", torch.cuda.max_memory_allocated() / 2**30)
+        trainer = trained(make_trainer, settings, plan, stage_dir)
     except torch.OutOfMemoryError as error:
         out_of_memory = str(error).splitlines()[0][:300]
-    except MlflowException as error:
-        if "API request to" not in error.message:
-            raise
-        raise TrackingUnavailableError(
-            f"lost the MLflow tracking server during training ({error.message[:200]}); checkpoints are kept in "
-            f"{checkpoints} and a retry or re-run resumes from {resume_point(checkpoints) or 'the start'}") from error
     except Exception as error:
-        if not is_disk_full(error):
+        if (explained := explain_failure(error, checkpoints)) is None:
             raise
-        raise DiskFullError(f"no space left while writing to {checkpoints} ({error}); free some space "
-                            f"and re-run: training resumes from {resume_point(checkpoints) or 'the start'}") from None
-    if out_of_memory is not None:  # outside the handler: no traceback keeps the trainer's frames alive
-        trainer = None
+        raise explained from error
+    if out_of_memory is not None:  # outside the handler: the traceback, and the failed trainer with it, is gone
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         retry = record_oom(plan, stage_dir)
         raise torch.OutOfMemoryError(f"{out_of_memory} (micro-batch {plan.micro_batch}; the retry uses "
                                      f"{retry.micro_batch})")
+    return record_finished(trainer, settings, stage_dir)
+
+
+def trained(make_trainer: Callable[[TrainingPlan], object], settings: TrainerSettings, plan: TrainingPlan,
+            stage_dir: Path):
+    """The stage's trainer, built for the plan and trained to the end (resumed where a checkpoint is)."""
+    stage, checkpoints = stage_dir.parent.name, stage_dir / "checkpoints"
+    if plan.device_kind == "cpu":
+        keep_freed_memory()
+    set_seed(settings.seed)  # before the model loads: a new head and the LoRA weights start the same every run
+    if torch.cuda.is_available():  # this stage's own peak, from its model load on
+        torch.cuda.reset_peak_memory_stats()
+    trainer = make_trainer(plan)
+    keep_trainable_dtype(trainer.model, plan)
+    if trainer.pop_callback(MLflowCallback):
+        trainer.add_callback(SynchronousMLflowCallback())
+    if TaskRunContext.get():  # in a Prefect task: show progress in the UI
+        trainer.add_callback(PrefectProgress(stage))
+    resume_from = resume_point(checkpoints)
+    if resume_from and is_main_process():
+        log.warning("%s: resuming from %s", stage, Path(resume_from).name)
+    trainer.train(resume_from_checkpoint=resume_from)
+    if is_main_process() and torch.cuda.is_available():  # measured, beside the plan's estimated_peak_gib
+        mlflow.log_metric("peak_memory_gib", torch.cuda.max_memory_allocated() / 2**30)
+    return trainer
+
+
+def explain_failure(error: Exception, checkpoints: Path) -> Exception | None:
+    """The error a user should see for a failure they can act on (None: raise it as it is)."""
+    resume = f"resumes from {resume_point(checkpoints) or 'the start'}"
+    if isinstance(error, MlflowException) and "API request to" in error.message:
+        return TrackingUnavailableError(f"lost the MLflow tracking server during training ({error.message[:200]}); "
+                                        f"checkpoints are kept in {checkpoints} and a retry or re-run {resume}")
+    if is_disk_full(error):
+        return DiskFullError(f"no space left while writing to {checkpoints} ({error}); free some space and re-run: "
+                             f"training {resume}")
+    return None
+
+
+def record_finished(trainer, settings: TrainerSettings, stage_dir: Path) -> FitResult:
+    """Evaluate (if asked), save the adapter, and write what later stages and re-runs read (fit.json);
+    the checkpoints go unless kept."""
     metrics = numeric(trainer.evaluate()) if settings.evaluate_after_training else {}
+    adapter_dir = stage_dir / "adapter"
     trainer.save_model(str(adapter_dir))  # every rank: sharded strategies gather the adapter here
     args = trainer.args
     result = FitResult(adapter_dir=str(adapter_dir), metrics=metrics, train_examples=len(trainer.train_dataset),
                        processes=args.world_size, replica_checksums=replica_checksums(trainer),
                        global_batch=args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size)
     trainer.accelerator.wait_for_everyone()
-    if main_process:
+    if is_main_process():
         if len(set(result.replica_checksums)) > 1:
             log.error("the ranks' adapters differ after training (%s): gradients were not synchronised",
                       result.replica_checksums)
-        record.write_text(json.dumps({"global_step": trainer.state.global_step, "history": trainer.state.log_history}
-                                     | result.model_dump(exclude={"adapter_dir"})))
+        (stage_dir / FIT_RECORD).write_text(json.dumps(
+            {"global_step": trainer.state.global_step, "history": trainer.state.log_history}
+            | result.model_dump(exclude={"adapter_dir"})))
         if not settings.keep_checkpoints:
-            shutil.rmtree(checkpoints, ignore_errors=True)
+            shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
     return result
 
 

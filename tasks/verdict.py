@@ -26,12 +26,12 @@ class CombinationSettings(StrictModel):
     """How the heard judges' standardised scores become one score per answer."""
 
     rule: Literal["weighted", "piecewise"] = Field(
-        "weighted", description="weighted: the heard judges' weighted mean; piecewise (Llama 2): the safety judge "
-                                "decides on the prompts it flags, the other judges everywhere else")
-    safety_aspect: str | None = Field(None, description="piecewise: the aspect whose judge is the safety judge")
+        "weighted", description="weighted: the heard judges' weighted mean; piecewise (Llama 2): the safety "
+                                "judge decides on the prompts it flags, the other judges everywhere else.")
+    safety_aspect: str | None = Field(None, description="Piecewise rule: the aspect whose judge is the safety judge.")
     safety_threshold: float = Field(
-        -1.0, description="piecewise: a prompt is the safety judge's when any compared answer's standardised "
-                          "safety score is below this (in spreads of its held-out scores)")
+        -1.0, description="Piecewise rule: a prompt is the safety judge's when any compared answer's standardised "
+                          "safety score is below this (in spreads of its held-out scores).")
 
     @model_validator(mode="after")
     def _piecewise_names_its_safety_judge(self):

@@ -11,6 +11,17 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+# A busy machine (a flow training beside the tests, a shared CI runner) slows every process: Prefect's
+# servers get time to start and SQLite writers time to wait their turn, instead of failing the test.
+PATIENT_PREFECT = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600", "PREFECT_SERVER_DATABASE_TIMEOUT": "120",
+                   "PREFECT_API_REQUEST_TIMEOUT": "300"}
+
+
+def pytest_configure(config):
+    for name, value in PATIENT_PREFECT.items():
+        os.environ.setdefault(name, value)
+
+
 def pytest_collection_modifyitems(config, items):
     """GPU tests run where CUDA is, and are reported as skipped elsewhere."""
     import torch

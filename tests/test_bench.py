@@ -1,7 +1,7 @@
 """The GPU check (bench/gpu_check.sh) in its reduced CPU form, end to end, so it cannot rot between the
 sessions that have a card: plain TRL against both plans (bench/gpu.py), the `gpu` tests collected,
-and the flow through `preftune run` in both plans (smoke in `auto`, the cut book profile on local
-data in `recipe`), each checked from its MLflow records; on a CPU "on CUDA" reads "on this device"."""
+and the flow through `preftune run` (the cut book profile on local data in the `recipe` plan; the
+auto plan's flow is what the rest of the suite runs), checked from its MLflow records; on a CPU "on CUDA" reads "on this device"."""
 from __future__ import annotations
 
 import json
@@ -47,8 +47,7 @@ def test_the_gpu_check_runs_every_part_in_its_reduced_form(shared_data, tmp_path
     assert figures["placement of merging, scoring and generation"]["value"].startswith("cpu")
 
     # Each flow run completed, its plans on this device, its merge check and evaluation recorded.
-    for name, stages in {"smoke-auto": {"reward-helpfulness", "reward-harmlessness", "sft", "dpo"},
-                         "book-recipe": {"reward-helpfulness", "reward-harmlessness", "sft", "dpo"}}.items():
+    for name, stages in {"book-recipe": {"reward-helpfulness", "reward-harmlessness", "sft", "dpo"}}.items():
         assert figures[next(key for key in figures if key.startswith(f"{name}: `preftune run"))]["met"]
         plans = figures[f"{name}: training plans' device"]
         assert plans["met"] and {s.split()[0] for s in plans["value"].split(" (")[0].split(", ")} == stages

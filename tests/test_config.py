@@ -184,3 +184,43 @@ def test_a_run_folder_that_is_a_symlink_is_refused_and_gc_never_follows_one(tmp_
     (runs / "real" / "stage" / "linked-key").symlink_to(elsewhere)
     report = collect_garbage(runs, dry_run=False)
     assert report.removed == [] and elsewhere.is_dir()  # nothing behind a link was counted or deleted
+
+
+def undescribed_settings(schema: dict) -> list[str]:
+    """`Model.field` for every property of the schema's top level and of each of its `$defs` models
+    that has no description: what Prefect's deployment form would show as a bare name."""
+    models = {schema.get("title", "top level"): schema} | schema.get("$defs", {})
+    return [f"{name}.{field}" for name, model in models.items()
+            for field, spec in model.get("properties", {}).items() if not spec.get("description", "").strip()]
+
+
+def test_undescribed_settings_are_found():
+    from pydantic import BaseModel, Field
+
+    class Inner(BaseModel):
+        said: int = Field(1, description="Has one.")
+        bare: int = 2
+
+    class Outer(BaseModel):
+        inner: Inner = Field(default_factory=Inner, description="Has one too.")
+        nameless: str = "x"
+
+    assert undescribed_settings(Outer.model_json_schema()) == ["Outer.nameless", "Inner.bare"]
+
+
+def test_every_setting_is_described_for_the_deployment_form():
+    """The CLI's `config`, the README and Prefect's parameter form all read `Field(description=...)`."""
+    missing = undescribed_settings(PipelineConfig.model_json_schema())
+    assert not missing, f"{len(missing)} settings have no Field(description=...): {', '.join(missing)}"
+
+
+def test_descriptions_survive_the_forms_markdown():
+    """Prefect's form renders a description as Markdown: a bare `<name>` is taken for an HTML tag and
+    vanishes (`package:<module>/<file>.gguf` showed as `package:/.gguf`); in backticks it shows as written."""
+    import re
+
+    schema = PipelineConfig.model_json_schema()
+    lost = [f"{name}.{field}" for name, model in ({"PipelineConfig": schema} | schema["$defs"]).items()
+            for field, spec in model.get("properties", {}).items()
+            if re.search(r"<[^<>`]*>", re.sub(r"`[^`]*`", "", spec.get("description", "")))]
+    assert not lost, f"put the <placeholders> of these descriptions in backticks: {', '.join(lost)}"

@@ -233,6 +233,8 @@ def test_gate_keeps_the_champion_when_the_candidate_is_worse_or_unjudged(trained
 
 
 def test_out_of_memory_while_evaluating_halves_the_batch():
+    """A real allocator failure (the CPU's, for more memory than any address space holds) and the CUDA
+    allocator's error as torch words it both halve the batch; any other error is not retried."""
     import torch
 
     from tasks.base import PreftuneError
@@ -242,13 +244,22 @@ def test_out_of_memory_while_evaluating_halves_the_batch():
 
     def run(size):
         tried.append(size)
-        if size > 2:
-            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return size
+        return torch.empty(size << 56 if size > 2 else size, dtype=torch.uint8).numel()
 
     assert shrinking(run, 8) == 2 and tried == [8, 4, 2]
+    cuda_oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+                                      "of 79.19 GiB of which 1.02 GiB is free.")
     with pytest.raises(PreftuneError, match="out of memory while evaluating at batch size 1"):
-        shrinking(lambda size: (_ for _ in ()).throw(torch.OutOfMemoryError("always")), 4)
+        shrinking(lambda size: (_ for _ in ()).throw(cuda_oom), 4)
+    tried.clear()
+
+    def broken(size):
+        tried.append(size)
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        shrinking(broken, 8)
+    assert tried == [8]
 
 
 def test_cli_evaluates_any_policy_on_any_preference_file(trained, tiny_model_path, shared_data, tmp_path,
@@ -273,3 +284,31 @@ def test_cli_evaluates_any_policy_on_any_preference_file(trained, tiny_model_pat
     assert (metrics["helpfulness.pairwise_accuracy.ci_low"] > 0.5) == ("combined.lc_improvement" in metrics)
     assert run.data.params["evaluate.judge.helpfulness"].startswith("given: ")
     assert "implicit_reward.accuracy" in printed and " [" in printed and "verdict       : " in printed
+
+
+def test_stage_runs_nest_under_their_parent_and_keep_the_stage_error(tracking_uri, caplog):
+    from tasks.tracking import stage_run
+
+    configure(TrackingSettings())
+    client = MlflowClient()
+    with mlflow.start_run(run_name="flow") as parent:
+        with stage_run("reward-helpfulness", parent.info.run_id) as finished:
+            mlflow.log_metric("accuracy", 1.0)
+        with pytest.raises(ValueError, match="the stage's own error"):
+            with stage_run("dpo", parent.info.run_id) as failed:
+                raise ValueError("the stage's own error")
+        # The store refuses to mark a deleted run FAILED: the stage's error, not the store's, surfaces.
+        with pytest.raises(ValueError, match="the stage's own error"):
+            with stage_run("evaluate", parent.info.run_id) as gone:
+                client.delete_run(gone.info.run_id)
+                raise ValueError("the stage's own error")
+        assert mlflow.active_run().info.run_id == parent.info.run_id
+    assert f"could not mark MLflow run {gone.info.run_id} of stage evaluate FAILED" in caplog.text
+    for run, stage, status in ((finished, "reward-helpfulness", "FINISHED"), (failed, "dpo", "FAILED")):
+        stored = client.get_run(run.info.run_id)
+        assert (stored.info.status, stored.info.run_name, stored.data.tags["preftune.stage"]) == (status, stage, stage)
+        assert stored.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    with stage_run("register", None) as alone:  # no parent: a run of its own
+        pass
+    stored = client.get_run(alone.info.run_id)
+    assert "mlflow.parentRunId" not in stored.data.tags and stored.data.tags["preftune.stage"] == "register"

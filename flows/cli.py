@@ -226,6 +226,21 @@ def cmd_ui(args) -> int:
         print("stopped Prefect and MLflow servers")
 
 
+def cmd_promote(args) -> int:
+    """Promote a registered candidate on its recorded verdict: approved here (--approved-by, --reason), or
+    waiting for a person's answer in the Prefect UI (`tracking.promotion.approval: person`)."""
+    from flows.config import load_config
+    from flows.promotion import promote_candidate
+
+    if bool(args.approved_by) != bool(args.reason):
+        raise PreftuneError("--approved-by and --reason go together: who approves, and why")
+    tracking = load_config(args.profile, args.config, args.overrides).tracking
+    outcome = promote_candidate(args.model or tracking.policy_model_name, args.version, tracking,
+                                args.approved_by, args.reason)
+    print(f"{outcome.status}: {outcome.message}")
+    return 0 if outcome.status == "promoted" else 1
+
+
 def cmd_models(args) -> int:
     from tasks.registry import list_versions
     from tasks.tracking import TrackingSettings, configure
@@ -306,6 +321,13 @@ def main(argv: list[str] | None = None) -> int:
     ui.add_argument("--artifacts-destination", metavar="PATH_OR_URI",
                     help="where the MLflow server keeps the artifacts it serves, e.g. s3://bucket/preftune "
                          "(default: <store>/artifacts)")
+    promote = commands.add_parser("promote", help="promote a registered candidate to champion on its recorded verdict")
+    _config_args(promote)
+    promote.add_argument("version", help="the registered version to promote")
+    promote.add_argument("--model", help="the registered model (default: the profile's tracking.policy_model_name)")
+    promote.add_argument("--approved-by", help="who approves (with --reason); without: wait for a person in the "
+                                               "Prefect UI when tracking.promotion.approval is person")
+    promote.add_argument("--reason", help="why, kept on the version")
     models = commands.add_parser("models", help="list registered model versions, aliases and metrics")
     models.add_argument("--prefix", default="preftune-")
     gen = commands.add_parser("generate", help="answer a prompt with a registered policy")
@@ -325,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(load_config(args.profile, args.config, args.overrides).model_dump(), indent=2))
             return 0
-        handler = {"run": cmd_run, "plan": cmd_plan, "methods": cmd_methods, "evaluate": cmd_evaluate, "gc": cmd_gc, "serve": cmd_serve, "deploy": cmd_deploy, "ui": cmd_ui, "models": cmd_models,
+        handler = {"run": cmd_run, "plan": cmd_plan, "methods": cmd_methods, "evaluate": cmd_evaluate, "gc": cmd_gc, "serve": cmd_serve, "deploy": cmd_deploy, "ui": cmd_ui, "promote": cmd_promote, "models": cmd_models,
                    "generate": cmd_generate}[args.command]
         return handler(args)
     except PreftuneError as error:

@@ -19,6 +19,7 @@ from prefect.futures import PrefectFuture
 from pydantic import BaseModel
 
 from flows.config import PipelineConfig
+from flows.promotion import start_promotion
 from flows.run_record import PipelineSummary, parent_run, publish_summary
 from tasks import stages
 from tasks.base import Workspace, redact, redact_logs
@@ -148,14 +149,22 @@ def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSumm
         decision = decide_promotion(evaluation.gate, config.tracking.promotion)
         run.record_evaluation(evaluation, merged)
 
-        # 6. Register the policy (candidate; champion if the gate passed) and the reward models.
+        # 6. Register the policy and the reward models (candidate, with their cards and the verdict), then the
+        # promotion: champion at once when the gate passed it and no person must approve (flows/promotion.py).
         registered: list[RegisteredVersion] = []
+        explanation = decision.explanation()
         if config.tracking.register_models:
+            policy_plan = plans.policy
+            tags = run.lineage | {"method": config.method, "base_model": redact(config.model.base_model),
+                                  "data.source": redact(config.data.source),
+                                  "plan.policy": f"{policy_plan.mode}: {policy_plan.adapter}, {policy_plan.precision} "
+                                                 f"on {policy_plan.device}"}
             registered = register(merged.model_dir, {name: r.model_dir for name, r in reward_models.items()}, decision,
-                                  config.tracking, run.run_id, run.lineage | {"method": config.method},
-                                  aspect_judges if method.online else [])
-        create_markdown_artifact(key="promotion", markdown=decision.explanation(), description="Promotion gate")
-        logger.info("promotion: %s", decision.explanation())
+                                  config.tracking, run.run_id, tags, aspect_judges if method.online else [])
+            outcome = start_promotion(registered[0], decision, config.tracking)
+            explanation += f"\n\nOutcome: **{outcome.status}**: {outcome.message}"
+        create_markdown_artifact(key="promotion", markdown=explanation, description="Promotion gate")
+        logger.info("promotion: %s", explanation)
         summary = run.summary(decision, registered)
     publish_summary(summary, run.parent.info.experiment_id)
     return summary

@@ -13,6 +13,7 @@ from typing import Callable
 from pydantic import BaseModel, Field
 
 from tasks.base import PreftuneError, Workspace
+from tasks.caching import code_fingerprint
 from tasks.data import SplitData
 from tasks.distributed import DistributedSettings
 from tasks.methods import Method, method_named
@@ -130,6 +131,7 @@ def train_policy_adapter(method_name: str, settings: PolicySettings, model: Reso
 def train_policy(method: str, settings: PolicySettings, model: ResolvedModel, splits: SplitData,
                  plan: TrainingPlan, rewards: list[RewardFunction], workspace: Workspace,
                  parent_run_id: str | None = None, distributed: DistributedSettings | None = None) -> PolicyResult:
-    stage_dir = workspace.stage(method, settings, model, splits, rewards, plan.result_key())
+    stage_dir = workspace.stage(method, settings, model, splits, rewards, plan.result_key(),
+                                code_fingerprint(__name__))
     return train_policy_adapter(method, settings, model, splits, stage_dir, parent_run_id, rewards,
                                 plan=plan, distributed=distributed)

@@ -2,6 +2,8 @@
 lineage (counts, digest, MLflow dataset inputs, the filter table) recorded on the parent run."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
@@ -29,11 +31,12 @@ def prepare_data(settings: DataSettings, model: ResolvedModel, max_length: int, 
     splits = split_preferences(filtered, settings, workspace, stage)
     prepared = PreparedData(loaded=loaded, splits=splits,
                             formatted=format_preferences(splits, model, max_length, settings, workspace, stage))
-    record_lineage(stage, prepared, filtered, model)
+    record_lineage(stage, prepared, filtered, model, settings)
     return prepared
 
 
-def record_lineage(stage: str, prepared: PreparedData, filtered: FilterReport, model: ResolvedModel) -> None:
+def record_lineage(stage: str, prepared: PreparedData, filtered: FilterReport, model: ResolvedModel,
+                   settings: DataSettings) -> None:
     """What went in and what the recipe's filter kept, on the parent run and as a Prefect table."""
     loaded, splits, formatted = prepared.loaded, prepared.splits, prepared.formatted
     parts = {"train": formatted.train, "eval": formatted.eval} | ({"judge": splits.judge} if splits.judge else {})
@@ -46,8 +49,8 @@ def record_lineage(stage: str, prepared: PreparedData, filtered: FilterReport, m
                        | {f"{stage}.answers_cut_{split}": count for split, count in formatted.truncated_answers.items()})
     mlflow.log_text(render_example(formatted.train.path, model.tokenizer()), f"data/{stage}-example.txt")
     for name, part in parts.items():
-        mlflow.log_input(mlflow.data.from_pandas(read_jsonl(part.path), source=redact(loaded.source),
-                                                name=f"{stage}-{name}"), context=name)
+        mlflow.log_input(mlflow.data.from_pandas(read_jsonl(part.path), source=dataset_source(loaded, settings),
+                                                name=f"{stage}-{name}", digest=part.sha256[:16]), context=name)
     create_table_artifact(
         key=f"{stage}-filter",
         table=[{"rule": rule, "dropped": count} for rule, count in filtered.dropped.items()],
@@ -63,3 +66,19 @@ def prepare_judge_data(aspect: str, data: DataSettings | None, model: ResolvedMo
         return prepare_data(data, model, max_length, workspace, stages.data_for(aspect)).formatted
     return format_preferences(pipeline.splits.for_judges(), model, max_length, pipeline_settings, workspace,
                               stages.judge_data(aspect))
+
+
+def dataset_source(loaded: LoadedData, settings: DataSettings):
+    """Where the pairs came from, as MLflow's typed source (a local file, a Hub dataset, or our own
+    generator), so MLflow records it as what it is instead of guessing from a string."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import get_registered_sources
+    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+
+    if loaded.source.startswith("synthetic"):
+        return CodeDatasetSource(tags={"generator": loaded.source})
+    if Path(loaded.source).is_file():
+        local = next(source for source in get_registered_sources() if source._get_source_type() == "local")
+        return local(redact(loaded.source))
+    return HuggingFaceDatasetSource(path=redact(loaded.source), split=settings.split,
+                                    data_dir=redact(settings.data_dir) if settings.data_dir else None)

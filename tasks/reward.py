@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 
 from tasks import stages
 from tasks.base import Workspace
+from tasks.caching import code_fingerprint
 from tasks.data import DataSettings, SplitData
 from tasks.distributed import DistributedSettings
 from tasks.merge import merge_into_base
@@ -102,6 +103,7 @@ def train_reward_model(aspect: str, settings: RewardSettings, model: ResolvedMod
 def train_reward(aspect: str, settings: RewardSettings, model: ResolvedModel, splits: SplitData,
                  plan: TrainingPlan, workspace: Workspace, parent_run_id: str | None = None,
                  distributed: DistributedSettings | None = None) -> RewardResult:
-    stage_dir = workspace.stage(stages.reward(aspect), settings, model, splits, plan.result_key())
+    stage_dir = workspace.stage(stages.reward(aspect), settings, model, splits, plan.result_key(),
+                                code_fingerprint(__name__))
     return train_reward_model(aspect, settings, model, splits, stage_dir, parent_run_id, plan=plan,
                               distributed=distributed)

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from tasks import stages
 from tasks.base import PreftuneError, StrictModel, Workspace, retry_unless_user_error
-from tasks.caching import DATA_CACHE
+from tasks.caching import DATA_CACHE, code_fingerprint
 from tasks.data import DataSettings, SplitData, read_jsonl, read_table, write_jsonl
 from tasks.distributed import DistributedSettings
 from tasks.merge import merge_into_base
@@ -101,7 +101,7 @@ def load_chat(settings: ChatDataSettings, data_dir: Path) -> SplitData:
 @task(name="load-chat-data", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_unless_user_error,
       cache_policy=DATA_CACHE, persist_result=True)
 def prepare_chat_data(settings: ChatDataSettings, workspace: Workspace) -> SplitData:
-    return load_chat(settings, workspace.stage("data-sft", settings))
+    return load_chat(settings, workspace.stage(stages.data_for(stages.SFT), settings))
 
 
 def to_prompt_completion(pairs_path: str, out_path: Path) -> str:
@@ -161,5 +161,6 @@ def train_sft_adapter(settings: SFTSettings, model: ResolvedModel, splits: Split
 def train_sft(settings: SFTSettings, model: ResolvedModel, splits: SplitData, plan: TrainingPlan,
               workspace: Workspace, parent_run_id: str | None = None,
               distributed: DistributedSettings | None = None) -> SFTResult:
-    stage_dir = workspace.stage(stages.SFT, settings, model, splits, plan.result_key())
+    stage_dir = workspace.stage(stages.SFT, settings, model, splits, plan.result_key(),
+                                code_fingerprint(__name__))
     return train_sft_adapter(settings, model, splits, stage_dir, parent_run_id, plan=plan, distributed=distributed)

@@ -146,14 +146,57 @@ def hf_folder(mlflow_model: Path) -> Path:
     return Path(mlflow_model) / "model"
 
 
-def save_mlflow_model(model, tokenizer, task_name: str, target: Path) -> Path:
+CARD_TEMPLATE = "---\n{{ card_data }}\n---\n\n# {{ model_name }}\n\n{{ body }}\n"
+CARD_FILES = ("model_card.md", "model_card_data.yaml")  # where mlflow.transformers keeps a model's card
+
+
+def _hub_id(reference: str) -> bool:
+    return reference.count("/") == 1 and not reference.startswith((".", "/", "~")) and not Path(reference).exists()
+
+
+def declared_license(reference: str) -> str | None:
+    """The licence a model's own card declares, read offline: its folder's README.md, or the Hub cache's."""
+    from huggingface_hub import ModelCard, try_to_load_from_cache
+
+    readme = Path(reference) / "README.md"
+    try:
+        if not readme.is_file():
+            cached = try_to_load_from_cache(reference, "README.md") if _hub_id(reference) else None
+            if not isinstance(cached, str):
+                return None
+            readme = Path(cached)
+        return ModelCard.load(readme).data.license
+    except Exception:  # a card that does not parse declares nothing we can use
+        return None
+
+
+def model_card(name: str, data: dict, body: str):
+    """A Hugging Face model card (YAML metadata the Hub reads, and text for people)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    return ModelCard.from_template(ModelCardData(**{k: v for k, v in data.items() if v not in (None, [], {})}),
+                                   template_str=CARD_TEMPLATE, model_name=name, body=body)
+
+
+def stage_card(model, task_name: str):
+    """What a stage knows when it writes a model: its task and base model and that model's licence. Passed
+    to MLflow, which otherwise looks the local folder up on the Hub; registration completes it."""
+    base = str(getattr(model, "name_or_path", "") or "")
+    return model_card(task_name, {"library_name": "transformers", "pipeline_tag": task_name,
+                                  "license": declared_license(base), "base_model": base if _hub_id(base) else None},
+                      "Written by a preftune stage; the registered version's card adds its data and evaluation.")
+
+
+def save_mlflow_model(model, tokenizer, task_name: str, target: Path, card=None) -> Path:
     """Write a model once, as an MLflow transformers model (MLmodel, `model/` with the weights and the
-    tokenizer, so it also loads with `from_pretrained`). Atomic: a crash leaves no half-written folder."""
+    tokenizer, so it also loads with `from_pretrained`), with its model card. Atomic: a crash leaves
+    no half-written folder."""
     partial = target.with_name(f"{target.name}.partial-{uuid.uuid4().hex[:8]}")
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         mlflow.transformers.save_model(transformers_model={"model": model, "tokenizer": tokenizer}, path=str(partial),
-                                       task=task_name, pip_requirements=SERVING_REQUIREMENTS)
+                                       task=task_name, pip_requirements=SERVING_REQUIREMENTS,
+                                       model_card=card or stage_card(model, task_name))
         tokenizer.save_pretrained(hf_folder(partial))
         partial.rename(target)
     except BaseException:
@@ -162,17 +205,74 @@ def save_mlflow_model(model, tokenizer, task_name: str, target: Path) -> Path:
     return target
 
 
+def registry_card(registered_name: str, model_dir: str, settings: TrackingSettings, tags: dict[str, str],
+                  decision: PromotionDecision | None, aspect: str | None = None):
+    """The registered model's card: licence, base model, data (with digests) and the evaluation's figures
+    with their intervals (the policy: the gate's; a reward model: its held-out accuracy as a judge)."""
+    import yaml
+
+    card_data = Path(model_dir).parent / CARD_FILES[1]
+    written = (yaml.safe_load(card_data.read_text()) or {}) if card_data.is_file() else {}
+    base = tags.get("base_model")
+    license_ = settings.license or written.get("license") or (declared_license(base) if base else None)
+    source = tags.get("data.source")
+    results, figures = [], []
+
+    def result(metric: str, label: str, estimate) -> None:
+        from huggingface_hub import EvalResult
+
+        results.append(EvalResult(task_type=written.get("pipeline_tag", "text-generation"), dataset_type=source or "held-out",
+                                  dataset_name="held-out questions", dataset_split="eval", metric_type=metric,
+                                  metric_name=label, metric_value=round(estimate.value, 6)))
+        figures.append(f"| {label} | {estimate.text()} | {estimate.n} |")
+
+    if decision is not None:
+        gate = decision.gate
+        if aspect is None:
+            for name, label in (("lc_improvement", "length-controlled improvement"), ("improvement", "improvement"),
+                                ("ground_truth", "ground-truth pass-rate difference")):
+                if (value := getattr(gate, name)) is not None:
+                    result(name, f"{label} over {gate.baseline}", value)
+        for judge in gate.judges:
+            if aspect in (None, judge.aspect):
+                result(f"judge.{judge.aspect}.accuracy", f"{judge.aspect} judge accuracy", judge.accuracy)
+    body = [f"Preference-tuned with preftune ({tags.get('method', 'reward model') if aspect is None else f'reward model for {aspect}'}).",
+            "", f"- base model: {base or 'unknown'}", f"- licence: {license_ or 'not declared'}",
+            f"- data: {source or 'unknown'} (sha256 {tags.get('data.sha256', 'unknown')})",
+            f"- code: commit {tags.get('git.commit', 'unknown')}"]
+    if decision is not None and aspect is None:
+        body += ["", f"Verdict: {decision.verdict}. {decision.reason}."]
+    if figures:
+        body += ["", "| figure | value [95 % interval] | n |", "|---|---|---|", *figures]
+    return model_card(registered_name, {**written, "license": license_, "base_model": base,
+                                        "datasets": [source] if source else None, "model_name": registered_name,
+                                        "eval_results": results or None, "tags": ["preftune", tags.get("method")]
+                                        if aspect is None and tags.get("method") else ["preftune"]}, "\n".join(body))
+
+
+def write_card(model_dir: str, card) -> None:
+    """Put the card where mlflow.transformers keeps one, beside the MLmodel the version points at."""
+    folder = Path(model_dir).parent
+    (folder / CARD_FILES[0]).write_text(card.text, encoding="utf-8")
+    import yaml
+
+    (folder / CARD_FILES[1]).write_text(yaml.safe_dump(card.data.to_dict(), default_flow_style=False), encoding="utf-8")
+
+
 def _remote_store() -> bool:
     return mlflow.get_tracking_uri().startswith(("http://", "https://", "databricks"))
 
 
 def register_model(model_dir: str, registered_name: str, settings: TrackingSettings,
-                   tags: dict[str, str]) -> RegisteredVersion:
+                   tags: dict[str, str], card=None) -> RegisteredVersion:
     """Register the MLflow model around `model_dir` without copying it, once: an unchanged re-run finds
     its version again (by the folder, which is keyed by the stage's inputs) and only moves the alias.
     With a local store the version points at the folder; a tracking server gets one copy, logged as
-    the active run's artifacts, so machines without this disk can load it."""
+    the active run's artifacts, so machines without this disk can load it. `card` (a model card)
+    is written beside the MLmodel first, so both copies carry it."""
     source = Path(model_dir).parent
+    if card is not None:
+        write_card(model_dir, card)
     key = _model_key(model_dir)
     client = MlflowClient()
     try:
@@ -219,38 +319,66 @@ def decide_promotion(gate: GateInput, settings: PromotionSettings) -> PromotionD
     return decide(gate, settings.min_improvement)
 
 
-def apply_promotion(policy: RegisteredVersion, decision: PromotionDecision, settings: TrackingSettings) -> None:
-    """Record the decision and its numbers on the version and the run; move the alias if it passed."""
-    client = MlflowClient()
-    record = decision.record()
-    for key, value in record.items():
-        client.set_model_version_tag(policy.name, policy.version, key, value)
-    mlflow.set_tags(record)
+def log_decision(policy: RegisteredVersion, decision: PromotionDecision) -> None:
+    """The gate's decision on the version (tags, description, the decision itself) and on the active run
+    (`promotion.promoted` says the gate passed it; `promotion.outcome` on the version, what became of it)."""
+    record_decision(policy.name, policy.version, decision)
+    mlflow.set_tags(decision.record())
     gate = decision.gate
     mlflow.log_metrics({"promotion.promoted": float(decision.promoted), "promotion.judges_heard":
                         float(sum(judge.heard for judge in gate.judges))}
                        | (gate.lc_improvement.metrics("promotion.lc_improvement") if gate.lc_improvement else {})
                        | (gate.improvement.metrics("promotion.improvement") if gate.improvement else {}))
-    if decision.promoted:
-        client.set_registered_model_alias(policy.name, settings.promotion.alias, policy.version)
+
+
+def apply_promotion(policy: RegisteredVersion, decision: PromotionDecision,
+                    settings: TrackingSettings) -> PromotionOutcome:
+    """Record the decision and its numbers on the version and the run; with `approval: auto`, move the
+    champion if it passed (tasks/promotion.py: under the lock, after re-checking the champion)."""
+    log_decision(policy, decision)
+    return decide_outcome(policy.name, policy.version, decision, settings.promotion)
+
+
+def decide_outcome(model: str, version: str, decision: PromotionDecision, settings: PromotionSettings,
+                   approved_by: str | None = None, reason: str | None = None) -> PromotionOutcome:
+    """Promote a version that passed when no person needs to approve, or when one did (`approved_by`);
+    otherwise say why nothing moved. Every outcome is kept on the version."""
+    outcome = PromotionOutcome(status="not promoted", model=model, version=version,
+                               verdict=decision.verdict, message=f"the gate did not pass it: {decision.reason}")
+    if decision.promoted and settings.approval == "person" and approved_by is None:
+        outcome = outcome.model_copy(update={"status": "waiting for approval", "message": (
+            f"the gate passed it ({decision.reason}); it stays @candidate until a person approves")})
+    elif decision.promoted:
+        try:
+            return promote(model, version, decision, settings.alias,
+                           approved_by or "the gate (approval: auto)", reason or decision.reason)
+        except PromotionRefused as refused:
+            outcome = outcome.model_copy(update={"status": "refused", "message": str(refused),
+                                                 "approved_by": approved_by, "reason": reason})
+    return mark(model, version, outcome)
 
 
 @task(name="register-models", retries=3, retry_delay_seconds=[5, 20, 60], retry_condition_fn=retry_unless_user_error,
       tags=["mlflow"])
 def register(policy_dir: str, reward_dirs: dict[str, str], decision: PromotionDecision, settings: TrackingSettings,
              parent_run_id: str, tags: dict[str, str], trained_against: list = ()) -> list[RegisteredVersion]:
-    """Register one reward model per aspect and the policy as `candidate`; promote the policy if it passed.
+    """Register one reward model per aspect and the policy as `candidate`, each with its model card, and
+    record the gate's decision on the policy (the promote-candidate flow moves the champion).
     `trained_against` (judges an online method optimised) is recorded on the policy's version as the
     reward models' versions (`reward.<aspect>` tags), so the registry says what the policy was trained on."""
     with stage_run("register", parent_run_id):
-        rewards = {aspect: register_model(model_dir, f"{settings.reward_model_prefix}-{aspect}", settings, tags)
-                   for aspect, model_dir in reward_dirs.items()}
-        policy = register_model(policy_dir, settings.policy_model_name, settings, tags)
+        rewards = {}
+        for aspect, model_dir in reward_dirs.items():
+            name = f"{settings.reward_model_prefix}-{aspect}"
+            rewards[aspect] = register_model(model_dir, name, settings, tags,
+                                             registry_card(name, model_dir, settings, tags, decision, aspect))
+        policy = register_model(policy_dir, settings.policy_model_name, settings, tags,
+                                registry_card(settings.policy_model_name, policy_dir, settings, tags, decision))
         client = MlflowClient()
         for judge in trained_against:
             version = rewards.get(judge.aspect)
             source = f"models:/{version.name}/{version.version}" if version else redact(judge.model)
             client.set_model_version_tag(policy.name, policy.version, f"reward.{judge.aspect}", source)
             client.set_model_version_tag(policy.name, policy.version, f"reward.{judge.aspect}.weight", str(judge.weight))
-        apply_promotion(policy, decision, settings)
+        log_decision(policy, decision)
         return [policy, *rewards.values()]

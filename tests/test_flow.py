@@ -142,10 +142,16 @@ def test_a_new_tracking_store_gets_every_stage_run_without_retraining(smoke_runs
     """Prefect's cache is keyed by the store: the stages find their finished adapters (no step is trained
     again) and record their runs, curves and evaluation in the new store."""
     config, first, _ = smoke_runs
+    # What a training stage writes only when it trains: its record and its adapter's files.
+    def written(record: Path):
+        return record.read_bytes(), sorted((f.name, f.stat().st_mtime_ns) for f in (record.parent / "adapter").iterdir())
+    trained = {record: written(record) for record in Path(first.result().run_dir).glob("*/*/fit.json")}
+    assert {"dpo", "sft", "reward-helpfulness", "reward-harmlessness"} <= {r.parent.parent.name for r in trained}
     new_store = f"sqlite:///{tmp_path / 'new.db'}"
     moved = config.model_copy(update={"tracking": config.tracking.model_copy(update={"tracking_uri": new_store})})
     state = preference_tuning(moved, return_state=True)
     summary = state.result()
+    assert {record: written(record) for record in trained} == trained  # nothing was trained again
     client = MlflowClient(tracking_uri=new_store)
     parent = client.get_run(summary.mlflow_run_id)
     children = client.search_runs([parent.info.experiment_id],
@@ -155,5 +161,3 @@ def test_a_new_tracking_store_gets_every_stage_run_without_retraining(smoke_runs
     assert [m.step for m in client.get_metric_history(dpo_run.info.run_id, "loss")] == list(
         range(1, config.policy.max_steps + 1))
     assert summary.metrics["implicit_reward.accuracy"] == first.result().metrics["implicit_reward.accuracy"]
-    records = [json.loads(path.read_text()) for path in Path(first.result().run_dir).glob("dpo/*/fit.json")]
-    assert [record["global_step"] for record in records if record["global_step"] == config.policy.max_steps]

@@ -90,7 +90,7 @@ def plain_trl(model_dir: str, tokenizer, train_path: str, steps: int, meter: Ste
                                                  device_map={"": 0} if cuda else "cpu")
     args = DPOConfig(output_dir=str(out), per_device_train_batch_size=2, gradient_accumulation_steps=4,
                      optim="paged_adamw_32bit", learning_rate=1e-5, lr_scheduler_type="cosine", warmup_steps=0.1,
-                     max_steps=steps, logging_steps=1, gradient_checkpointing=True, beta=0.1, max_length=512,
+                     max_steps=steps, logging_steps=1, activation_checkpointing=True, beta=0.1, max_length=512,
                      bf16=cuda and torch.cuda.is_bf16_supported(), fp16=False, save_strategy="no", report_to=[],
                      disable_tqdm=True)
     peft_config = LoraConfig(r=64, lora_alpha=32, lora_dropout=0.1, bias="none", task_type="CAUSAL_LM",

@@ -44,7 +44,7 @@ MODELS = {  # published configurations (TinyLlama-1.1B, Llama-2-7B, Llama-2-70B)
                        num_key_value_heads=8, vocab_size=32000),
 }
 BOOK_DPO = PolicySettings(max_steps=200, per_device_train_batch_size=2, gradient_accumulation_steps=4, max_length=512,
-                          gradient_checkpointing=True, optim="adamw_torch",
+                          activation_checkpointing=True, optim="adamw_torch",
                           lora=LoraSettings(r=64, alpha=32, dropout=0.1,
                                             target_modules=["k_proj", "gate_proj", "v_proj", "up_proj", "q_proj",
                                                             "o_proj", "down_proj"]))

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,6 +56,8 @@ def _print_summary(summary) -> None:
     for version in summary.registered:
         print(f"registered    : models:/{version.name}/{version.version} (alias @{version.alias})")
     print(f"promotion     : {summary.promotion.explanation().replace('**', '')}")
+    if summary.outcome:
+        print(f"outcome       : {summary.outcome.status}: {summary.outcome.message}")
     metrics = summary.metrics
     for name, value in sorted(metrics.items()):
         if name.endswith((".ci_low", ".ci_high")):
@@ -172,6 +175,7 @@ def cmd_deploy(args) -> int:
     from prefect.settings import PREFECT_API_URL
 
     from flows.cluster import deploy_environment
+    from flows.deployments import resolved_prefect_file
     from flows.pools import GPU_TAG, ensure_gpu_limit, ensure_work_pools
 
     if not PREFECT_API_URL.value():
@@ -183,10 +187,12 @@ def cmd_deploy(args) -> int:
     print(f"{'created' if created else 'kept the existing'} concurrency limit on tag {GPU_TAG!r}: {slots} training "
           f"task(s) at a time{'' if created else f' (change it: prefect concurrency-limit create {GPU_TAG} N)'}")
     names = ["--all"] if not args.names else [f"--name={name}" for name in args.names]
-    command = [str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", *names,
-               "--prefect-file", str(REPO / "deployments" / "prefect.yaml")]
     env = os.environ | {"PREFTUNE_HOME": os.environ.get("PREFTUNE_HOME", str(REPO))} | deploy_environment()
-    return subprocess.run(command, cwd=REPO, env=env).returncode
+    with tempfile.TemporaryDirectory() as folder:  # the form then starts from each profile's own values
+        prefect_file = resolved_prefect_file(Path(folder) / "prefect.yaml")
+        command = [str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", *names,
+                   "--prefect-file", str(prefect_file)]
+        return subprocess.run(command, cwd=REPO, env=env).returncode
 
 
 def cmd_ui(args) -> int:

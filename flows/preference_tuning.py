@@ -152,7 +152,7 @@ def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSumm
         # 6. Register the policy and the reward models (candidate, with their cards and the verdict), then the
         # promotion: champion at once when the gate passed it and no person must approve (flows/promotion.py).
         registered: list[RegisteredVersion] = []
-        explanation = decision.explanation()
+        outcome, explanation = None, decision.explanation()
         if config.tracking.register_models:
             policy_plan = plans.policy
             tags = run.lineage | {"method": config.method, "base_model": redact(config.model.base_model),
@@ -165,6 +165,6 @@ def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSumm
             explanation += f"\n\nOutcome: **{outcome.status}**: {outcome.message}"
         create_markdown_artifact(key="promotion", markdown=explanation, description="Promotion gate")
         logger.info("promotion: %s", explanation)
-        summary = run.summary(decision, registered)
+        summary = run.summary(decision, registered, outcome)
     publish_summary(summary, run.parent.info.experiment_id)
     return summary

@@ -16,6 +16,7 @@ from tasks.base import Workspace, fingerprint, redact
 from tasks.cleanup import stored_bytes
 from tasks.evaluate import EvalResult
 from tasks.merge import MergeResult
+from tasks.promotion import PromotionOutcome
 from tasks.tracking import PromotionDecision, RegisteredVersion, git_commit
 
 
@@ -26,6 +27,7 @@ class PipelineSummary(BaseModel):
     bytes_written: int
     metrics: dict[str, float]
     promotion: PromotionDecision
+    outcome: PromotionOutcome | None = None  # what became of the candidate (None: nothing registered)
     registered: list[RegisteredVersion]
 
 
@@ -64,13 +66,14 @@ class RunRecord:
         create_markdown_artifact(key="evaluation-report", markdown=Path(evaluation.report_path).read_text(),
                                  description=f"MLflow run {self.run_id}")
 
-    def summary(self, decision: PromotionDecision, registered: list[RegisteredVersion]) -> PipelineSummary:
+    def summary(self, decision: PromotionDecision, registered: list[RegisteredVersion],
+                outcome: PromotionOutcome | None = None) -> PipelineSummary:
         """The run's closing figures: disk used on the parent run, then the run-summary artifact."""
         bytes_written = stored_bytes(Path(self.workspace.path), self.config.tracking.experiment) - self.bytes_before
         mlflow.log_metric("disk.bytes_written", bytes_written)
         return PipelineSummary(mlflow_run_id=self.run_id, tracking_uri=self.tracking_uri, run_dir=self.workspace.path,
                                bytes_written=bytes_written, metrics=self.metrics, promotion=decision,
-                               registered=registered)
+                               outcome=outcome, registered=registered)
 
 
 @contextmanager

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Literal
 
@@ -54,10 +55,13 @@ class MergeMismatchError(PreftuneError):
 def _load_base(base_path: str, head: Head):
     import transformers
 
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
     extra = {"num_labels": 1} if head == "sequence-classification" else {}
     device, _ = inference_placement()
-    return getattr(transformers, HEADS[head]).from_pretrained(base_path, dtype=torch.float32, use_safetensors=True,
-                                                              **extra).to(device)
+    with suppress_seqcls_warning() if extra else nullcontext():  # the adapter brings the score head: no warning
+        return getattr(transformers, HEADS[head]).from_pretrained(base_path, dtype=torch.float32, use_safetensors=True,
+                                                                  **extra).to(device)
 
 
 def merge_into_base(base_path: str, adapter_dirs: list[str], output_dir: Path, head: Head = "causal-lm") -> str:

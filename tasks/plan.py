@@ -181,7 +181,7 @@ class TrainingPlan(BaseModel):
     def trainer_overrides(self) -> dict:
         """The TRL/transformers config fields the plan decides."""
         overrides = dict(per_device_train_batch_size=self.micro_batch, gradient_accumulation_steps=self.gradient_accumulation,
-                         gradient_checkpointing=self.gradient_checkpointing, optim=self.optim,
+                         activation_checkpointing=self.gradient_checkpointing, optim=self.optim,
                          bf16=self.precision == "bf16", fp16=self.precision == "fp16",
                          use_cpu=self.device_kind == "cpu")  # launched on a CPU: gloo, not a GPU backend
         if self.processes > 1:  # LoRA on frozen layers: DDP need not search the graph for unused parameters

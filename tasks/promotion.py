@@ -134,7 +134,14 @@ def record_decision(model: str, version: str, decision: PromotionDecision) -> No
     if run is not None:
         mlflow.log_dict(decision.model_dump(mode="json"), DECISION_ARTIFACT)
         client.set_model_version_tag(model, version, "promotion.decision", f"runs:/{run.info.run_id}/{DECISION_ARTIFACT}")
-    client.update_model_version(model, version, description=describe(decision))
+    tags = client.get_model_version(model, version).tags
+    kept = approval_line(tags["promotion.approved_by"], tags["promotion.decided_at"], tags.get("promotion.approval_reason", "")) \
+        if tags.get("promotion.outcome") == "promoted" else None  # an unchanged re-run of the champion keeps who approved it
+    client.update_model_version(model, version, description=describe(decision, kept))
+
+
+def approval_line(approved_by: str, decided_at: str, reason: str) -> str:
+    return f"Champion since {decided_at}, approved by {approved_by}: {reason}"
 
 
 def recorded_decision(model: str, version: str) -> PromotionDecision:
@@ -168,7 +175,7 @@ def promote(model: str, version: str, decision: PromotionDecision, alias: str, a
                                    "another run promoted meanwhile; evaluate this candidate against the new champion")
         decided_at = now()
         client.set_registered_model_alias(model, alias, version)
-    approval = f"Champion since {decided_at}, approved by {approved_by}: {reason}"
+    approval = approval_line(approved_by, decided_at, reason)
     for key, value in {"promotion.approved_by": approved_by, "promotion.decided_at": decided_at,
                        "promotion.approval_reason": reason[:5000], "promotion.previous_champion": current or "none",
                        "promotion.outcome": "promoted"}.items():

@@ -60,13 +60,15 @@ def reward_trainer(aspect: str, settings: RewardSettings, model: ResolvedModel, 
     """TRL's RewardTrainer for a plan (built in each process that trains)."""
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
 
     tokenizer = model.tokenizer()
 
     def make_trainer(plan: TrainingPlan) -> RewardTrainer:
         args = RewardConfig(**settings.trainer_args(stage_dir / "checkpoints", plan, stages.reward(aspect)))
-        network = AutoModelForSequenceClassification.from_pretrained(model.path, num_labels=1,
-                                                                     **plan.load_kwargs(model.settings))
+        with suppress_seqcls_warning():  # a causal LM loaded with a new score head: TRL's own silencing of it
+            network = AutoModelForSequenceClassification.from_pretrained(model.path, num_labels=1,
+                                                                         **plan.load_kwargs(model.settings))
         network.config.pad_token_id = tokenizer.pad_token_id
         return RewardTrainer(
             model=network,

@@ -19,7 +19,7 @@ from prefect import task
 from pydantic import BaseModel, Field
 
 from tasks.base import PreftuneError, StrictModel, fingerprint, redact, retry_unless_user_error
-from tasks.promotion import PromotionOutcome, PromotionRefused, mark, promote, record_decision
+from tasks.promotion import PromotionOutcome, PromotionRefused, champion_version, mark, promote, record_decision
 from tasks.verdict import GateInput, PromotionDecision, decide
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class TrackingSettings(StrictModel):
     policy_model_name: str = Field("preftune-policy", description="The registered model the tuned policy is a "
                                                                   "version of.")
     reward_model_prefix: str = Field("preftune-reward", description="Reward models are registered as "
-                                                                    "<prefix>-<aspect>, one per aspect.")
+                                                                    "`<prefix>-<aspect>`, one per aspect.")
     alias: str = Field("candidate", description="The registry alias every newly registered version gets.")
     register_models: bool = Field(True, description="Register the policy and reward models at the end of a run "
                                                     "(off: evaluate only, the registry is untouched).")
@@ -343,6 +343,9 @@ def decide_outcome(model: str, version: str, decision: PromotionDecision, settin
                    approved_by: str | None = None, reason: str | None = None) -> PromotionOutcome:
     """Promote a version that passed when no person needs to approve, or when one did (`approved_by`);
     otherwise say why nothing moved. Every outcome is kept on the version."""
+    if champion_version(model, settings.alias) == version:  # an unchanged re-run of the champion: nothing to decide
+        return PromotionOutcome(status="promoted", model=model, version=version, verdict=decision.verdict,
+                                message=f"{model} v{version} already is @{settings.alias}")
     outcome = PromotionOutcome(status="not promoted", model=model, version=version,
                                verdict=decision.verdict, message=f"the gate did not pass it: {decision.reason}")
     if decision.promoted and settings.approval == "person" and approved_by is None:

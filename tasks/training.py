@@ -81,7 +81,8 @@ class TrainerSettings(BaseModel):
 
     def trainer_args(self, output_dir: Path, plan: TrainingPlan, run_name: str) -> dict:
         """The stage's TRL config arguments in one step: its settings, then what the plan decided."""
-        return self.model_dump(exclude=self.own_fields) | plan.trainer_overrides() | dict(
+        # The plan decides checkpointing, under transformers' current name (activation_checkpointing).
+        return self.model_dump(exclude=self.own_fields | {"gradient_checkpointing"}) | plan.trainer_overrides() | dict(
             output_dir=str(output_dir),
             run_name=run_name,
             save_strategy="steps",

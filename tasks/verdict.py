@@ -133,7 +133,7 @@ class PromotionDecision(BaseModel):
 
     def explanation(self) -> str:
         """A paragraph and a table of the judges: what was shown, on what, and by whom."""
-        head = "promoted to champion" if self.promoted else "not promoted"
+        head = "passed the gate" if self.promoted else "not promoted"
         gate = self.gate
         lines = [f"**{head}** (verdict: {self.verdict}): {self.reason}", ""]
         if gate.lc_improvement is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from flows.cli import main
-from flows.config import PipelineConfig, load_config, profile_names
+from flows.config import PipelineConfig, build_config, load_config, profile_names
 from tasks.base import PreftuneError
 
 
@@ -224,3 +224,22 @@ def test_descriptions_survive_the_forms_markdown():
             for field, spec in model.get("properties", {}).items()
             if re.search(r"<[^<>`]*>", re.sub(r"`[^`]*`", "", spec.get("description", "")))]
     assert not lost, f"put the <placeholders> of these descriptions in backticks: {', '.join(lost)}"
+
+
+def test_deployments_start_the_run_form_from_their_whole_profile(tmp_path):
+    """Prefect's form sends every field it shows: registered as the bare profile name, an untouched
+    Custom run of `smoke` would send class defaults (the real model, the real registry names)."""
+    import yaml
+
+    from flows.deployments import resolved_prefect_file
+
+    spec = yaml.safe_load(resolved_prefect_file(tmp_path / "prefect.yaml").read_text())
+    trained = {d["name"]: d["parameters"]["config"] for d in spec["deployments"] if "config" in (d.get("parameters") or {})}
+    assert set(trained) == {"nightly-quickstart", "smoke", "book-gpu"}
+    for name, sent in trained.items():
+        profile = load_config(sent["profile"])
+        assert build_config(sent) == profile  # what an untouched form sends back is the profile
+    smoke = trained["smoke"]
+    assert smoke["model"]["random_init"] and smoke["tracking"]["policy_model_name"] == "preftune-smoke-policy"
+    edited = build_config(smoke | {"policy": smoke["policy"] | {"max_steps": 7}})
+    assert edited.policy.max_steps == 7 and edited.model.random_init == load_config("smoke").model.random_init

@@ -107,7 +107,7 @@ def test_smoke_deployment_runs_through_a_worker(servers, tmp_path, tiny_model_pa
         pools, deployments = asyncio.run(_pools_and_deployments())
         assert pools["preftune-local"].type == "process" and pools["preftune-gpu"].type == "kubernetes"
         assert pools["preftune-gpu"].base_job_template["variables"]["properties"]["gpu_count"]["default"] == 1
-        assert deployments == {"nightly-quickstart", "smoke", "book-gpu"}
+        assert deployments == {"nightly-quickstart", "smoke", "book-gpu", "promote"}
         try:
             worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "preftune-local"],
                                       env=env, cwd=tmp_path, stdout=open(tmp_path / "worker.log", "w"),

@@ -144,13 +144,18 @@ def _locate_gguf(reference: str) -> Path:
 
 
 def _atomic_save(target: Path, save) -> Path:
-    """Write into a temporary sibling and rename, so a crash never leaves a half-written model."""
+    """Write into a temporary sibling and rename, so a crash never leaves a half-written model; when two
+    processes build the same model at once, the first rename wins and the other keeps that one."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
         save(staging)
         staging.chmod(0o755)
         staging.rename(target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").is_file():  # not another process's finished copy
+            raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -172,6 +172,7 @@ def _cli(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
 
 
+@pytest.mark.slow
 def test_sigkill_during_dpo_then_rerun_resumes(tmp_path, tiny_model_path):
     """The CLI killed at a random DPO step, then run again: it ends at the same final step, skips the
     finished stages, and loses at most one checkpoint interval of work."""

@@ -216,6 +216,7 @@ def webhook():
         "preftune-test", overwrite=True)
     yield Receiver.posts
     server.shutdown()
+    server.server_close()
 
 
 def test_every_verdict_reaches_a_local_webhook(registry, webhook):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import mlflow
+import pytest
 from mlflow import MlflowClient
 
 from flows.config import load_config
@@ -9,6 +10,7 @@ from flows.preference_tuning import preference_tuning
 from tasks.registry import generate, list_versions
 
 
+@pytest.mark.slow
 def test_quickstart_flow_with_real_model_registers_a_usable_policy(tmp_path, smollm2_path):
     config = load_config("quickstart", overrides=[
         f"runs_dir={tmp_path / 'runs'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",

@@ -23,12 +23,15 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Files with slow tests first (so the two workers of `make test` never end on one long file while
-    the other idles); GPU tests run where CUDA is, and are reported as skipped elsewhere."""
+    """Files with slow tests first, the costliest first (so the two workers of `make test` never end on
+    one long file while the other idles); GPU tests run where CUDA is, and are reported as skipped elsewhere."""
     import torch
 
-    slow_files = {item.path for item in items if "slow" in item.keywords}
-    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within each file is kept
+    minutes: dict = {}  # a file's cost: its slowest test's `slow(minutes=...)` (1 when not given)
+    for item in items:
+        if marker := item.get_closest_marker("slow"):
+            minutes[item.path] = max(minutes.get(item.path, 0), marker.kwargs.get("minutes", 1))
+    items.sort(key=lambda item: -minutes.get(item.path, 0))  # stable: the order within each file is kept
 
     if torch.cuda.is_available():
         return

@@ -91,7 +91,7 @@ def _cli(*args: str, cwd: Path, env: dict) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=2)
 def test_two_processes_train_resume_after_a_kill_and_register(tmp_path, coin_judge_path):
     """`distributed.num_processes=2` on this CPU: DPO on 2 gloo ranks through `accelerate launch`, killed
     after its first checkpoint and run again. Both ranks ran and ended with bit-identical adapters

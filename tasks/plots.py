@@ -32,6 +32,7 @@ def training_curves(stage_runs: dict[str, str], metric: str = "loss"):
     axis.set_xlabel("step")
     axis.set_ylabel(metric)
     axis.set_title("training curves")
-    axis.legend()
+    if axis.lines:  # a run whose stages logged no loss yet (e.g. all resumed finished) draws no curve
+        axis.legend()
     figure.tight_layout()
     return figure

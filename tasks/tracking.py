@@ -331,14 +331,6 @@ def log_decision(policy: RegisteredVersion, decision: PromotionDecision) -> None
                        | (gate.improvement.metrics("promotion.improvement") if gate.improvement else {}))
 
 
-def apply_promotion(policy: RegisteredVersion, decision: PromotionDecision,
-                    settings: TrackingSettings) -> PromotionOutcome:
-    """Record the decision and its numbers on the version and the run; with `approval: auto`, move the
-    champion if it passed (tasks/promotion.py: under the lock, after re-checking the champion)."""
-    log_decision(policy, decision)
-    return decide_outcome(policy.name, policy.version, decision, settings.promotion)
-
-
 def decide_outcome(model: str, version: str, decision: PromotionDecision, settings: PromotionSettings,
                    approved_by: str | None = None, reason: str | None = None) -> PromotionOutcome:
     """Promote a version that passed when no person needs to approve, or when one did (`approved_by`);

@@ -18,8 +18,8 @@ from tasks.models import ModelSettings, RandomInitSettings, ResolvedModel, load_
 from tasks.reward import RewardSettings, train_reward_model
 from tasks.stats import Estimate, mean
 from tasks.verdict import GateInput, standing
-from tasks.tracking import (PromotionSettings, TrackingSettings, apply_promotion, configure, current_champion,
-                            decide_promotion, hf_folder, register_model, save_mlflow_model)
+from tasks.tracking import (PromotionSettings, TrackingSettings, configure, current_champion, decide_outcome,
+                            decide_promotion, hf_folder, log_decision, register_model, save_mlflow_model)
 
 MODEL = ModelSettings(random_init=RandomInitSettings())
 FAST = dict(max_steps=3, per_device_train_batch_size=4, logging_steps=1, save_steps=3, max_length=96)
@@ -203,20 +203,26 @@ def test_registration_points_at_the_model_once_and_copies_nothing(trained, tiny_
     assert loaded["model"].config.hidden_size == 64  # models:/ loads the registered folder
 
 
+def promote_as_registered(version, decision, settings: TrackingSettings):
+    """What `register` and the promote-candidate flow do with `approval: auto`: record, then decide."""
+    log_decision(version, decision)
+    return decide_outcome(version.name, version.version, decision, settings.promotion)
+
+
 def test_gate_keeps_the_champion_when_the_candidate_is_worse_or_unjudged(trained, tiny_model_path, tmp_path):
     settings = TrackingSettings(policy_model_name="gate-policy")
     coin = standing("helpfulness", 1.0, Estimate(value=0.55, ci_low=0.43, ci_high=0.67, n=65), 0.0, 0.5)
     with mlflow.start_run():
         first = register_model(_mlflow_model(tiny_model_path, tmp_path / "one"), "gate-policy", settings, {})
-        apply_promotion(first, decide_promotion(_gate(0.1, 0.3, 0.5), settings.promotion), settings)
+        promote_as_registered(first, decide_promotion(_gate(0.1, 0.3, 0.5), settings.promotion), settings)
         second = register_model(_mlflow_model(tiny_model_path, tmp_path / "two"), "gate-policy", settings, {})
         worse = decide_promotion(_gate(-0.3, -0.1, 0.05, f"models:/gate-policy/{first.version}"), settings.promotion)
-        apply_promotion(second, worse, settings)
+        promote_as_registered(second, worse, settings)
         third = register_model(_mlflow_model(tiny_model_path, tmp_path / "three"), "gate-policy", settings, {})
         # Judged only by a judge at chance, even a huge "improvement" is no evidence.
         unjudged = decide_promotion(GateInput(baseline=f"models:/gate-policy/{first.version}", judges=[coin]),
                                     settings.promotion)
-        apply_promotion(third, unjudged, settings)
+        promote_as_registered(third, unjudged, settings)
     client = MlflowClient()
     assert not worse.promoted and unjudged.verdict == "no evidence" and not unjudged.promoted
     assert str(client.get_model_version_by_alias("gate-policy", "champion").version) == first.version

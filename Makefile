@@ -46,10 +46,11 @@ $(S3RVER): tests/s3rver/package.json tests/s3rver/package-lock.json
 	npm ci --prefix $(VENV)/s3rver --no-audit --no-fund --silent
 s3rver: $(S3RVER)
 
-# Two workers (pytest-xdist), a test file each at a time: most tests wait on a server or a subprocess
-# as much as they compute, so two share the cores well (each worker has its own Prefect test server).
+# Two workers (pytest-xdist), a test file each at a time, in the order tests/conftest.py gives (costliest
+# first; xdist would otherwise start with the files that hold the most tests and end on the long ones).
+# Each worker has its own Prefect test server.
 test: setup postgres s3rver
-	$(BIN)/pytest -n 2 --dist loadfile
+	$(BIN)/pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 ui: setup
 	$(BIN)/preftune ui

@@ -88,7 +88,7 @@ async def _pools_and_deployments():
         return pools, {deployment.name for deployment in await client.read_deployments()}
 
 
-@pytest.mark.slow(minutes=1.5)
+@pytest.mark.slow(minutes=2)
 def test_smoke_deployment_runs_through_a_worker(servers, tmp_path, tiny_model_path):
     prefect, mlflow, prefect_home, stores, password = servers
     mlflow_db, prefect_db = (stores.mlflow_backend, password), (stores.prefect_database, password)

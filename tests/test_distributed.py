@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import signal
 import subprocess
 import time
@@ -92,13 +94,14 @@ def _cli(*args: str, cwd: Path, env: dict) -> subprocess.Popen:
 
 
 @pytest.mark.slow(minutes=2)
-def test_two_processes_train_resume_after_a_kill_and_register(tmp_path, coin_judge_path):
-    """`distributed.num_processes=2` on this CPU: DPO on 2 gloo ranks through `accelerate launch`, killed
-    after its first checkpoint and run again. Both ranks ran and ended with bit-identical adapters
-    (synchronised gradients), the global batch is the single-process one, the re-run resumed from the
-    checkpoint, and the policy registers like any run."""
-    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-                        "PREFECT_HOME": str(tmp_path / "prefect")}
+def test_two_processes_train_resume_after_a_kill_and_register(tmp_path, coin_judge_path, prefect_api):
+    """`distributed.num_processes=2` on this CPU: DPO on 2 gloo ranks through `accelerate launch`, SIGKILLed
+    (the CLI, the launcher and both ranks) at a seeded random moment after its first checkpoint and run
+    again. The re-run skips the finished stages, resumes from the checkpoint (at most one checkpoint
+    interval of work lost) and ends at the same final step; both ranks ended with bit-identical adapters
+    (synchronised gradients), the global batch is the single-process one, and the policy registers like
+    any run. (A kill in a single process resumes the same way: `test_faults` stops a training mid-run.)"""
+    env = os.environ | prefect_api | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     # The judges are given (a judge at chance for each aspect), so DPO is the one stage launched.
     args = ["run", "--profile", "smoke", "--set", "distributed.num_processes=2", "--set", "sft.enabled=false",
             "--set", "policy.max_steps=8", "--set", "policy.save_steps=2", "--set", f"runs_dir={tmp_path / 'runs'}",
@@ -107,13 +110,20 @@ def test_two_processes_train_resume_after_a_kill_and_register(tmp_path, coin_jud
     while not list((tmp_path / "runs").glob("smoke/dpo/*/checkpoints/checkpoint-2/trainer_state.json")):
         assert first.poll() is None, first.stdout.read()[-4000:]
         time.sleep(0.1)
+    time.sleep(random.Random(95).uniform(0.0, 1.0))  # somewhere after checkpoint-2, the same place every run
     os.killpg(first.pid, signal.SIGKILL)  # the CLI, the launcher and both ranks
     first.wait()
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    [killed] = client.search_runs([client.get_experiment_by_name("preftune").experiment_id], "tags.`preftune.stage` = 'dpo'")
+    killed_at = max(m.step for m in client.get_metric_history(killed.info.run_id, "loss"))
 
     second = _cli(*args, cwd=tmp_path, env=env)
     output, _ = second.communicate(timeout=600)
     assert second.returncode == 0, output[-4000:]
-    assert "resuming from checkpoint-" in output  # rank 0's log line, streamed into the task's log
+    assert re.search(r"Task run 'format-data' - Finished in state Cached", output)  # finished stages are skipped
+    resumed_from = int(re.search(r"resuming from checkpoint-(\d+)", output).group(1))  # rank 0's log line
+    print(f"killed at step {killed_at}, resumed from checkpoint-{resumed_from}")
+    assert 0 <= killed_at - resumed_from <= 2  # at most one checkpoint interval (save_steps) redone
     [stage] = (tmp_path / "runs").glob("smoke/dpo/*")
     fitted = json.loads((stage / "fit.json").read_text())
     single = _plan(PolicySettings(per_device_train_batch_size=4, max_length=128), 1)
@@ -123,7 +133,6 @@ def test_two_processes_train_resume_after_a_kill_and_register(tmp_path, coin_jud
     assert first_rank == second_rank
     assert [entry["step"] for entry in fitted["history"] if "loss" in entry] == list(range(1, 9))
 
-    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("preftune").experiment_id
     [parent] = client.search_runs([experiment], "tags.`preftune.profile` = 'smoke' and attributes.status = 'FINISHED'")
     dpo_runs = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "

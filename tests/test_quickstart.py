@@ -10,7 +10,7 @@ from flows.preference_tuning import preference_tuning
 from tasks.registry import generate, list_versions
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=1.3)
 def test_quickstart_flow_with_real_model_registers_a_usable_policy(tmp_path, smollm2_path):
     config = load_config("quickstart", overrides=[
         f"runs_dir={tmp_path / 'runs'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",

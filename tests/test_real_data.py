@@ -12,7 +12,7 @@ from tasks.models import ModelSettings, ResolvedModel, load_tokenizer
 from tasks.tracking import TrackingSettings, configure
 
 
-@pytest.mark.slow(minutes=3)
+@pytest.mark.slow(minutes=2)
 def test_short_dpo_run_on_real_pairs_beats_chance_on_held_out_questions(shared_data, smollm2_path, tmp_path,
                                                                         tracking_uri):
     configure(TrackingSettings())
@@ -21,7 +21,7 @@ def test_short_dpo_run_on_real_pairs_beats_chance_on_held_out_questions(shared_d
                         judge_fraction=0.4)
     parts = split(apply_filter(load(data, tmp_path), data, tmp_path), data, tmp_path)
     pairs = format_split(parts, load_tokenizer(smollm2_path, model), tmp_path / "formatted", 256)
-    settings = PolicySettings(max_steps=6, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+    settings = PolicySettings(max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
                            learning_rate=2e-4, max_length=256, save_steps=100)
     result = train_policy_adapter("dpo", settings, ResolvedModel(path=smollm2_path, settings=model), pairs, tmp_path / "dpo")
     tuned = merge_into_base(smollm2_path, [result.adapter_dir], tmp_path / "merged")

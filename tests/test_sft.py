@@ -74,16 +74,18 @@ def test_sft_trains_on_conversations_with_a_borrowed_chat_template(base_without_
     assert [entry["step"] for entry in history if "loss" in entry] == [1, 2, 3]
 
 
-def test_flow_runs_sft_on_its_own_conversations_then_the_policy_from_it(tmp_path):
+@pytest.mark.slow(minutes=0.8)
+def test_flow_runs_sft_on_its_own_conversations_then_the_policy_from_it(tmp_path, coin_judge_path):
     from mlflow import MlflowClient
 
     from flows.config import load_config
     from flows.preference_tuning import preference_tuning
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    config = load_config("smoke", overrides=[
+    config = load_config("smoke", overrides=[  # the judges are given: training them is not what is tested
         f"sft.chat_data.source={conversations(tmp_path / 'chats.jsonl')}", "sft.chat_data.rows=24",
-        "sft.chat_data.eval_rows=4", f"runs_dir={tmp_path / 'runs'}", f"tracking.tracking_uri={uri}"])
+        "sft.chat_data.eval_rows=4", f"runs_dir={tmp_path / 'runs'}", f"tracking.tracking_uri={uri}",
+        f"rewards.helpfulness.judge={coin_judge_path}", f"rewards.harmlessness.judge={coin_judge_path}"])
     summary = preference_tuning(config)
     client = MlflowClient(uri)
     parent = client.get_run(summary.mlflow_run_id)

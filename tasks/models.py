@@ -152,13 +152,10 @@ def _atomic_save(target: Path, save) -> Path:
         save(staging)
         staging.chmod(0o755)
         staging.rename(target)
-    except OSError:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
-        if not (target / "config.json").is_file():  # not another process's finished copy
+        if not (isinstance(error, OSError) and (target / "config.json").is_file()):  # else another process's copy stands
             raise
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 

@@ -47,6 +47,27 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+MLFLOW_PROCESS_STORE = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")
+
+
+@pytest.fixture(autouse=True)
+def mlflow_store_not_inherited():
+    """`tasks.tracking.configure` points the whole process at a store, as a run should; a test must not
+    leave the next test on its worker writing to that store (a stopped server's URL made a later test
+    fail after minutes of retries)."""
+    saved = {name: os.environ.get(name) for name in MLFLOW_PROCESS_STORE}
+    yield
+    import sys
+
+    if (mlflow := sys.modules.get("mlflow")) is not None:
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])  # None: back to "not set", env var included
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture(scope="session", autouse=True)
 def prefect_server():
     """Flows in tests run against a throwaway Prefect server and database, as Prefect recommends."""

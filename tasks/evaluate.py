@@ -143,22 +143,27 @@ class RewardScorer:
     """Scores (prompt, response) with a reward model, rendered as RewardTrainer saw them."""
 
     def __init__(self, source: str, max_length: int):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from trl.trainer.reward_trainer import suppress_seqcls_warning
 
         self.device, dtype = inference_placement()
         try:
-            if source.startswith("models:/"):
-                components = mlflow.transformers.load_model(source, return_type="components")
-                self.model, self.tokenizer = components["model"], components["tokenizer"]
-            else:
-                self.model = AutoModelForSequenceClassification.from_pretrained(source, dtype=dtype,
-                                                                                use_safetensors=True)
-                self.tokenizer = AutoTokenizer.from_pretrained(source)
+            with suppress_seqcls_warning():  # a judge that is an adapter over a causal LM: its head comes with it
+                self.model, self.tokenizer = self._load(source, dtype)
         except (OSError, ValueError, mlflow.exceptions.MlflowException) as error:
             raise PreftuneError(f"cannot load the reward model {source!r}: {str(error).splitlines()[0]}") from None
         self.model = self.model.to(self.device, dtype).eval()
         self.tokenizer.truncation_side = "left"  # an overlong prompt loses its start, never the response judged
         self.max_length = max_length
+
+    @staticmethod
+    def _load(source: str, dtype):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if source.startswith("models:/"):
+            components = mlflow.transformers.load_model(source, return_type="components")
+            return components["model"], components["tokenizer"]
+        model = AutoModelForSequenceClassification.from_pretrained(source, dtype=dtype, use_safetensors=True)
+        return model, AutoTokenizer.from_pretrained(source)
 
     @torch.inference_mode()
     def score(self, prompts: list[list[dict]], responses: list[str], batch_size: int = 8) -> np.ndarray:

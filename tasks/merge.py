@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import shutil
 import threading
-from contextlib import nullcontext
 from pathlib import Path
-from typing import Literal
 
 import torch
 from peft import PeftModel
@@ -22,10 +20,6 @@ from tasks.caching import MERGE_CACHE
 from tasks.data import read_jsonl
 from tasks.tracking import hf_folder, save_mlflow_model
 from tasks.plan import inference_placement
-
-Head = Literal["causal-lm", "sequence-classification"]
-HEADS = {"causal-lm": "AutoModelForCausalLM", "sequence-classification": "AutoModelForSequenceClassification"}
-TASKS = {"causal-lm": "text-generation", "sequence-classification": "text-classification"}  # MLflow's pipeline tasks
 
 
 class MergeSettings(StrictModel):
@@ -52,19 +46,14 @@ class MergeMismatchError(PreftuneError):
     """The merged weights do not reproduce base+adapters: never register such a model."""
 
 
-def _load_base(base_path: str, head: Head):
-    import transformers
+def _load_base(base_path: str):
+    from transformers import AutoModelForCausalLM
 
-    from trl.trainer.reward_trainer import suppress_seqcls_warning
-
-    extra = {"num_labels": 1} if head == "sequence-classification" else {}
     device, _ = inference_placement()
-    with suppress_seqcls_warning() if extra else nullcontext():  # the adapter brings the score head: no warning
-        return getattr(transformers, HEADS[head]).from_pretrained(base_path, dtype=torch.float32, use_safetensors=True,
-                                                                  **extra).to(device)
+    return AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, use_safetensors=True).to(device)
 
 
-def merge_into_base(base_path: str, adapter_dirs: list[str], output_dir: Path, head: Head = "causal-lm") -> str:
+def merge_into_base(base_path: str, adapter_dirs: list[str], output_dir: Path) -> str:
     """base <- adapter 1 <- adapter 2 ..., each merged in turn (SFT then DPO in the recipe). Written once,
     as an MLflow model (`output_dir`) whose `model/` folder is a plain Hugging Face model: later stages
     load that folder, and the registry points at the MLflow model instead of copying it."""
@@ -74,13 +63,10 @@ def merge_into_base(base_path: str, adapter_dirs: list[str], output_dir: Path, h
     if (folder / "config.json").exists():
         return str(folder)
     with MERGING:
-        model = _load_base(base_path, head)
+        model = _load_base(base_path)
         for adapter in adapter_dirs:
             model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dirs[-1])
-    if head == "sequence-classification":
-        model.config.pad_token_id = tokenizer.pad_token_id
-    save_mlflow_model(model.cpu(), tokenizer, TASKS[head], output_dir)
+    save_mlflow_model(model.cpu(), AutoTokenizer.from_pretrained(adapter_dirs[-1]), "text-generation", output_dir)
     return str(folder)
 
 
@@ -93,7 +79,7 @@ def max_logit_difference(merged_dir: str, base_path: str, adapter_dirs: list[str
     texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
     device, _ = inference_placement()
     inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    stacked = PeftModel.from_pretrained(_load_base(base_path, "causal-lm"), adapter_dirs[0], adapter_name="a0")
+    stacked = PeftModel.from_pretrained(_load_base(base_path), adapter_dirs[0], adapter_name="a0")
     for index, adapter in enumerate(adapter_dirs[1:], start=1):
         stacked.load_adapter(adapter, adapter_name=f"a{index}")
     stacked.base_model.set_adapter([f"a{i}" for i in range(len(adapter_dirs))])

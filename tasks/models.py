@@ -232,6 +232,39 @@ def resolve_model_path(settings: ModelSettings) -> str:
     return resolved
 
 
+JUDGE_WEIGHT_FILES = ["*.safetensors", "*.safetensors.index.json", "*.py"]  # a Hub base's files a judge base links
+
+
+def judge_base(model: "ResolvedModel") -> str:
+    """The model as a one-label sequence classifier, without a copy of its weights: its config
+    (`num_labels=1`, the padding token) and tokenizer, with links to the base's weight files. A reward
+    model is a LoRA adapter plus score head over this folder, so a judge is megabytes, not a second base;
+    transformers, PEFT and MLflow (`base_model_path`) each load the pair as one model."""
+    from transformers import AutoConfig
+
+    source = Path(model.path)
+    if not source.is_dir():  # a hub id: the files `from_pretrained` would fetch, from the Hub's cache
+        from huggingface_hub import snapshot_download
+
+        source = Path(snapshot_download(model.path, revision=model.settings.revision, allow_patterns=JUDGE_WEIGHT_FILES))
+    target = cache_root() / "models" / (
+        f"{source.resolve().name}-judge-{fingerprint([model.path, model.settings.revision, model.settings.tokenizer])}")
+    if (target / "config.json").exists():
+        return str(target)
+
+    def save(folder: Path) -> None:
+        tokenizer = model.tokenizer()
+        config = AutoConfig.from_pretrained(source, num_labels=1, trust_remote_code=model.settings.trust_remote_code)
+        config.pad_token_id = tokenizer.pad_token_id
+        config.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        for file in source.iterdir():  # after the own files: a link must never be written through
+            if file.is_file() and not (folder / file.name).exists():
+                (folder / file.name).symlink_to(file.resolve())
+
+    return str(_atomic_save(target, save))
+
+
 class ResolvedModel(BaseModel):
     """A model resolved once: the folder (or hub id) `from_pretrained` loads, and the settings that say
     how (revision, remote code, precision and 4-bit choices, tokenizer). Stages receive this one object."""

@@ -7,6 +7,7 @@ recipe, so no second copy of the model is held in memory.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -75,6 +76,7 @@ def policy_trainer(method_name: str, settings: PolicySettings, model: ResolvedMo
                    ) -> Callable[[TrainingPlan], object]:
     """The method's TRL trainer for a plan (built in each process that trains)."""
     from transformers import AutoModelForCausalLM
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
 
     method = method_named(method_name)
     tokenizer = model.tokenizer()
@@ -98,11 +100,12 @@ def policy_trainer(method_name: str, settings: PolicySettings, model: ResolvedMo
         except (TypeError, ValueError) as error:  # e.g. a batch that num_generations does not divide
             raise PreftuneError(f"policy settings for {method_name}: {error}") from None
         network = AutoModelForCausalLM.from_pretrained(model.path, **plan.load_kwargs(model.settings))
-        trainer = method.trainer_class()(
-            model=network, args=args, train_dataset=train_data, eval_dataset=eval_data, processing_class=tokenizer,
-            peft_config=settings.lora.peft_config("CAUSAL_LM", network.config.num_hidden_layers),
-            callbacks=callbacks, **online)
-        if method.online:  # TRL names each reward by its folder (all ours are `model`): name them by aspect
+        with suppress_seqcls_warning() if method.online else nullcontext():  # the judges' adapters bring their heads
+            trainer = method.trainer_class()(
+                model=network, args=args, train_dataset=train_data, eval_dataset=eval_data, processing_class=tokenizer,
+                peft_config=settings.lora.peft_config("CAUSAL_LM", network.config.num_hidden_layers),
+                callbacks=callbacks, **online)
+        if method.online:  # TRL names each reward by its folder (all ours are `peft`): name them by aspect
             trainer.reward_func_names = names
         return trainer
 

@@ -16,10 +16,10 @@ from tasks.base import Workspace
 from tasks.caching import code_fingerprint
 from tasks.data import DataSettings, SplitData
 from tasks.distributed import DistributedSettings
-from tasks.merge import merge_into_base
-from tasks.models import ModelSettings, ResolvedModel
+from tasks.merge import MERGING
+from tasks.models import ModelSettings, ResolvedModel, judge_base
 from tasks.plan import TrainingPlan, default_plan
-from tasks.tracking import stage_run
+from tasks.tracking import adapter_folder, save_mlflow_model, stage_run
 from tasks.training import TrainerSettings, fit, load_pairs, training_task
 
 
@@ -48,7 +48,7 @@ class RewardResult(BaseModel):
     aspect: str
     weight: float
     eval_path: str  # this aspect's held-out pairs
-    model_dir: str  # merged, full precision: what scores responses and gets registered
+    model_dir: str  # the adapter and score head inside an MLflow model over the judge base: scores, gets registered
     adapter_dir: str
     train_pairs: int  # pairs the trainer used (all of the split: overlong ones were shortened, not dropped)
     metrics: dict[str, float]
@@ -62,14 +62,12 @@ def reward_trainer(aspect: str, settings: RewardSettings, model: ResolvedModel, 
     from trl import RewardConfig, RewardTrainer
     from trl.trainer.reward_trainer import suppress_seqcls_warning
 
-    tokenizer = model.tokenizer()
+    tokenizer, base = model.tokenizer(), judge_base(model)
 
     def make_trainer(plan: TrainingPlan) -> RewardTrainer:
         args = RewardConfig(**settings.trainer_args(stage_dir / "checkpoints", plan, stages.reward(aspect)))
         with suppress_seqcls_warning():  # a causal LM loaded with a new score head: TRL's own silencing of it
-            network = AutoModelForSequenceClassification.from_pretrained(model.path, num_labels=1,
-                                                                         **plan.load_kwargs(model.settings))
-        network.config.pad_token_id = tokenizer.pad_token_id
+            network = AutoModelForSequenceClassification.from_pretrained(base, **plan.load_kwargs(model.settings))
         return RewardTrainer(
             model=network,
             args=args,  # created before the model: ZeRO-3 must know it when the weights load
@@ -81,6 +79,22 @@ def reward_trainer(aspect: str, settings: RewardSettings, model: ResolvedModel, 
         )
 
     return make_trainer
+
+
+def save_judge(model: ResolvedModel, adapter_dir: Path, output_dir: Path) -> str:
+    """The trained adapter as an MLflow model over the judge base (megabytes: no merged copy of the base);
+    returns its adapter folder, which `from_pretrained` loads as the full reward model."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    if (adapter_folder(output_dir) / "adapter_config.json").exists():
+        return str(adapter_folder(output_dir))
+    base = judge_base(model)
+    with MERGING, suppress_seqcls_warning():  # the adapter brings the score head
+        network = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base), adapter_dir)
+    save_mlflow_model(network, model.tokenizer(), "text-classification", output_dir, base_model_path=base)
+    return str(adapter_folder(output_dir))
 
 
 def train_reward_model(aspect: str, settings: RewardSettings, model: ResolvedModel, splits: SplitData, stage_dir: Path,
@@ -95,7 +109,7 @@ def train_reward_model(aspect: str, settings: RewardSettings, model: ResolvedMod
         if used < splits.train.rows:
             log.warning("%s: the trainer used %d of %d train pairs", stages.reward(aspect), used, splits.train.rows)
         adapter_dir = Path(fitted.adapter_dir)
-        model_dir = merge_into_base(model.path, [str(adapter_dir)], stage_dir / "model", head="sequence-classification")
+        model_dir = save_judge(model, adapter_dir, stage_dir / "model")
         return RewardResult(aspect=aspect, weight=settings.weight, eval_path=splits.eval.path, model_dir=model_dir,
                             adapter_dir=str(adapter_dir), train_pairs=used, metrics=fitted.metrics,
                             mlflow_run_id=run.info.run_id)

@@ -146,6 +146,11 @@ def hf_folder(mlflow_model: Path) -> Path:
     return Path(mlflow_model) / "model"
 
 
+def adapter_folder(mlflow_model: Path) -> Path:
+    """The PEFT adapter inside an MLflow transformers model saved with `base_model_path` (MLflow's layout)."""
+    return Path(mlflow_model) / "peft"
+
+
 CARD_TEMPLATE = "---\n{{ card_data }}\n---\n\n# {{ model_name }}\n\n{{ body }}\n"
 CARD_FILES = ("model_card.md", "model_card_data.yaml")  # where mlflow.transformers keeps a model's card
 
@@ -187,17 +192,19 @@ def stage_card(model, task_name: str):
                       "Written by a preftune stage; the registered version's card adds its data and evaluation.")
 
 
-def save_mlflow_model(model, tokenizer, task_name: str, target: Path, card=None) -> Path:
+def save_mlflow_model(model, tokenizer, task_name: str, target: Path, card=None, base_model_path: str | None = None) -> Path:
     """Write a model once, as an MLflow transformers model (MLmodel, `model/` with the weights and the
-    tokenizer, so it also loads with `from_pretrained`), with its model card. Atomic: a crash leaves
-    no half-written folder."""
+    tokenizer, so it also loads with `from_pretrained`), with its model card. A PEFT model with
+    `base_model_path` keeps only its adapter (`peft/`, tokenizer beside it) and loads over that folder.
+    Atomic: a crash leaves no half-written folder."""
     partial = target.with_name(f"{target.name}.partial-{uuid.uuid4().hex[:8]}")
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         mlflow.transformers.save_model(transformers_model={"model": model, "tokenizer": tokenizer}, path=str(partial),
-                                       task=task_name, pip_requirements=SERVING_REQUIREMENTS,
-                                       model_card=card or stage_card(model, task_name))
-        tokenizer.save_pretrained(hf_folder(partial))
+                                       task=task_name, model_card=card or stage_card(model, task_name),
+                                       base_model_path=base_model_path,
+                                       pip_requirements=SERVING_REQUIREMENTS + (["peft"] if base_model_path else []))
+        tokenizer.save_pretrained(adapter_folder(partial) if base_model_path else hf_folder(partial))
         partial.rename(target)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

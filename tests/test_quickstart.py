@@ -7,6 +7,7 @@ from mlflow import MlflowClient
 
 from flows.config import load_config
 from flows.preference_tuning import preference_tuning
+from tasks.evaluate import RewardScorer
 from tasks.registry import generate, list_versions
 
 
@@ -37,5 +38,9 @@ def test_quickstart_flow_with_real_model_registers_a_usable_policy(tmp_path, smo
     policy = listed[("preftune-policy", "1")]
     assert "candidate" in policy["aliases"] and "implicit_reward.accuracy" in policy["metrics"]
     assert {("preftune-reward-helpfulness", "1"), ("preftune-reward-harmlessness", "1")} <= listed.keys()
+    # The judges are adapters over the base's own weights: the run writes one merged model, not three.
+    assert summary.bytes_written < 600 * 2**20
+    judged = RewardScorer("models:/preftune-reward-helpfulness@candidate", 64)  # a registered judge loads and scores
+    assert judged.score([[{"role": "user", "content": "Capital of France?"}]] * 2, ["Paris.", "Bananas."]).shape == (2,)
     # What `preftune generate` does: load the registered policy by alias and answer.
     assert "Paris" in generate("models:/preftune-policy@candidate", "What is the capital of France?", 10)

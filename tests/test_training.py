@@ -39,11 +39,21 @@ def test_reward_model_trains_on_every_pair_logs_curves_and_scores_pairs(tiny_mod
                                 tmp_path / "reward")
     assert result.train_pairs == pairs.train.rows
     assert mlflow.MlflowClient().get_run(result.mlflow_run_id).data.metrics["train_pairs_used"] == pairs.train.rows
-    assert (Path(result.model_dir) / "model.safetensors").is_file()
     history = mlflow.MlflowClient().get_metric_history(result.mlflow_run_id, "loss")
     assert [m.step for m in history] == [1, 2, 3, 4]
     scores = RewardScorer(result.model_dir, 128).score([[{"role": "user", "content": "2+2?"}]] * 2, ["4", "5"])
     assert scores.shape == (2,) and scores[0] != scores[1]
+
+    # The judge is its adapter and score head over the base's own weight files, not a second copy of them;
+    # MLflow loads the same model from its folder (what the registry hands out).
+    mlflow_model = Path(result.model_dir).parent
+    weights = [f.relative_to(mlflow_model) for f in mlflow_model.rglob("*.safetensors")]
+    assert weights == [Path("peft/adapter_model.safetensors")]
+    assert (mlflow_model / weights[0]).stat().st_size < (Path(tiny_model_path) / "model.safetensors").stat().st_size / 50
+    loaded = mlflow.transformers.load_model(str(mlflow_model), return_type="components")
+    scorer = RewardScorer(result.model_dir, 128)
+    scorer.model, scorer.tokenizer = loaded["model"].eval(), loaded["tokenizer"]
+    assert scorer.score([[{"role": "user", "content": "2+2?"}]] * 2, ["4", "5"]).tolist() == scores.tolist()
     overlong = [{"role": "user", "content": "Some context. " * 200 + "What is 2+2?"}]  # far past max_length
     scores = RewardScorer(result.model_dir, 128).score([overlong] * 2, ["4", "5"])
     assert scores[0] != scores[1]  # the prompt was cut, not the responses

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, Field, StringConstraints, ValidationError, field_validator, model_validator
 
-from tasks.base import PreftuneError, StrictModel
+from tasks.base import PreftuneError, StrictModel, redacted_settings
 from tasks.data import DataSettings
 from tasks.distributed import DistributedSettings
 from tasks.evaluate import EvalSettings
@@ -99,6 +99,15 @@ class PipelineConfig(StrictModel):
             raise ValueError(f"rewards {', '.join(shared)} train on the pipeline's data: set data.judge_fraction "
                              "(e.g. 0.3) so they judge the policy on questions it never trained on, or give them "
                              "their own data or a judge model")
+        return self
+
+    @model_validator(mode="after")
+    def _no_redacted_credentials(self) -> "PipelineConfig":
+        if found := redacted_settings(self.model_dump()):
+            raise ValueError(f"{', '.join(found)}: a redacted credential (***), as Prefect records a flow run's "
+                             "parameters; credentials never travel as parameters: give them to the process that runs "
+                             "the flow through its environment (e.g. MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, "
+                             "HF_TOKEN, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
         return self
 
     @model_validator(mode="after")

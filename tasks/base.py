@@ -8,8 +8,9 @@ import os
 import re
 import uuid
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, PlainSerializer
 
 
 class StrictModel(BaseModel):
@@ -112,6 +113,22 @@ def redact(text: str) -> str:
     for pattern, replacement in SECRETS:
         text = pattern.sub(replacement, text)
     return text
+
+
+# A setting that may carry a credential (a URI's password, a signed URL's signature). Its JSON form is redacted:
+# that is what Prefect records as a flow run's parameters and shows in its UI, what a deployment file and the
+# launcher's spec hold, and what cache keys hash. The process itself keeps the value it was given.
+MayHoldCredentials = Annotated[str, PlainSerializer(lambda value: redact(value), return_type=str, when_used="json")]
+
+
+def redacted_settings(values: object, key: str = "") -> list[str]:
+    """Dotted keys of the settings whose value is a redacted credential (`***`): such a value came from a
+    record (Prefect's parameters, a deployment file), never from a person, and must not be used."""
+    if isinstance(values, dict):
+        return [found for name, value in values.items() for found in redacted_settings(value, f"{key}{name}.")]
+    if isinstance(values, (list, tuple)):
+        return [found for index, value in enumerate(values) for found in redacted_settings(value, f"{key}{index}.")]
+    return [key.rstrip(".")] if isinstance(values, str) and "***" in values else []
 
 
 def redact_logs() -> None:

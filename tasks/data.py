@@ -14,7 +14,7 @@ import pandas as pd
 from prefect import task
 from pydantic import BaseModel, Field
 
-from tasks.base import PreftuneError, StrictModel, Workspace, file_sha256, fingerprint, retry_unless_user_error
+from tasks.base import MayHoldCredentials, PreftuneError, StrictModel, Workspace, file_sha256, fingerprint, retry_unless_user_error
 from tasks.caching import DATA_CACHE
 from tasks.models import ResolvedModel
 from tasks.schemas import SCHEMAS, normalize
@@ -27,11 +27,11 @@ class DataSettings(StrictModel):
     """Where preference pairs come from and how they are filtered and split. The split is by question,
     so no question is in two of the policy's train, held-out and judges' splits."""
 
-    source: str = Field("synthetic", description="A generated set (synthetic, synthetic:instructions, "
+    source: MayHoldCredentials = Field("synthetic", description="A generated set (synthetic, synthetic:instructions, "
                                                  "synthetic:harmlessness), a local jsonl/json/parquet/csv file, "
                                                  "or a Hub dataset id.")
     split: str = Field("train", description="The dataset split to read (Hub datasets).")
-    data_dir: str | None = Field(None, description="A Hub dataset's subset folder, e.g. harmless-base of "
+    data_dir: MayHoldCredentials | None = Field(None, description="A Hub dataset's subset folder, e.g. harmless-base of "
                                                    "Anthropic/hh-rlhf.")
     format: Format = Field("auto", description="The rows' schema (tasks/schemas.py); auto: detected from the "
                                                "columns.")

@@ -26,7 +26,7 @@ from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 from prefect import task
 from pydantic import BaseModel, Field
 
-from tasks.base import PreftuneError, StrictModel, Workspace, redact, retry_unless_user_error
+from tasks.base import MayHoldCredentials, PreftuneError, StrictModel, Workspace, redact, retry_unless_user_error
 from tasks.caching import EVALUATION_CACHE
 from tasks.data import DataSettings, read_jsonl
 from tasks.instructions import verify
@@ -42,7 +42,7 @@ class RefereeSettings(StrictModel):
     """A judge that is not a training reward: it scores the policy's answers and earns its say on the
     policy's held-out pairs like any judge."""
 
-    model: str = Field(description="A sequence-classification reward model: a folder, a Hub id or a models:/ URI.")
+    model: MayHoldCredentials = Field(description="A sequence-classification reward model: a folder, a Hub id or a models:/ URI.")
     weight: float = Field(1.0, gt=0, description="Its share of the combined score, relative to the other heard judges.")
 
 

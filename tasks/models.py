@@ -25,7 +25,7 @@ from peft import LoraConfig  # noqa: E402
 from prefect import task  # noqa: E402
 from pydantic import BaseModel, Field  # noqa: E402
 
-from tasks.base import PreftuneError, StrictModel, cache_root, fingerprint, retry_unless_user_error
+from tasks.base import MayHoldCredentials, PreftuneError, StrictModel, cache_root, fingerprint, retry_unless_user_error
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class TokenizerSettings(StrictModel):
     """How the model's tokenizer is set up before any stage uses it (the recipe's SFT starts from a base
     model that has no chat template, and renders its data with TinyLlama-Chat's)."""
 
-    chat_template_from: str | None = Field(None, description="A folder or Hub id whose tokenizer's chat template "
+    chat_template_from: MayHoldCredentials | None = Field(None, description="A folder or Hub id whose tokenizer's chat template "
                                                              "is used; empty: the model's own.")
     pad_token: str | None = Field(None, description="The padding token, one of the vocabulary's; empty: the "
                                                     "tokenizer's own, else its end-of-sequence token.")
@@ -105,7 +105,7 @@ class ModelSettings(StrictModel):
     """A model reference (Hub id, local folder, `.gguf` file or `package:<module>/<file>.gguf`) and how
     every stage loads it."""
 
-    base_model: str = Field(DEFAULT_BASE_MODEL, description="A Hub id, a local folder, a .gguf file or "
+    base_model: MayHoldCredentials = Field(DEFAULT_BASE_MODEL, description="A Hub id, a local folder, a .gguf file or "
                                                             "`package:<module>/<file>.gguf` (converted once).")
     revision: str | None = Field(None, description="The Hub revision (branch, tag or commit) to load; empty: "
                                                    "the default branch.")

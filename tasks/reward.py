@@ -12,7 +12,7 @@ import mlflow
 from pydantic import BaseModel, Field
 
 from tasks import stages
-from tasks.base import Workspace
+from tasks.base import MayHoldCredentials, Workspace
 from tasks.caching import code_fingerprint
 from tasks.data import DataSettings, SplitData
 from tasks.distributed import DistributedSettings
@@ -40,7 +40,7 @@ class RewardSettings(TrainerSettings):
         "policy never sees)."))
     model: ModelSettings | None = Field(None, description="The judge's backbone; empty: the policy's base model "
                                                           "(a small encoder also works).")
-    judge: str | None = Field(None, description="A sequence-classification model to judge with instead of "
+    judge: MayHoldCredentials | None = Field(None, description="A sequence-classification model to judge with instead of "
                                                 "training one: folder, Hub id or models:/ URI.")
 
 

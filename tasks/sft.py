@@ -14,7 +14,7 @@ from prefect import task
 from pydantic import BaseModel, Field, model_validator
 
 from tasks import stages
-from tasks.base import PreftuneError, StrictModel, Workspace, retry_unless_user_error
+from tasks.base import MayHoldCredentials, PreftuneError, StrictModel, Workspace, retry_unless_user_error
 from tasks.caching import DATA_CACHE, code_fingerprint
 from tasks.data import DataSettings, SplitData, read_jsonl, read_table, write_jsonl
 from tasks.distributed import DistributedSettings
@@ -29,7 +29,7 @@ class ChatDataSettings(StrictModel):
     """Conversations for SFT: a column of chat messages (role/content turns ending with the assistant),
     which TRL's SFTTrainer renders with the model's chat template (e.g. ultrachat_200k's `messages`)."""
 
-    source: str = Field(description="A Hub dataset id or a local jsonl/json/parquet file.")
+    source: MayHoldCredentials = Field(description="A Hub dataset id or a local jsonl/json/parquet file.")
     split: str = Field("train", description="The dataset split to read (Hub datasets).")
     column: str = Field("messages", description="The column holding each conversation's role/content turns.")
     rows: int | None = Field(None, gt=0, description="Training conversations: a seeded shuffle's first rows "

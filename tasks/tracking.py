@@ -18,7 +18,7 @@ from mlflow.exceptions import MlflowException
 from prefect import task
 from pydantic import BaseModel, Field
 
-from tasks.base import PreftuneError, StrictModel, fingerprint, redact, retry_unless_user_error
+from tasks.base import MayHoldCredentials, PreftuneError, StrictModel, fingerprint, redact, retry_unless_user_error
 from tasks.promotion import PromotionOutcome, PromotionRefused, champion_version, mark, promote, record_decision
 from tasks.verdict import GateInput, PromotionDecision, decide
 
@@ -55,7 +55,7 @@ class PromotionSettings(StrictModel):
 class TrackingSettings(StrictModel):
     """Where runs are recorded and under which names models are registered."""
 
-    tracking_uri: str | None = Field(None, description="The MLflow tracking store; empty: $MLFLOW_TRACKING_URI, "
+    tracking_uri: MayHoldCredentials | None = Field(None, description="The MLflow tracking store; empty: $MLFLOW_TRACKING_URI, "
                                                        "else SQLite under ./mlflow.")
     experiment: str = Field("preftune", description="The MLflow experiment the runs go to.")
     policy_model_name: str = Field("preftune-policy", description="The registered model the tuned policy is a "

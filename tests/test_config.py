@@ -169,6 +169,24 @@ def test_log_records_are_redacted_whatever_the_logger(caplog):
         assert caplog.records[-1].getMessage() == f"connecting with {shown}"
 
 
+def test_settings_that_may_hold_credentials_are_redacted_in_their_json_and_refused_back():
+    """Prefect records (and shows) a flow run's parameters as their JSON; a deployment file holds the same."""
+    from fastapi.encoders import jsonable_encoder  # what Prefect serializes flow parameters with
+
+    places = ("tracking.tracking_uri", "data.source", "data.data_dir", "rewards.helpfulness.judge", "model.base_model",
+              "model.tokenizer.chat_template_from", "evaluation.referees.ref.model")
+    for secret, shown in CREDENTIALS[:4]:  # the shapes a URI-valued setting can take
+        for key in places:
+            config = load_config("smoke", overrides=[f"{key}={secret}"])
+            recorded = jsonable_encoder(config)
+            value = recorded
+            for part in key.split("."):
+                value = value[part]
+            assert value == shown and secret not in str(recorded)
+            with pytest.raises(PreftuneError, match=rf"{key}: a redacted credential .* through its environment"):
+                build_config(recorded)
+
+
 def test_a_run_folder_that_is_a_symlink_is_refused_and_gc_never_follows_one(tmp_path, tracking_uri):
     from tasks.base import Workspace
     from tasks.cleanup import collect_garbage

@@ -112,8 +112,22 @@ def test_rerun_reuses_finished_stages(smoke_runs):
     assert second.result().bytes_written < 5 * 2**20 < first.result().bytes_written
 
 
+async def _prefect_records(flow_run_id: str) -> list[str]:
+    """What Prefect keeps of a flow run and shows in its UI: its parameters and its logs."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    async with get_client() as client:
+        run = await client.read_flow_run(flow_run_id)
+        logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return [json.dumps(run.parameters), *(log.message for log in logs)]
+
+
 def test_secrets_from_the_environment_are_not_recorded(smoke_runs, tmp_path):
-    config, _, _ = smoke_runs
+    config, first, second = smoke_runs
+    assert config.data.data_dir == f"https://alice:{FAKE_PASSWORD}@hub.example.com/subset"  # the run had the real one
+    shown = [text for state in (first, second) for text in asyncio.run(_prefect_records(str(state.state_details.flow_run_id)))]
+    assert len(shown) > 2 and not [text for text in shown if FAKE_TOKEN in text or FAKE_PASSWORD in text]
+    assert "https://***@hub.example.com/subset" in shown[0]  # the flow run's parameter, as Prefect shows it
     mlflow.set_tracking_uri(config.tracking.tracking_uri)
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("preftune").experiment_id])

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, Field, StringConstraints, ValidationError, field_validator, model_validator
 
-from tasks.base import PreftuneError, StrictModel, redacted_settings
+from tasks.base import PreftuneError, StrictModel, redacted_credential_message, redacted_settings
 from tasks.data import DataSettings
 from tasks.distributed import DistributedSettings
 from tasks.evaluate import EvalSettings
@@ -104,10 +104,7 @@ class PipelineConfig(StrictModel):
     @model_validator(mode="after")
     def _no_redacted_credentials(self) -> "PipelineConfig":
         if found := redacted_settings(self.model_dump()):
-            raise ValueError(f"{', '.join(found)}: a redacted credential (***), as Prefect records a flow run's "
-                             "parameters; credentials never travel as parameters: give them to the process that runs "
-                             "the flow through its environment (e.g. MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, "
-                             "HF_TOKEN, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
+            raise ValueError(redacted_credential_message(found))
         return self
 
     @model_validator(mode="after")

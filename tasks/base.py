@@ -131,6 +131,12 @@ def redacted_settings(values: object, key: str = "") -> list[str]:
     return [key.rstrip(".")] if isinstance(values, str) and "***" in values else []
 
 
+def redacted_credential_message(keys: list[str]) -> str:
+    return (f"{', '.join(keys)}: a redacted credential (***), as Prefect records a flow run's parameters; credentials "
+            "never travel as parameters: give them to the process that runs the flow through its environment (e.g. "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, HF_TOKEN, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
+
+
 def redact_logs() -> None:
     """Redact every log record as it is made (any logger, any handler: Prefect's API log shipping too)."""
     factory = logging.getLogRecordFactory()

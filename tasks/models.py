@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -19,6 +20,9 @@ from typing import Literal
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # bitsandbytes (imported by peft) warns on every CPU machine that an optional kernel package is absent.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# transformers 5 deprecated `is_gradient_checkpointing`; PEFT and TRL still read it on every model they wrap
+# (none of our calls do), once per process.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 import torch  # noqa: E402
 from peft import LoraConfig  # noqa: E402

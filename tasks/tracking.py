@@ -18,7 +18,8 @@ from mlflow.exceptions import MlflowException
 from prefect import task
 from pydantic import BaseModel, Field
 
-from tasks.base import MayHoldCredentials, PreftuneError, StrictModel, fingerprint, redact, retry_unless_user_error
+from tasks.base import (MayHoldCredentials, PreftuneError, StrictModel, fingerprint, redact, redacted_credential_message,
+                        redacted_settings, retry_unless_user_error)
 from tasks.promotion import PromotionOutcome, PromotionRefused, champion_version, mark, promote, record_decision
 from tasks.verdict import GateInput, PromotionDecision, decide
 
@@ -96,6 +97,8 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
 def configure(settings: TrackingSettings) -> str:
     """Point MLflow (and the Trainer's MLflow callback, through the environment) at one store."""
     uri = settings.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if settings.tracking_uri and redacted_settings(settings.tracking_uri):  # e.g. a promotion run's parameter
+        raise PreftuneError(redacted_credential_message(["tracking.tracking_uri"]))
     if not uri:
         DEFAULT_STORE.mkdir(exist_ok=True)
         uri = f"sqlite:///{(DEFAULT_STORE / 'mlflow.db').resolve()}"

@@ -88,13 +88,51 @@ async def _pools_and_deployments():
         return pools, {deployment.name for deployment in await client.read_deployments()}
 
 
+async def _wait_for_state(flow_run_id, name: str, timeout_s: float = 300):
+    async with get_client() as client:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if (run := await client.read_flow_run(flow_run_id)).state and run.state.name == name:
+                return run
+            await asyncio.sleep(1)
+    raise TimeoutError(f"flow run {flow_run_id} was not {name} within {timeout_s} s")
+
+
+def _approve_through_a_suspended_run(tracking_uri: str):
+    """The promotion deployment with `approval: person`, as the training flow starts it for a passing
+    candidate: the run suspends (its process ends, the worker holds nothing), a person answers the form,
+    and the worker starts it again, which promotes. The smoke candidate's verdict is replaced by a
+    passing one first: the gate is not what this checks."""
+    import mlflow as tracking
+    from prefect.flow_runs import resume_flow_run
+
+    from tasks.promotion import record_decision
+    from test_promotion import passed
+
+    name = "preftune-smoke-policy"
+    tracking.set_tracking_uri(tracking_uri)
+    version = MlflowClient().get_model_version_by_alias(name, "candidate").version
+    with tracking.start_run(run_name="a passing verdict"):
+        record_decision(name, version, passed())
+    waiting = run_deployment("promote-candidate/promote", timeout=0, parameters={
+        "model_name": name, "version": version,
+        "tracking": {"tracking_uri": tracking_uri, "policy_model_name": name, "promotion": {"approval": "person"}}})
+    suspended = asyncio.run(_wait_for_state(waiting.id, "Suspended"))
+    resume_flow_run(waiting.id, run_input={"approve": True, "approved_by": "Ada Lovelace", "reason": "read the report"})
+    resumed, _ = asyncio.run(_wait_for(waiting.id, 300))
+    if resumed.state.is_completed():
+        champion = MlflowClient().get_model_version_by_alias(name, "champion")
+        assert champion.version == version and champion.tags["promotion.approved_by"] == "Ada Lovelace"
+    return suspended, resumed
+
+
 @pytest.mark.slow(minutes=2)
 def test_smoke_deployment_runs_through_a_worker(servers, tmp_path, tiny_model_path):
     prefect, mlflow, prefect_home, stores, password = servers
     mlflow_db, prefect_db = (stores.mlflow_backend, password), (stores.prefect_database, password)
     api = f"{prefect.url}/api"
     env = os.environ | {"PREFECT_API_URL": api, "PREFECT_HOME": str(prefect_home), "MLFLOW_TRACKING_URI": mlflow.url,
-                        "PREFTUNE_HOME": str(REPO)}
+                        "PREFTUNE_HOME": str(REPO), "PREFECT_WORKER_QUERY_SECONDS": "2"}
     worker = None
     with temporary_settings({PREFECT_API_URL: api}):
         # On an empty server: deploy creates the work pools prefect.yaml names, then every deployment.
@@ -116,6 +154,8 @@ def test_smoke_deployment_runs_through_a_worker(servers, tmp_path, tiny_model_pa
             flow_run = run_deployment("preference-tuning/smoke", timeout=0, parameters={
                 "config": {"profile": "smoke", "runs_dir": str(tmp_path / "runs")}})
             run, artifacts = asyncio.run(_wait_for(flow_run.id))
+            if run.state.is_completed():
+                promotion = _approve_through_a_suspended_run(mlflow.url)
         finally:
             if worker:
                 os.killpg(worker.pid, signal.SIGINT)  # workers stop before their server
@@ -125,6 +165,9 @@ def test_smoke_deployment_runs_through_a_worker(servers, tmp_path, tiny_model_pa
                     os.killpg(worker.pid, signal.SIGKILL)
                     worker.wait()
     assert run.state.is_completed(), (tmp_path / "worker.log").read_text()[-4000:]
+    suspended, resumed = promotion
+    assert suspended.state.name == "Suspended" and suspended.state.state_details.pause_reschedule  # its process ended
+    assert resumed.state.is_completed(), (tmp_path / "worker.log").read_text()[-4000:]
     assert {"evaluation-report", "promotion", "run-summary", "data-filter", "training-plan"} <= {a.key for a in artifacts}
     assert {a.data for a in artifacts if a.type == "progress"} == {100.0}  # one per training stage, all done
     summary = next(a for a in artifacts if a.key == "run-summary")

@@ -171,14 +171,14 @@ def test_log_records_are_redacted_whatever_the_logger(caplog):
 
 def test_settings_that_may_hold_credentials_are_redacted_in_their_json_and_refused_back():
     """Prefect records (and shows) a flow run's parameters as their JSON; a deployment file holds the same."""
-    from fastapi.encoders import jsonable_encoder  # what Prefect serializes flow parameters with
+    from flows.preference_tuning import preference_tuning
 
     places = ("tracking.tracking_uri", "data.source", "data.data_dir", "rewards.helpfulness.judge", "model.base_model",
               "model.tokenizer.chat_template_from", "evaluation.referees.ref.model")
     for secret, shown in CREDENTIALS[:4]:  # the shapes a URI-valued setting can take
         for key in places:
             config = load_config("smoke", overrides=[f"{key}={secret}"])
-            recorded = jsonable_encoder(config)
+            recorded = preference_tuning.serialize_parameters({"config": config})["config"]  # what Prefect records
             value = recorded
             for part in key.split("."):
                 value = value[part]

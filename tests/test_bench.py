@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "gpu_check.sh"
 
 
-@pytest.mark.slow(minutes=2)
+@pytest.mark.slow(minutes=2.6)
 def test_the_gpu_check_runs_every_part_in_its_reduced_form(shared_data, tmp_path):
     out, assets = tmp_path / "out", tmp_path / "assets"
     env = os.environ | {"PYTHON": sys.executable, "GPU_CHECK_OUT": str(out), "OMP_NUM_THREADS": "1"}

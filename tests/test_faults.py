@@ -131,7 +131,7 @@ class StopServerAt(TrainerCallback):
             self.server.stop()
 
 
-@pytest.mark.slow(minutes=1.1)
+@pytest.mark.slow(minutes=1.6)
 def test_tracking_server_lost_mid_training_fails_loudly_and_resumes(tiny_model_path, pairs, tmp_path, monkeypatch):
     from flows.servers import start_mlflow
     from tasks.base import free_port

@@ -12,7 +12,7 @@ from tasks.models import ModelSettings, ResolvedModel, load_tokenizer
 from tasks.tracking import TrackingSettings, configure
 
 
-@pytest.mark.slow(minutes=2)
+@pytest.mark.slow(minutes=3.4)
 def test_short_dpo_run_on_real_pairs_beats_chance_on_held_out_questions(shared_data, smollm2_path, tmp_path,
                                                                         tracking_uri):
     configure(TrackingSettings())

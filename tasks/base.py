@@ -118,7 +118,7 @@ def redact(text: str) -> str:
 # A setting that may carry a credential (a URI's password, a signed URL's signature). Its JSON form is redacted:
 # that is what Prefect records as a flow run's parameters and shows in its UI, what a deployment file and the
 # launcher's spec hold, and what cache keys hash. The process itself keeps the value it was given.
-MayHoldCredentials = Annotated[str, PlainSerializer(lambda value: redact(value), return_type=str, when_used="json")]
+MayHoldCredentials = Annotated[str, PlainSerializer(redact, return_type=str, when_used="json")]
 
 
 def redacted_settings(values: object, key: str = "") -> list[str]:

@@ -7,7 +7,6 @@ recipe, so no second copy of the model is held in memory.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -100,7 +99,7 @@ def policy_trainer(method_name: str, settings: PolicySettings, model: ResolvedMo
         except (TypeError, ValueError) as error:  # e.g. a batch that num_generations does not divide
             raise PreftuneError(f"policy settings for {method_name}: {error}") from None
         network = AutoModelForCausalLM.from_pretrained(model.path, **plan.load_kwargs(model.settings))
-        with suppress_seqcls_warning() if method.online else nullcontext():  # the judges' adapters bring their heads
+        with suppress_seqcls_warning():  # online methods load their judges here: each adapter brings its score head
             trainer = method.trainer_class()(
                 model=network, args=args, train_dataset=train_data, eval_dataset=eval_data, processing_class=tokenizer,
                 peft_config=settings.lora.peft_config("CAUSAL_LM", network.config.num_hidden_layers),

@@ -97,8 +97,8 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
 def configure(settings: TrackingSettings) -> str:
     """Point MLflow (and the Trainer's MLflow callback, through the environment) at one store."""
     uri = settings.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if settings.tracking_uri and redacted_settings(settings.tracking_uri):  # e.g. a promotion run's parameter
-        raise PreftuneError(redacted_credential_message(["tracking.tracking_uri"]))
+    if found := redacted_settings(settings.model_dump(), "tracking."):  # e.g. the promotion flow's parameter
+        raise PreftuneError(redacted_credential_message(found))
     if not uri:
         DEFAULT_STORE.mkdir(exist_ok=True)
         uri = f"sqlite:///{(DEFAULT_STORE / 'mlflow.db').resolve()}"

@@ -3,6 +3,7 @@ data samples beside the repository, and small real models built once per session
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,8 +58,6 @@ def mlflow_store_not_inherited():
     fail after minutes of retries)."""
     saved = {name: os.environ.get(name) for name in MLFLOW_PROCESS_STORE}
     yield
-    import sys
-
     if (mlflow := sys.modules.get("mlflow")) is not None:
         mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])  # None: back to "not set", env var included
     for name, value in saved.items():

@@ -69,33 +69,30 @@ def _query(database: tuple[str, str], statement: str, **params) -> list[tuple]:
         engine.dispose()
 
 
-async def _wait_for(flow_run_id, timeout_s: float = 600):
+async def _wait_until(flow_run_id, done, timeout_s: float):
+    """The flow run once `done(run)` holds; waits on the run's state, not on a fixed time."""
     async with get_client() as client:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             run = await client.read_flow_run(flow_run_id)
-            if run.state and run.state.is_final():
-                artifacts = await client.read_artifacts(
-                    artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
-                return run, artifacts
-            await asyncio.sleep(2)
-    raise TimeoutError(f"flow run {flow_run_id} did not finish in {timeout_s} s")
+            if run.state and done(run):
+                return run
+            await asyncio.sleep(1)
+    raise TimeoutError(f"flow run {flow_run_id} did not get there in {timeout_s} s")
+
+
+async def _wait_for(flow_run_id, timeout_s: float = 600):
+    run = await _wait_until(flow_run_id, lambda run: run.state.is_final(), timeout_s)
+    async with get_client() as client:
+        artifacts = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return run, artifacts
 
 
 async def _pools_and_deployments():
     async with get_client() as client:
         pools = {pool.name: pool for pool in await client.read_work_pools()}
         return pools, {deployment.name for deployment in await client.read_deployments()}
-
-
-async def _wait_for_state(flow_run_id, name: str, timeout_s: float = 300):
-    async with get_client() as client:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if (run := await client.read_flow_run(flow_run_id)).state and run.state.name == name:
-                return run
-            await asyncio.sleep(1)
-    raise TimeoutError(f"flow run {flow_run_id} was not {name} within {timeout_s} s")
 
 
 def _approve_through_a_suspended_run(tracking_uri: str):
@@ -117,7 +114,7 @@ def _approve_through_a_suspended_run(tracking_uri: str):
     waiting = run_deployment("promote-candidate/promote", timeout=0, parameters={
         "model_name": name, "version": version,
         "tracking": {"tracking_uri": tracking_uri, "policy_model_name": name, "promotion": {"approval": "person"}}})
-    suspended = asyncio.run(_wait_for_state(waiting.id, "Suspended"))
+    suspended = asyncio.run(_wait_until(waiting.id, lambda run: run.state.name == "Suspended", 300))
     resume_flow_run(waiting.id, run_input={"approve": True, "approved_by": "Ada Lovelace", "reason": "read the report"})
     resumed, _ = asyncio.run(_wait_for(waiting.id, 300))
     if resumed.state.is_completed():

@@ -12,6 +12,11 @@ from tasks.models import ModelSettings, ResolvedModel, load_tokenizer
 from tasks.tracking import TrackingSettings, configure
 
 
+# Tokens per pair, question and answer: orca's answers run to hundreds of tokens, and on a CPU the cost is in
+# the tokens (the answers' openings already tell a GPT-4 answer from a GPT-3.5 one).
+LENGTH = 192
+
+
 @pytest.mark.slow(minutes=3.4)
 def test_short_dpo_run_on_real_pairs_beats_chance_on_held_out_questions(shared_data, smollm2_path, tmp_path,
                                                                         tracking_uri):
@@ -20,13 +25,13 @@ def test_short_dpo_run_on_real_pairs_beats_chance_on_held_out_questions(shared_d
     data = DataSettings(source=str(shared_data / "orca_dpo_pairs.sample.jsonl"), eval_fraction=0.22,
                         judge_fraction=0.4)
     parts = split(apply_filter(load(data, tmp_path), data, tmp_path), data, tmp_path)
-    pairs = format_split(parts, load_tokenizer(smollm2_path, model), tmp_path / "formatted", 256)
+    pairs = format_split(parts, load_tokenizer(smollm2_path, model), tmp_path / "formatted", LENGTH)
     settings = PolicySettings(max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                           learning_rate=2e-4, max_length=256, save_steps=100)
+                           learning_rate=2e-4, max_length=LENGTH, save_steps=100)
     result = train_policy_adapter("dpo", settings, ResolvedModel(path=smollm2_path, settings=model), pairs, tmp_path / "dpo")
     tuned = merge_into_base(smollm2_path, [result.adapter_dir], tmp_path / "merged")
     metrics = implicit_reward_metrics(load_policy(tuned), load_policy(smollm2_path), read_jsonl(pairs.eval.path),
-                                      EvalSettings(max_length=384))
+                                      EvalSettings(max_length=LENGTH))
     print(f"held-out implicit-reward accuracy {metrics['implicit_reward.accuracy']:.3f} "
           f"[{metrics['implicit_reward.accuracy.ci_low']:.3f}, {metrics['implicit_reward.accuracy.ci_high']:.3f}] "
           f"on {metrics['implicit_reward.pairs']:.0f} pairs")

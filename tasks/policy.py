@@ -79,7 +79,9 @@ def policy_trainer(method_name: str, settings: PolicySettings, model: ResolvedMo
 
     method = method_named(method_name)
     tokenizer = model.tokenizer()
-    train_data, eval_data = dataset_for(method, splits.train.path), dataset_for(method, splits.eval.path)
+    train_data = dataset_for(method, splits.train.path)
+    # Only a trainer that evaluates gets held-out pairs: DPO and KTO would precompute their log-probs for nothing.
+    eval_data = dataset_for(method, splits.eval.path) if settings.evaluate_after_training else None
 
     def make_trainer(plan: TrainingPlan):
         arguments = config_arguments(method, settings, stage_dir / "checkpoints", plan, method_name)
@@ -101,8 +103,7 @@ def policy_trainer(method_name: str, settings: PolicySettings, model: ResolvedMo
         network = AutoModelForCausalLM.from_pretrained(model.path, **plan.load_kwargs(model.settings))
         with suppress_seqcls_warning():  # online methods load their judges here: each adapter brings its score head
             trainer = method.trainer_class()(
-                model=network, args=args, train_dataset=train_data, processing_class=tokenizer,
-                eval_dataset=eval_data if settings.evaluate_after_training else None,  # DPO would precompute its logps
+                model=network, args=args, train_dataset=train_data, eval_dataset=eval_data, processing_class=tokenizer,
                 peft_config=settings.lora.peft_config("CAUSAL_LM", network.config.num_hidden_layers),
                 callbacks=callbacks, **online)
         if method.online:  # TRL names each reward by its folder (all ours are `peft`): name them by aspect

@@ -12,8 +12,8 @@ from tasks.models import ModelSettings, ResolvedModel, load_tokenizer
 from tasks.tracking import TrackingSettings, configure
 
 
-# Tokens per pair, question and answer: orca's answers run to hundreds of tokens, and on a CPU the cost is in
-# the tokens (the answers' openings already tell a GPT-4 answer from a GPT-3.5 one).
+# Tokens per pair, question and answer: orca's answers run to hundreds of tokens and a CPU's cost is in the
+# tokens; at 192 the held-out accuracy was 0.88 [0.78, 0.98] on 41 pairs (0.93 at 256 trained, 384 scored).
 LENGTH = 192
 
 

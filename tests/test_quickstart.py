@@ -33,7 +33,8 @@ def test_quickstart_flow_with_real_model_registers_a_usable_policy(tmp_path, smo
     parent = client.get_run(summary.mlflow_run_id).data
     dpo_plan = {key.removeprefix("plan.dpo."): value for key, value in parent.params.items() if key.startswith("plan.dpo.")}
     assert parent.tags["preftune.adapter"] == dpo_plan["adapter"] and parent.tags["preftune.precision"] == dpo_plan["precision"]
-    assert int(dpo_plan["micro_batch"]) * int(dpo_plan["gradient_accumulation"]) == 4  # the profile's effective batch
+    profile_batch = config.policy.per_device_train_batch_size * config.policy.gradient_accumulation_steps
+    assert int(dpo_plan["micro_batch"]) * int(dpo_plan["gradient_accumulation"]) == profile_batch == 4  # the plan keeps it
     listed = {(row["name"], row["version"]): row for row in list_versions()}  # what `preftune models` prints
     policy = listed[("preftune-policy", "1")]
     assert "candidate" in policy["aliases"] and "implicit_reward.accuracy" in policy["metrics"]

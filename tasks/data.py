@@ -383,7 +383,7 @@ def render_example(path: str, tokenizer) -> str:
 
 # --- Prefect tasks --------------------------------------------------------------------------
 
-RETRY = dict(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_unless_user_error, tags=["data"])
+RETRY = dict(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_unless_user_error)
 DATA_TASK = dict(RETRY, cache_policy=DATA_CACHE, persist_result=True)
 
 

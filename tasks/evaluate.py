@@ -502,7 +502,7 @@ def evaluate_policy(settings: EvalSettings, pairs_path: str, reference: str, pol
 
 
 @task(name="evaluate", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unless_user_error,
-      tags=["evaluation"], cache_policy=EVALUATION_CACHE, persist_result=True)
+      cache_policy=EVALUATION_CACHE, persist_result=True)
 def evaluate(settings: EvalSettings, pairs_path: str, reference: str, policy: str, judges: list[Judge],
              champion_uri: str | None, workspace: Workspace, parent_run_id: str | None = None,
              stage_runs: dict[str, str] | None = None, method: str = "dpo",

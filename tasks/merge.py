@@ -109,7 +109,7 @@ def merge_and_check(base_path: str, adapter_dirs: list[str], eval_path: str, set
 
 
 @task(name="merge-adapters", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unless_user_error,
-      tags=["model"], cache_policy=MERGE_CACHE, persist_result=True)
+      cache_policy=MERGE_CACHE, persist_result=True)
 def merge_adapters(base_path: str, adapter_dirs: list[str], eval_path: str, settings: MergeSettings,
                    workspace: Workspace) -> MergeResult:
     stage_dir = workspace.stage("merge", base_path, adapter_dirs, eval_path, settings)

@@ -291,7 +291,7 @@ def resolve_model(settings: ModelSettings) -> ResolvedModel:
     return ResolvedModel(path=resolve_model_path(settings), settings=settings)
 
 
-@task(name="resolve-base-model", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_unless_user_error, tags=["model"])
+@task(name="resolve-base-model", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_unless_user_error)
 def resolve_base_model(settings: ModelSettings) -> ResolvedModel:
     return resolve_model(settings)
 

@@ -429,7 +429,7 @@ def shape_of(model: ModelSettings, model_path: str | None = None) -> ModelShape:
     return ModelShape.from_config(model_config(model, model_path))
 
 
-@task(name="plan-training", task_run_name="plan-{stage}", tags=["plan"], retries=1,
+@task(name="plan-training", task_run_name="plan-{stage}", retries=1,
       retry_condition_fn=retry_unless_user_error)
 def plan_training(stage: str, kind: Kind, settings, model: ResolvedModel, plan_settings: PlanSettings,
                   train_pairs: int | None = None, distributed: DistributedSettings | None = None) -> TrainingPlan:

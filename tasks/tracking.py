@@ -363,8 +363,7 @@ def decide_outcome(model: str, version: str, decision: PromotionDecision, settin
     return mark(model, version, outcome)
 
 
-@task(name="register-models", retries=3, retry_delay_seconds=[5, 20, 60], retry_condition_fn=retry_unless_user_error,
-      tags=["mlflow"])
+@task(name="register-models", retries=3, retry_delay_seconds=[5, 20, 60], retry_condition_fn=retry_unless_user_error)
 def register(policy_dir: str, reward_dirs: dict[str, str], decision: PromotionDecision, settings: TrackingSettings,
              parent_run_id: str, tags: dict[str, str], trained_against: list = ()) -> list[RegisteredVersion]:
     """Register one reward model per aspect and the policy as `candidate`, each with its model card, and

@@ -361,6 +361,8 @@ def relog_history(history: list[dict]) -> None:
 
 
 GPU_TAG = "gpu"  # on every training task: the tag whose concurrency limit bounds training at once
+# Other tasks carry no tags: Prefect asks the server for slots of every tag a task run has, and on SQLite
+# that request is often answered "database is locked" and retried 2 s later, even where no limit exists.
 
 
 def training_task(name: str, **options):

@@ -8,8 +8,8 @@
 and evaluation are placed); `bench/gpu.py` (plain TRL with the book's settings against the `recipe`
 and `auto` plans, alone on the device, since it times them); then at once the `gpu`-marked tests and
 the flow runs: `smoke` and a cut `book` (TinyLlama-sized random Llama, local data, a few steps per
-stage) in both plans, each through `preftune run` with Prefect's embedded server and a fresh MLflow
-store in the results folder. From each run's MLflow records it checks that every stage's plan is on
+stage) in both plans, each through `preftune run` with Prefect's embedded server (or the one --prefect-api
+names) and a fresh MLflow store in the results folder. From each run's MLflow records it checks that every stage's plan is on
 the device (on a GPU run a CPU plan fails), that the merge check and the evaluation ran there, and
 compares each training stage's planned peak memory with the measured one. The figures go to one
 Markdown table (`gpu-check.md`, with `gpu-check.json`), appended to bench/RESULTS.md with --record.
@@ -107,6 +107,7 @@ class Check:
         import torch
 
         self.reduced, self.out = args.reduced, Path(args.out).resolve()
+        self.prefect_api = args.prefect_api
         self.cuda = torch.cuda.is_available()
         self.device_kind = "cuda" if self.cuda else "cpu"
         self.device_name = torch.cuda.get_device_name() if self.cuda else "cpu"
@@ -139,6 +140,8 @@ class Check:
         (self.work / "prefect" / part).mkdir(parents=True, exist_ok=True)  # Prefect makes only the last folder
         for name in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):  # Prefect's embedded default; the part's own store
             env.pop(name, None)
+        if self.prefect_api:  # a running server instead (the tests': saves a temporary server's start per flow run)
+            env["PREFECT_API_URL"] = self.prefect_api
         if store:
             (self.out / "mlflow" / part).mkdir(parents=True, exist_ok=True)
             env["MLFLOW_TRACKING_URI"] = f"sqlite:///{self.out / 'mlflow' / part / 'mlflow.db'}"
@@ -297,7 +300,7 @@ def part_gpu_tests(check: Check, timeout: float) -> list[Figure]:
 
 def part_benchmark(check: Check, timeout: float) -> None:
     """bench/gpu.py: plain TRL (book settings) against the recipe and auto plans, same effective batch."""
-    size, steps, warmup = ("tiny", 1, 1) if check.reduced else ("tinyllama", 10, 2)
+    size, steps, warmup = ("tiny", 1, 0) if check.reduced else ("tinyllama", 10, 2)  # reduced: times nothing it judges
     # On a CPU the orca pairs' 512 tokens make a QLoRA step take a minute: generated (short) pairs there.
     data = str(check.data / DATA_FILES["policy"]) if check.data and not check.reduced else "synthetic"
     argv = [sys.executable, str(BENCH / "gpu.py"), "--size", size, "--steps", str(steps), "--warmup", str(warmup),
@@ -543,6 +546,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="models, runs and caches (GBs on a card; default: a temporary folder, removed after)")
     go.add_argument("--assets", default=str(ASSETS), help="what prepare built (tokenizer/, data/)")
     go.add_argument("--data", help="the data samples' folder, instead of the assets' copy")
+    go.add_argument("--prefect-api", help="a running Prefect server's API URL for the flow runs (default: each starts "
+                    "Prefect's temporary server)")
     go.add_argument("--parts", help=f"comma-separated subset of {','.join(PARTS)}")
     go.add_argument("--jobs", type=int, help="tests and flow runs at once (default: all on a GPU, 1 on a CPU)")
     go.add_argument("--budget", type=float, default=float(os.environ.get("GPU_CHECK_BUDGET_S", 540)),

@@ -198,7 +198,7 @@ def cmd_deploy(args) -> int:
 def cmd_ui(args) -> int:
     """Real Prefect and MLflow servers on loopback until Ctrl-C (or SIGTERM): on the local stores, or on
     PostgreSQL (`--database`) when several workers share them; with `--auth` both require a login."""
-    from flows.servers import ServerSecrets, local_stores, postgres_stores, start_servers
+    from flows.servers import MLFLOW_WORKERS, ServerSecrets, local_stores, postgres_stores, start_servers
 
     store = Path(args.store)
     secrets = ServerSecrets.load(Path(args.secrets_file) if args.secrets_file else None)
@@ -213,7 +213,8 @@ def cmd_ui(args) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     servers = []
     try:
-        servers = start_servers(args.prefect_port, args.mlflow_port, stores, logs, secrets=secrets, auth=args.auth)
+        servers = start_servers(args.prefect_port, args.mlflow_port, stores, logs, secrets=secrets, auth=args.auth,
+                                mlflow_workers=args.mlflow_workers or MLFLOW_WORKERS)
         print(f"Prefect UI : {servers[0].url}   (API: {servers[0].url}/api)")
         print(f"MLflow UI  : {servers[1].url}")
         print(f"Point runs at them:\n  export PREFECT_API_URL={servers[0].url}/api MLFLOW_TRACKING_URI={servers[1].url}")
@@ -313,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     ui = commands.add_parser("ui", help="start Prefect and MLflow servers on 127.0.0.1 until Ctrl-C")
     ui.add_argument("--prefect-port", type=int, default=4200)
     ui.add_argument("--mlflow-port", type=int, default=5000)
+    ui.add_argument("--mlflow-workers", type=_positive, metavar="N",
+                    help="MLflow server worker processes (default 4, MLflow's own; each takes seconds of CPU to start)")
     ui.add_argument("--store", default=str(REPO / "mlflow"), help="the MLflow store to serve (default: mlflow/)")
     ui.add_argument("--database", metavar="postgresql://USER@HOST[:PORT]",
                     help="run both servers on this PostgreSQL server (databases preftune_prefect and preftune_mlflow, "

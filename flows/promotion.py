@@ -22,7 +22,6 @@ from tasks.tracking import PromotionSettings, RegisteredVersion, TrackingSetting
 from tasks.verdict import PromotionDecision
 
 APPROVAL_KEY = "approval"
-PAUSE_POLL_S = 5
 
 
 class ApprovalInput(RunInput):
@@ -80,7 +79,8 @@ def wait_for_approval(decision: PromotionDecision, waiting: PromotionOutcome,
             notify(waiting, settings)
         return suspend_flow_run(wait_for_input=form, timeout=timeout, key=APPROVAL_KEY)
     notify(waiting, settings)
-    return pause_flow_run(wait_for_input=form, timeout=timeout, key=APPROVAL_KEY, poll_interval=PAUSE_POLL_S)
+    return pause_flow_run(wait_for_input=form, timeout=timeout, key=APPROVAL_KEY,
+                          poll_interval=settings.approval_poll_seconds)
 
 
 @flow(name="promote-candidate", flow_run_name="{model_name}-v{version}")

@@ -204,11 +204,15 @@ def answer_logps(model, tokenizer, prompts: list[list[dict]], answers: list[str]
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for row, sequence in enumerate(batch):
             ids[row, :len(sequence)], mask[row, :len(sequence)] = torch.tensor(sequence), 1
-        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
-        positions = torch.arange(1, width)[None, :]
-        scored = (positions >= torch.tensor(batch_starts)[:, None]) & (mask[:, 1:] == 1)
+        # Logits from the position before the earliest answer token on: the prompts' others are never scored
+        # (transformers' `logits_to_keep`; the vocabulary projection is a quarter of SmolLM2's forward pass).
+        first = min(batch_starts) - 1
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                       logits_to_keep=width - first).logits.float()
+        positions = torch.arange(first + 1, width)[None, :]
+        scored = (positions >= torch.tensor(batch_starts)[:, None]) & (mask[:, first + 1:] == 1)
         # TRL's log-softmax-and-gather, as its trainers score: row by row on a CPU, fused where Triton runs.
-        token_logps = selective_log_softmax(logits[:, :-1], ids[:, 1:].to(model.device),
+        token_logps = selective_log_softmax(logits[:, :-1], ids[:, first + 1:].to(model.device),
                                             row_mask=scored.to(model.device))
         logps.extend(token_logps.sum(-1).tolist())
     return np.array(logps), np.array([len(s) - start for s, start in zip(sequences, starts)])

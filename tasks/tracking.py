@@ -44,6 +44,8 @@ class PromotionSettings(StrictModel):
                             "input in the Prefect UI, or `preftune promote`).")
     approval_timeout_hours: float = Field(168.0, gt=0, description="How long a promotion waits for a person's "
                                                                    "approval before its run fails.")
+    approval_poll_seconds: int = Field(5, ge=1, description="How often a promotion waiting in its own process (not "
+                                                            "from a deployment) asks the server for the answer.")
     deployment: str = Field("promote-candidate/promote", description="The promotion flow's deployment (flow/name) "
                                                                      "a run starts when a person must approve; "
                                                                      "without it on the server, the run logs how to "

@@ -17,8 +17,8 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "gpu_check.sh"
 
 
-@pytest.mark.slow(minutes=2.6)
-def test_the_gpu_check_runs_every_part_in_its_reduced_form(shared_data, tmp_path):
+@pytest.mark.slow(minutes=1.8)
+def test_the_gpu_check_runs_every_part_in_its_reduced_form(shared_data, tmp_path, prefect_api):
     out, assets = tmp_path / "out", tmp_path / "assets"
     env = os.environ | {"PYTHON": sys.executable, "GPU_CHECK_OUT": str(out), "OMP_NUM_THREADS": "1"}
     # What the card gets (less the package bundle, which needs PyPI): the tokenizer and the data samples.
@@ -26,7 +26,9 @@ def test_the_gpu_check_runs_every_part_in_its_reduced_form(shared_data, tmp_path
                               "--skip-bundle"], capture_output=True, text=True, env=env, timeout=300)
     assert prepare.returncode == 0, prepare.stderr[-3000:]
     assert (assets / "tokenizer" / "tokenizer.json").is_file() and not list(assets.rglob("*.safetensors"))
-    run = subprocess.run(["bash", str(SCRIPT), "run", "--reduced", "--assets", str(assets)],
+    # This worker's Prefect server for the flow run; the gpu tests and the flow at once, as on a card.
+    run = subprocess.run(["bash", str(SCRIPT), "run", "--reduced", "--assets", str(assets),
+                          "--prefect-api", prefect_api["PREFECT_API_URL"], "--jobs", "2"],
                          capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     result = json.loads((out / "gpu-check.json").read_text())

@@ -13,7 +13,7 @@ from flows.preference_tuning import preference_tuning
 from tasks.cleanup import folder_bytes
 
 
-@pytest.mark.slow(minutes=1.2)
+@pytest.mark.slow(minutes=0.6)
 def test_gc_keeps_registered_models_and_the_next_run_recreates_the_rest(tmp_path, monkeypatch, capsys, tiny_model_path):
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)

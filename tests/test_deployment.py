@@ -50,7 +50,7 @@ def servers(tmp_path, postgres):
     assert stores.created == (PREFECT_DATABASE, MLFLOW_DATABASE)
     assert postgres.password not in "".join(stores.describe()) + stores.prefect_database + stores.mlflow_backend
     prefect, mlflow = start_servers(free_port(), free_port(), stores, tmp_path, {"PREFECT_HOME": str(prefect_home)},
-                                    secrets)
+                                    secrets, mlflow_workers=1)
     try:
         yield prefect, mlflow, prefect_home, stores, postgres.password
     finally:
@@ -123,7 +123,7 @@ def _approve_through_a_suspended_run(tracking_uri: str):
     return suspended, resumed
 
 
-@pytest.mark.slow(minutes=2.7)
+@pytest.mark.slow(minutes=1.8)
 def test_smoke_deployment_runs_through_a_worker(servers, tmp_path, tiny_model_path):
     prefect, mlflow, prefect_home, stores, password = servers
     mlflow_db, prefect_db = (stores.mlflow_backend, password), (stores.prefect_database, password)
@@ -207,7 +207,8 @@ def test_smoke_deployment_runs_through_a_worker(servers, tmp_path, tiny_model_pa
 def test_ui_serves_both_servers_on_loopback_and_stops_them_on_ctrl_c(tmp_path):
     ports = {"prefect": free_port(), "mlflow": free_port()}
     ui = subprocess.Popen([str(BIN / "preftune"), "ui", "--prefect-port", str(ports["prefect"]), "--mlflow-port",
-                           str(ports["mlflow"]), "--store", str(tmp_path / "store")], cwd=tmp_path, text=True,
+                           str(ports["mlflow"]), "--mlflow-workers", "1", "--store", str(tmp_path / "store")],
+                          cwd=tmp_path, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           env=os.environ | {"PREFECT_HOME": str(tmp_path / "prefect-home")})
     try:

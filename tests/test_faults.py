@@ -131,7 +131,7 @@ class StopServerAt(TrainerCallback):
             self.server.stop()
 
 
-@pytest.mark.slow(minutes=1.6)
+@pytest.mark.slow(minutes=0.9)
 def test_tracking_server_lost_mid_training_fails_loudly_and_resumes(tiny_model_path, pairs, tmp_path, monkeypatch):
     from flows.servers import start_mlflow
     from tasks.base import free_port
@@ -139,7 +139,7 @@ def test_tracking_server_lost_mid_training_fails_loudly_and_resumes(tiny_model_p
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail in seconds, not minutes
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     port, store = free_port(), tmp_path / "store"
-    server = start_mlflow(port, store, tmp_path / "mlflow.log")
+    server = start_mlflow(port, store, tmp_path / "mlflow.log", workers=1)
     try:
         server.wait_until_healthy()
         configure(TrackingSettings(tracking_uri=server.url))
@@ -148,7 +148,7 @@ def test_tracking_server_lost_mid_training_fails_loudly_and_resumes(tiny_model_p
         with pytest.raises(TrackingUnavailableError, match="lost the MLflow tracking server.*resumes from .*checkpoint-2"):
             train_policy_adapter("dpo", settings, ResolvedModel(path=tiny_model_path, settings=MODEL), pairs, tmp_path / "dpo",
                               callbacks=[StopServerAt(server, 3)])
-        server = start_mlflow(port, store, tmp_path / "mlflow.log")  # back up, same store
+        server = start_mlflow(port, store, tmp_path / "mlflow.log", workers=1)  # back up, same store
         server.wait_until_healthy()
         result = train_policy_adapter("dpo", settings, ResolvedModel(path=tiny_model_path, settings=MODEL), pairs, tmp_path / "dpo")
     finally:

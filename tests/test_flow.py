@@ -43,7 +43,7 @@ def smoke_runs(tmp_path_factory, tiny_model_path):
     return config, first, second
 
 
-@pytest.mark.slow(minutes=2.1)
+@pytest.mark.slow(minutes=0.9)
 def test_smoke_flow_logs_runs_metrics_and_registers_models(smoke_runs):
     config, first, second = smoke_runs
     summary = first.result()

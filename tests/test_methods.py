@@ -140,7 +140,7 @@ def test_each_method_trains_at_the_trainer_level(name, prepared, tiny_model_path
         assert held_out["implicit_reward.margin"] == pytest.approx(trl_margin, rel=0.25)
 
 
-@pytest.mark.slow(minutes=1.4)
+@pytest.mark.slow(minutes=0.9)
 def test_one_online_method_through_the_smoke_flow(tmp_path, coin_judge_path):
     """GRPO end to end: the aspects' reward models as training rewards (recorded on the version), TRL's
     overlong penalty, and a referee at chance that must earn its say. The other methods share every

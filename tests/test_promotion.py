@@ -77,7 +77,9 @@ def champion(settings: TrackingSettings) -> str:
 
 
 def person(settings: TrackingSettings, **promotion) -> TrackingSettings:
-    return settings.model_copy(update={"promotion": PromotionSettings(approval="person", **promotion)})
+    """Approval by a person, the paused run asking for the answer every second (not every 5)."""
+    return settings.model_copy(update={"promotion": PromotionSettings(approval="person", approval_poll_seconds=1,
+                                                                      **promotion)})
 
 
 def wait_for_pause(run_name: str, timeout_s: float = 180):
@@ -185,7 +187,7 @@ def test_two_concurrent_promotions_cannot_both_win(registry):
         f"models:/promo-policy/{winners[0]}"), "champion", "patient", "waited"), done.set()))
     with promotion_lock(settings.policy_model_name):
         blocked.start()
-        assert not done.wait(5) and champion(settings) == winners[0]
+        assert not done.wait(2) and champion(settings) == winners[0]  # held back by the lock
     blocked.join(120)
     assert done.is_set() and champion(settings) == third
     with get_client(sync_client=True) as client:

@@ -11,7 +11,7 @@ from tasks.evaluate import RewardScorer
 from tasks.registry import generate, list_versions
 
 
-@pytest.mark.slow(minutes=1.8)
+@pytest.mark.slow(minutes=1.0)
 def test_quickstart_flow_with_real_model_registers_a_usable_policy(tmp_path, smollm2_path):
     config = load_config("quickstart", overrides=[
         f"runs_dir={tmp_path / 'runs'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",

@@ -58,7 +58,8 @@ def servers(tmp_path_factory, s3):
                              MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=secrets.token_urlsafe(12))
     stores = local_stores(root / "store", f"s3://{BUCKET}/mlflow")
     prefect, mlflow_server = start_servers(free_port(), free_port(), stores, root, {"PREFECT_HOME": str(root / "home")},
-                                           secrets_, auth=True, mlflow_env={"MLFLOW_S3_ENDPOINT_URL": endpoint} | S3_KEYS)
+                                           secrets_, auth=True, mlflow_env={"MLFLOW_S3_ENDPOINT_URL": endpoint} | S3_KEYS,
+                                           mlflow_workers=1)
     try:
         yield prefect, mlflow_server, secrets_
     finally:

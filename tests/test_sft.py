@@ -74,7 +74,7 @@ def test_sft_trains_on_conversations_with_a_borrowed_chat_template(base_without_
     assert [entry["step"] for entry in history if "loss" in entry] == [1, 2, 3]
 
 
-@pytest.mark.slow(minutes=0.9)
+@pytest.mark.slow(minutes=0.4)
 def test_flow_runs_sft_on_its_own_conversations_then_the_policy_from_it(tmp_path, coin_judge_path):
     from mlflow import MlflowClient
 

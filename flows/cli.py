@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import json
 import logging
 import os
@@ -273,6 +275,9 @@ def cmd_generate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # At exit, after every other atexit handler (MLflow's and Prefect's flushes among them), spare the
+    # interpreter its last collection of the ML stack's objects: 1.7 s of CPU per command.
+    atexit.register(gc.freeze)
     parser = argparse.ArgumentParser(prog="preftune", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the preference-tuning flow")
@@ -299,9 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--max-length", type=int, default=512)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--runs-dir", default="runs")
-    gc = commands.add_parser("gc", help="remove run folders no registered model version needs")
-    gc.add_argument("--runs-dir", default="runs")
-    gc.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    collect = commands.add_parser("gc", help="remove run folders no registered model version needs")
+    collect.add_argument("--runs-dir", default="runs")
+    collect.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     serve = commands.add_parser("serve", help="serve the flow on a cron schedule from this process")
     _config_args(serve)
     serve.add_argument("--cron", default="0 2 * * *", help="schedule (default: 02:00 every day)")

@@ -2,6 +2,8 @@
 the launch file `tasks/launcher.py` wrote and train it; rank 0 logs into the stage's MLflow run."""
 from __future__ import annotations
 
+import atexit
+import gc
 import json
 import sys
 from contextlib import nullcontext
@@ -33,4 +35,5 @@ def main(launch_file: str) -> None:
 
 
 if __name__ == "__main__":
+    atexit.register(gc.freeze)  # as flows/cli.py: no last collection at exit (1.7 s of CPU per rank)
     main(sys.argv[1])

@@ -123,7 +123,7 @@ def _approve_through_a_suspended_run(tracking_uri: str):
     return suspended, resumed
 
 
-@pytest.mark.slow(minutes=1.8)
+@pytest.mark.slow(minutes=1.9)
 def test_smoke_deployment_runs_through_a_worker(servers, tmp_path, tiny_model_path):
     prefect, mlflow, prefect_home, stores, password = servers
     mlflow_db, prefect_db = (stores.mlflow_backend, password), (stores.prefect_database, password)

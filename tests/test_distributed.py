@@ -93,7 +93,7 @@ def _cli(*args: str, cwd: Path, env: dict) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-@pytest.mark.slow(minutes=1.9)
+@pytest.mark.slow(minutes=1.7)
 def test_two_processes_train_resume_after_a_kill_and_register(tmp_path, coin_judge_path, prefect_api):
     """`distributed.num_processes=2` on this CPU: DPO on 2 gloo ranks through `accelerate launch`, SIGKILLed
     (the CLI, the launcher and both ranks) at a seeded random moment after its first checkpoint and run

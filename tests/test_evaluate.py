@@ -268,7 +268,7 @@ def test_out_of_memory_while_evaluating_halves_the_batch():
     assert tried == [8]
 
 
-@pytest.mark.slow(minutes=0.6)
+@pytest.mark.slow(minutes=0.7)
 def test_cli_evaluates_any_policy_on_any_preference_file(trained, tiny_model_path, shared_data, tmp_path,
                                                          monkeypatch, capsys):
     from flows.cli import main

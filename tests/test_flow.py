@@ -1,4 +1,5 @@
-"""The whole `smoke` flow through Prefect, checked through MLflow's and Prefect's own APIs."""
+"""The whole `smoke` flow through Prefect, checked through MLflow's and Prefect's own APIs; then
+`preftune gc` on the runs this module made (last: it removes what they left)."""
 from __future__ import annotations
 
 import asyncio
@@ -10,8 +11,10 @@ import pytest
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
 
+from flows.cli import main
 from flows.config import load_config
 from flows.preference_tuning import preference_tuning
+from tasks.cleanup import folder_bytes
 
 STAGES = {"reward-helpfulness", "reward-harmlessness", "sft", "dpo", "evaluate", "register"}
 
@@ -43,7 +46,7 @@ def smoke_runs(tmp_path_factory, tiny_model_path):
     return config, first, second
 
 
-@pytest.mark.slow(minutes=0.9)
+@pytest.mark.slow(minutes=1.3)
 def test_smoke_flow_logs_runs_metrics_and_registers_models(smoke_runs):
     config, first, second = smoke_runs
     summary = first.result()
@@ -176,3 +179,33 @@ def test_a_new_tracking_store_gets_every_stage_run_without_retraining(smoke_runs
     assert [m.step for m in client.get_metric_history(dpo_run.info.run_id, "loss")] == list(
         range(1, config.policy.max_steps + 1))
     assert summary.metrics["implicit_reward.accuracy"] == first.result().metrics["implicit_reward.accuracy"]
+
+
+def test_gc_keeps_registered_models_and_the_next_run_recreates_the_rest(smoke_runs, monkeypatch, capsys):
+    """What no registered version needs goes; what one needs stays; the next run still works. Last in this
+    module: the runs above (two settings of DPO, the same judges) are what it cleans up."""
+    config, first, _ = smoke_runs
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", config.tracking.tracking_uri)  # the store gc reads
+    runs, run_dir = Path(config.runs_dir), Path(first.result().run_dir)
+    token = (run_dir / ".workspace-token").read_text()
+    assert not list(run_dir.glob("*/*/checkpoints"))  # finished stages dropped their checkpoints already
+    client = MlflowClient(tracking_uri=config.tracking.tracking_uri)
+    versions = [v for model in client.search_registered_models() for v in client.search_model_versions(f"name = '{model.name}'")]
+    assert len(versions) == 4  # the policy of each DPO setting and the two judges
+
+    assert main(["gc", "--runs-dir", str(runs), "--dry-run"]) == 0
+    assert "would remove" in capsys.readouterr().out and (run_dir / ".workspace-token").read_text() == token
+    before = folder_bytes(run_dir)
+    assert main(["gc", "--runs-dir", str(runs)]) == 0
+    printed = capsys.readouterr().out
+    assert folder_bytes(run_dir) < before and f"kept {len(versions)} that registered model versions point into" in printed
+    for version in versions:  # every registered version still loads from its folder
+        source = Path(version.source)
+        weights = source / ("peft/adapter_config.json" if version.name.startswith(config.tracking.reward_model_prefix) else "model/config.json")
+        assert (source / "MLmodel").is_file() and weights.is_file()  # a judge: its adapter, over the cached base
+    assert not list(run_dir.glob("dpo/*")) and not list(run_dir.glob("sft/*")) and not list(run_dir.glob("data/*"))
+    assert (run_dir / ".workspace-token").read_text() != token  # cached results naming removed folders expire
+
+    again = preference_tuning(config)  # re-creates what it needs; the same models come out again
+    assert [(v.name, v.version, v.reused) for v in again.registered] == [
+        (v.name, v.version, True) for v in first.result().registered]

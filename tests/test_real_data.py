@@ -18,7 +18,7 @@ from tasks.tracking import TrackingSettings, configure
 LENGTH = 96
 
 
-@pytest.mark.slow(minutes=1.4)
+@pytest.mark.slow(minutes=1.3)
 def test_short_dpo_run_on_real_pairs_beats_chance_on_held_out_questions(shared_data, smollm2_path, tmp_path,
                                                                         tracking_uri):
     configure(TrackingSettings())

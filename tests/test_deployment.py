@@ -129,7 +129,7 @@ def test_smoke_deployment_runs_through_a_worker(servers, tmp_path, tiny_model_pa
     mlflow_db, prefect_db = (stores.mlflow_backend, password), (stores.prefect_database, password)
     api = f"{prefect.url}/api"
     env = os.environ | {"PREFECT_API_URL": api, "PREFECT_HOME": str(prefect_home), "MLFLOW_TRACKING_URI": mlflow.url,
-                        "PREFTUNE_HOME": str(REPO), "PREFECT_WORKER_QUERY_SECONDS": "2"}
+                        "PREFTUNE_HOME": str(REPO), "PREFECT_WORKER_QUERY_SECONDS": "1"}
     worker = None
     with temporary_settings({PREFECT_API_URL: api}):
         # On an empty server: deploy creates the work pools prefect.yaml names, then every deployment.

@@ -8,11 +8,12 @@
 and evaluation are placed); `bench/gpu.py` (plain TRL with the book's settings against the `recipe`
 and `auto` plans, alone on the device, since it times them); then at once the `gpu`-marked tests and
 the flow runs: `smoke` and a cut `book` (TinyLlama-sized random Llama, local data, a few steps per
-stage) in both plans, each through `preftune run` with Prefect's embedded server (or the one --prefect-api
-names) and a fresh MLflow store in the results folder. From each run's MLflow records it checks that every stage's plan is on
-the device (on a GPU run a CPU plan fails), that the merge check and the evaluation ran there, and
-compares each training stage's planned peak memory with the measured one. The figures go to one
-Markdown table (`gpu-check.md`, with `gpu-check.json`), appended to bench/RESULTS.md with --record.
+stage) in both plans, each through `preftune run` with Prefect's embedded server (or the one
+--prefect-api names) and a fresh MLflow store in the results folder. From each run's MLflow records it
+checks that every stage's plan is on the device (on a GPU run a CPU plan fails), that the merge check
+and the evaluation ran there, and compares each training stage's planned peak memory with the
+measured one. The figures go to one Markdown table (`gpu-check.md`, with `gpu-check.json`),
+appended to bench/RESULTS.md with --record.
 `--reduced` runs the same parts on a tiny model, where "on CUDA" becomes "the plan matches the device".
 """
 from __future__ import annotations

@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import URL
 
 HOST = "127.0.0.1"  # never bind beyond loopback by default
-MLFLOW_WORKERS = 4  # MLflow's own default; each worker process costs seconds of CPU to start
 
 
 def own_origins(port: int) -> str:
@@ -301,13 +300,14 @@ def _mlflow_auth_env(stores: Stores, secrets: ServerSecrets, config_path: Path) 
 
 def start_mlflow(port: int, store: Path | None, log_path: Path | None = None, stores: Stores | None = None,
                  secrets: ServerSecrets | None = None, auth: bool = False, env: dict[str, str] | None = None,
-                 workers: int = MLFLOW_WORKERS) -> Server:
+                 workers: int | None = None) -> Server:
     """Serves `stores` (default: the SQLite store in the folder `store`) and their artifacts, with
-    MLflow's basic-auth app when `auth` (admin login from `secrets`). MLflow's own guard refuses
-    state-changing requests from pages on other hosts; it always admits localhost origins."""
+    MLflow's basic-auth app when `auth` (admin login from `secrets`), on `workers` processes (default:
+    MLflow's, 4; each takes seconds of CPU to start). MLflow's own guard refuses state-changing requests
+    from pages on other hosts; it always admits localhost origins."""
     stores = stores or local_stores(store)
     command = [_bin("mlflow"), "server", "--host", HOST, "--port", str(port), "--artifacts-destination",
-               stores.artifacts, "--workers", str(workers)]
+               stores.artifacts] + (["--workers", str(workers)] if workers else [])
     server_env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
                   "MLFLOW_BACKEND_STORE_URI": stores.mlflow_backend}  # = --backend-store-uri, out of `ps`
     secrets = secrets or ServerSecrets()
@@ -323,7 +323,7 @@ def start_mlflow(port: int, store: Path | None, log_path: Path | None = None, st
 def start_servers(prefect_port: int, mlflow_port: int, stores: Stores, logs: Path | None = None,
                   prefect_env: dict[str, str] | None = None, secrets: ServerSecrets | None = None,
                   auth: bool = False, mlflow_env: dict[str, str] | None = None,
-                  mlflow_workers: int = MLFLOW_WORKERS) -> list[Server]:
+                  mlflow_workers: int | None = None) -> list[Server]:
     """Prefect and MLflow on `stores`, healthy when this returns (both stopped if either fails).
     `auth`: both require a login, from `secrets`; `mlflow_env`: e.g. the artifact store's credentials."""
     secrets = secrets or ServerSecrets()

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup postgres s3rver run test ui bench bench-gpu lock clean-runs
+.PHONY: setup postgres s3rver run test ui serve-model bench bench-gpu lock clean-runs
 
 # The exact tested versions (requirements.lock), then the project itself without resolving again.
 $(STAMP): pyproject.toml constraints.txt requirements.lock
@@ -27,8 +27,10 @@ lock:
 
 setup: $(STAMP)
 
+# Offline (no Hugging Face Hub), the benchmark's prompts and NLTK's tables come from local copies:
+#   make run IFEVAL=path/to/ifeval.jsonl NLTK_DATA=path/to/nltk_data
 run: setup
-	$(BIN)/preftune run --profile quickstart
+	$(BIN)/preftune run --profile quickstart $(if $(IFEVAL),--set evaluation.benchmark.data=$(IFEVAL))
 
 # The shared-servers test starts a throwaway PostgreSQL cluster: the server binaries, where missing.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -54,6 +56,14 @@ test: setup postgres s3rver
 
 ui: setup
 	$(BIN)/preftune ui
+
+# A registered policy as an OpenAI-style chat endpoint: MLflow's model server, which starts uvicorn from
+# .venv/bin (so it is put on PATH), on the local store unless MLFLOW_TRACKING_URI names another.
+MODEL ?= models:/preftune-policy@champion
+PORT ?= 5001
+serve-model: setup
+	PATH="$(abspath $(BIN)):$$PATH" MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(abspath mlflow/mlflow.db)}" \
+		$(BIN)/mlflow models serve -m "$(MODEL)" --env-manager local --host 127.0.0.1 -p $(PORT)
 
 bench: setup
 	$(BIN)/python bench/dpo_step.py

@@ -1,6 +1,7 @@
-"""Ground truth for the quickstart: the rule checker's greedy pass rate (tasks/instructions.py) of a
-tuned policy and of its reference on the held-out prompts of a profile's data, per instruction kind and
-overall, with 95 % paired-bootstrap intervals of the difference. No judge is involved.
+"""Ground truth for the quickstart: IFEval's checkers' greedy pass rate (lm_eval, through
+tasks/instructions.py) of a tuned policy and of its reference on the held-out prompts of a profile's data
+that carry instructions, per instruction kind and overall, with 95 % paired-bootstrap intervals of the
+difference. No judge is involved.
 
     .venv/bin/python bench/instruction_following.py                        # train DPO as the profile says, then compare
     .venv/bin/python bench/instruction_following.py --reference-only       # the base model's pass rate per kind
@@ -26,8 +27,9 @@ import numpy as np  # noqa: E402
 
 from flows.config import load_config  # noqa: E402
 from tasks.data import apply_filter, format_split, load, read_jsonl, split  # noqa: E402
-from tasks.evaluate import generate, sample_prompts  # noqa: E402
-from tasks.instructions import kinds_of, verify  # noqa: E402
+from tasks.answers import generate  # noqa: E402
+from tasks.evaluate import sample_prompts  # noqa: E402
+from tasks.instructions import follows  # noqa: E402
 from tasks.models import resolve_base_model  # noqa: E402
 from tasks.stats import mean  # noqa: E402
 
@@ -39,7 +41,8 @@ def held_out_prompts(config, workdir: Path, prompts: int):
     formatted = format_split(parts, base.tokenizer(), workdir / "formatted", config.policy_settings().max_length,
                              data.overlong)
     settings = config.evaluation.model_copy(update={"generation_prompts": prompts or 10**9})
-    return base, formatted, sample_prompts(read_jsonl(formatted.eval.path), settings)
+    sample = sample_prompts(read_jsonl(formatted.eval.path), settings)
+    return base, formatted, sample[sample.instruction_id_list.map(len) > 0].reset_index(drop=True)
 
 
 def train(config, base, formatted, workdir: Path) -> tuple[str, float]:
@@ -74,14 +77,15 @@ def load_models(base_path: str, policy: str | None):
     return tokenizer, reference, tuned
 
 
-def passes(model, tokenizer, prompts, settings) -> tuple[np.ndarray, list[str]]:
-    answers, _ = generate(model, tokenizer, prompts, settings)
-    return np.array([bool(verify(prompt[-1]["content"], answer)) for prompt, answer in zip(prompts, answers)]), answers
+def passes(model, tokenizer, sample, settings) -> tuple[np.ndarray, list[str]]:
+    answers, _ = generate(model, tokenizer, list(sample.prompt), settings.max_new_tokens, settings.batch_size)
+    return np.array([follows(row.prompt[-1]["content"], list(row.instruction_id_list), list(row.kwargs), answer)
+                     for row, answer in zip(sample.itertuples(), answers)]), answers
 
 
-def table(prompts, reference: np.ndarray, tuned: np.ndarray | None, seed: int) -> tuple[str, dict]:
+def table(sample, reference: np.ndarray, tuned: np.ndarray | None, seed: int) -> tuple[str, dict]:
     """Per kind and overall: pass rates with intervals, and the paired difference tuned - reference."""
-    kinds = np.array([",".join(kinds_of(prompt[-1]["content"])) for prompt in prompts])
+    kinds = np.array([",".join(ids) for ids in sample.instruction_id_list])
     lines = ["| kind | prompts | reference | tuned | tuned - reference |", "|---|---|---|---|---|"]
     figures = {}
     for kind in [*sorted(set(kinds)), "overall"]:
@@ -137,7 +141,8 @@ def main() -> None:
                 "profile": args.profile, "overrides": args.overrides, "policy": policy, "train_seconds": seconds,
                 "figures": figures,
                 "answers": [{"prompt": p[-1]["content"], "reference": r, "tuned": t}
-                            for p, r, t in zip(prompts, reference_answers, tuned_answers or [None] * len(prompts))],
+                            for p, r, t in zip(prompts.prompt, reference_answers,
+                                               tuned_answers or [None] * len(prompts))],
             }, indent=2) + "\n")
 
 

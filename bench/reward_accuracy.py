@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flows.config import load_config  # noqa: E402
 from tasks.data import DataSettings, apply_filter, format_split, load, read_jsonl, split  # noqa: E402
-from tasks.evaluate import RewardScorer, pairwise_metrics  # noqa: E402
+from tasks.scoring import RewardScorer, pairwise_metrics  # noqa: E402
 from tasks.models import ResolvedModel, load_tokenizer, resolve_model_path  # noqa: E402
 from tasks.reward import train_reward_model  # noqa: E402
 from tasks.tracking import TrackingSettings, configure  # noqa: E402

@@ -60,9 +60,12 @@ def _print_summary(summary) -> None:
     print(f"promotion     : {summary.promotion.explanation().replace('**', '')}")
     if summary.outcome:
         print(f"outcome       : {summary.outcome.status}: {summary.outcome.message}")
+    if summary.report_path:
+        print(f"report        : {summary.report_path} (the benchmark per instruction kind, drift per model)")
     metrics = summary.metrics
     for name, value in sorted(metrics.items()):
-        if name.endswith((".ci_low", ".ci_high")):
+        # The benchmark's and the control prompts' differences are in the promotion's table above.
+        if name.endswith((".ci_low", ".ci_high")) or name.startswith(("benchmark.", "drift.")):
             continue
         interval = (f"  [{metrics[name + '.ci_low']:.3f}, {metrics[name + '.ci_high']:.3f}]"
                     if name + ".ci_low" in metrics else "")
@@ -270,7 +273,17 @@ def cmd_generate(args) -> int:
     from tasks.tracking import TrackingSettings, configure
 
     configure(TrackingSettings())
-    print(generate(args.model, args.prompt, args.max_new_tokens))
+    print(generate(args.model, args.prompt, args.max_new_tokens, args.system))
+    return 0
+
+
+def cmd_score(args) -> int:
+    from tasks.registry import score
+    from tasks.tracking import TrackingSettings, configure
+
+    configure(TrackingSettings())
+    for answer, reward in zip(args.answer, score(args.judge, args.prompt, args.answer, args.max_length, args.system)):
+        print(json.dumps({"answer": answer, "score": reward}))
     return 0
 
 
@@ -347,7 +360,15 @@ def main(argv: list[str] | None = None) -> int:
     gen = commands.add_parser("generate", help="answer a prompt with a registered policy")
     gen.add_argument("prompt")
     gen.add_argument("--model", default="models:/preftune-policy@champion")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--max-new-tokens", type=int, help="default: the answer length it was evaluated with")
+    gen.add_argument("--system", help="a system message before the prompt")
+    judge = commands.add_parser("score", help="score answers to a prompt with a registered judge (reward model)")
+    judge.add_argument("prompt")
+    judge.add_argument("--answer", action="append", required=True, help="an answer to score (repeatable)")
+    judge.add_argument("--judge", default="models:/preftune-reward-helpfulness@candidate",
+                       help="a judge's models:/ URI (or a folder)")
+    judge.add_argument("--max-length", type=int, default=512, help="tokens per scored prompt and answer")
+    judge.add_argument("--system", help="a system message before the prompt")
     args = parser.parse_args(argv)
 
     try:
@@ -362,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(load_config(args.profile, args.config, args.overrides).model_dump(), indent=2))
             return 0
         handler = {"run": cmd_run, "plan": cmd_plan, "methods": cmd_methods, "evaluate": cmd_evaluate, "gc": cmd_gc, "serve": cmd_serve, "deploy": cmd_deploy, "ui": cmd_ui, "promote": cmd_promote, "models": cmd_models,
-                   "generate": cmd_generate}[args.command]
+                   "generate": cmd_generate, "score": cmd_score}[args.command]
         return handler(args)
     except PreftuneError as error:
         print(f"preftune: {error}", file=sys.stderr)

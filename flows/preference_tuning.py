@@ -23,6 +23,7 @@ from flows.promotion import start_promotion
 from flows.run_record import PipelineSummary, parent_run, publish_summary
 from tasks import stages
 from tasks.base import Workspace, redact, redact_logs
+from tasks.benchmark import prepare_benchmark
 from tasks.cuda_required import require_cuda_if_asked
 from tasks.data import SplitData
 from tasks.distributed import DistributedSettings, stages_in_parallel
@@ -115,6 +116,7 @@ def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSumm
         run.add_lineage(**{"data.sha256": data.loaded.sha256})
         aspects = [prepare_aspect(name, settings, base, data, config.data, workspace)
                    for name, settings in config.rewards.items()]
+        benchmark = prepare_benchmark(config.evaluation.benchmark, workspace) if config.evaluation.benchmark else None
         sft_data = sft_pairs(config, base, data, workspace) if config.sft.enabled else None
 
         # 2. One plan per training stage, shown before anything trains.
@@ -137,7 +139,8 @@ def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSumm
 
         # 4. One merged model: base + SFT adapter + policy adapter, checked against the unmerged stack.
         adapters = ([sft.adapter_dir] if sft else []) + [policy.adapter_dir]
-        merged = merge_adapters(base.path, adapters, data.formatted.eval.path, config.merge, workspace)
+        merged = merge_adapters(base.path, adapters, data.formatted.eval.path, config.merge, workspace,
+                                answer_tokens=config.evaluation.max_new_tokens)  # the chat model answers as evaluated
 
         # 5. Evaluate on held-out questions with judges that earn their say, then the gate's verdict.
         aspect_judges = judges_of(aspects, reward_models, training_reward=method.online)
@@ -145,7 +148,7 @@ def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSumm
         evaluation = evaluate(config.evaluation, data.formatted.eval.path, policy_start.path, merged.model_dir, judges,
                               current_champion(config.tracking, merged.model_dir), workspace, run.run_id,
                               stage_runs(reward_models, sft, config.method, policy.mlflow_run_id), config.method,
-                              method.implicit_reward)
+                              method.implicit_reward, data.formatted.train.path, benchmark)
         decision = decide_promotion(evaluation.gate, config.tracking.promotion)
         run.record_evaluation(evaluation, merged)
 

@@ -29,6 +29,7 @@ class PipelineSummary(BaseModel):
     promotion: PromotionDecision
     outcome: PromotionOutcome | None = None  # what became of the candidate (None: nothing registered)
     registered: list[RegisteredVersion]
+    report_path: str | None = None  # the evaluation's report
 
 
 def flatten(values: dict, prefix: str = "") -> dict[str, str]:
@@ -54,12 +55,14 @@ class RunRecord:
                         "mlflow.parent_run_id": self.run_id, "config.sha256": fingerprint(config.model_dump(mode="json"))}
         self.bytes_before = stored_bytes(Path(workspace.path), config.tracking.experiment)
         self.metrics: dict[str, float] = {}
+        self.report_path: str | None = None
 
     def add_lineage(self, **tags: str) -> None:
         self.lineage |= tags
 
     def record_evaluation(self, evaluation: EvalResult, merged: MergeResult) -> None:
         self.metrics = evaluation.metrics | {"merge.max_logit_difference": merged.max_logit_difference}
+        self.report_path = evaluation.report_path
         mlflow.set_tag("merge.device", merged.device)
         mlflow.log_metrics(self.metrics)
         mlflow.log_artifact(evaluation.report_path, "evaluation")
@@ -73,7 +76,7 @@ class RunRecord:
         mlflow.log_metric("disk.bytes_written", bytes_written)
         return PipelineSummary(mlflow_run_id=self.run_id, tracking_uri=self.tracking_uri, run_dir=self.workspace.path,
                                bytes_written=bytes_written, metrics=self.metrics, promotion=decision,
-                               outcome=outcome, registered=registered)
+                               outcome=outcome, registered=registered, report_path=self.report_path)
 
 
 @contextmanager

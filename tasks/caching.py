@@ -19,7 +19,8 @@ import mlflow
 from prefect.cache_policies import INPUTS, CacheKeyFnPolicy
 
 PROJECT_PACKAGES = ("tasks",)
-LIBRARIES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "pandas")
+LIBRARIES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "pandas", "lm-eval",
+             "nltk", "langdetect")
 
 
 def _imported_modules(path: Path) -> set[str]:

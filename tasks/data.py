@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from tasks.base import MayHoldCredentials, PreftuneError, StrictModel, Workspace, file_sha256, fingerprint, retry_unless_user_error
 from tasks.caching import DATA_CACHE
 from tasks.models import ResolvedModel
-from tasks.schemas import SCHEMAS, normalize
+from tasks.schemas import INSTRUCTION_COLUMNS, SCHEMAS, normalize
 
 Format = Literal[("auto", *SCHEMAS)]
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -286,7 +286,7 @@ def to_conversational(frame: pd.DataFrame) -> pd.DataFrame:
         "prompt": frame.apply(prompt, axis=1),
         "chosen": frame.chosen.map(lambda text: [{"role": "assistant", "content": text}]),
         "rejected": frame.rejected.map(lambda text: [{"role": "assistant", "content": text}]),
-    })
+    } | {name: frame[name] for name in INSTRUCTION_COLUMNS if name in frame})
 
 
 def _length(tokenizer, prompt: list[dict], answer: str) -> int:

@@ -1,86 +1,200 @@
-"""Verifiable instructions, in the spirit of IFEval: a prompt asks for a checkable property of the
-answer (a word limit, all lowercase, double quotes around it, a given first word or closing phrase)
-and a rule says whether an answer has it. The generator of `synthetic:instructions` writes
-its prompts with `phrase` and labels its pairs with `verify`; evaluation calls `verify` on the
-policy's own answers, so the pass rate is ground truth that no judge decides.
+"""Verifiable instructions through lm-evaluation-harness's IFEval code: its registry phrases an
+instruction (`build_description`, with values we choose) and its checkers score an answer as IFEval
+does (`lm_eval.tasks.ifeval.utils.process_results`: prompt and instruction level, strict and loose).
 
-Each kind is one phrasing (what the generator writes), one pattern that finds it again in a prompt,
-and one check; `verify` parses the user's text, so a system prompt kept apart changes nothing.
+A row that carries instructions says so in IFEval's own columns, `instruction_id_list` and `kwargs`,
+so any data with them (generated here, or a public set in that shape) gets ground truth that no judge
+decides. `REWRITES` are the kinds the quickstart generator teaches: how an answer is made to follow
+one, and which of IFEval's kinds would ask for the same surface format (so a drift check does not
+count an asked-for format as a habit).
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cache
 from typing import Callable
 
-# Straight or typographic double quotes around an answer, or around a quoted value in a prompt.
-OPENING_QUOTES, CLOSING_QUOTES = '"\u201c', '"\u201d'
+from tasks.base import PreftuneError
+from tasks.facts import Fact
+
+PUNKT = "tokenizers/punkt_tab"
 
 
-def words(answer: str) -> list[str]:
-    return answer.split()
+def require_punkt() -> None:
+    """NLTK's punkt_tab tables, which IFEval's sentence checkers read: found, or fetched as the library
+    itself would; offline and absent, one line that says what to do (the library would print a failed
+    download and crash later, inside a check)."""
+    import nltk
+
+    try:
+        nltk.data.find(PUNKT)
+        return
+    except LookupError:
+        pass
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        fetched = nltk.download("punkt_tab", quiet=True)
+    if not fetched:
+        raise PreftuneError("NLTK's punkt_tab tables (tokenizers/punkt_tab), which IFEval's checkers need, are not "
+                            "installed and cannot be downloaded here: set NLTK_DATA to a folder holding "
+                            "tokenizers/punkt_tab (where there is network: python -m nltk.downloader -d DIR punkt_tab)")
 
 
-def _first_word(answer: str) -> str:
-    found = re.search(r"[A-Za-z']+", answer)
-    return found.group(0).lower() if found else ""
+@cache
+def registry() -> dict[str, type]:
+    """lm_eval's IFEval instruction classes by id, once punkt_tab is there."""
+    require_punkt()
+    import langdetect
+
+    langdetect.DetectorFactory.seed = 0  # the case checkers detect the language: the same verdict every run
+    from lm_eval.tasks.ifeval import instructions_registry
+
+    return dict(instructions_registry.INSTRUCTION_DICT)
 
 
-def _ends_with(answer: str, phrase: str) -> bool:
-    """IFEval's rule: the answer, without surrounding quotes, ends with the phrase (case aside)."""
-    return answer.strip().strip(OPENING_QUOTES + CLOSING_QUOTES).strip().lower().endswith(phrase.strip().lower())
+def describe(instruction_id: str, kwargs: dict) -> str:
+    """The library's phrasing of one instruction with these values."""
+    return registry()[instruction_id](instruction_id).build_description(**kwargs)
+
+
+def check(prompt: str, instruction_ids: list[str], kwargs: list[dict], answer: str) -> dict:
+    """IFEval's verdict on one answer: `prompt_level_strict_acc`, `inst_level_strict_acc` (per
+    instruction), and the same `_loose` (first or last line, or markdown asterisks, forgiven)."""
+    registry()
+    from lm_eval.tasks.ifeval.utils import process_results
+
+    doc = {"key": 0, "prompt": prompt, "instruction_id_list": list(instruction_ids),
+           "kwargs": [dict(values) for values in kwargs]}
+    return process_results(doc, [answer])
+
+
+def follows(prompt: str, instruction_ids: list[str], kwargs: list[dict], answer: str) -> bool:
+    """Strictly follows every instruction (an empty answer follows nothing)."""
+    return bool(check(prompt, instruction_ids, kwargs, answer)["prompt_level_strict_acc"])
+
+
+# --- answers rewritten to follow a kind ------------------------------------------------------------
+
+END_PHRASES = ["Is there anything else I can help with?", "Any other questions?", "Does that answer your question?",
+               "Let me know if you have more questions", "Have a nice day", "That is all"]
+POSTSCRIPTS = ["Ask me if you want to know more.", "I looked this up for you.", "Thanks for asking.",
+               "There is a lot more to learn about this.", "This is a fun fact to share."]
+
+
+def _words(text: str) -> int:
+    return len(re.findall(r"\w+", text))
+
+
+def _no_comma(text: str) -> str:
+    return re.sub(r"\s*,\s*", " ", text)
+
+
+def _highlight(text: str, values: dict, fact: Fact) -> str:
+    """One highlight: the fact's key (markdown *...*); more: the first comma-separated parts."""
+    count = values["num_highlights"]
+    parts = re.split(r"(?<=,)\s+", text)
+    if count > 1 and len(parts) >= count:
+        return " ".join(f"*{part}*" if index < count else part for index, part in enumerate(parts))
+    key = next((key for key in fact.keys if re.search(re.escape(key), text, re.IGNORECASE)), None)
+    if key is None:
+        return f"*{text}*"
+    return re.sub(re.escape(key), lambda found: f"*{found.group(0)}*", text, count=1, flags=re.IGNORECASE)
 
 
 @dataclass(frozen=True)
-class Kind:
-    """One kind of instruction: how the generator says it, how to find it, and how to check it."""
+class Rewrite:
+    """One instruction kind the generator teaches: its values for `build_description`, how an answer is
+    rewritten to follow it, and the IFEval kinds that would ask for the same surface format."""
 
-    name: str
-    template: str  # the phrasing, with `{value}` where the kind has a parameter
-    check: Callable[[str, str], bool]  # (answer, value) -> follows the instruction
-
-    @property
-    def pattern(self) -> re.Pattern:
-        """The template as a regex: its own words (spacing and case aside), the value captured."""
-        parts = [r"\s+".join(map(re.escape, part.split())) for part in self.template.split("{value}")]
-        return re.compile(r"(?P<value>[^\"\u201c\u201d]+?)".join(parts), re.IGNORECASE)
-
-    def phrase(self, value: str | int = "") -> str:
-        return self.template.format(value=value)
+    instruction_id: str
+    values: Callable[[random.Random, Fact], dict]
+    apply: Callable[[str, dict, Fact], str]
+    answer: str = "any"  # which of the fact's answers it rewrites: short, long or any
+    format: str | None = None  # the surface format it adds (drift checks): quotes, lowercase, ...
+    edits: bool = True  # rewrites the answer it is given (False: picks one of the fact's answers instead)
+    conflicts: frozenset[str] = field(default_factory=frozenset)  # kinds it cannot be combined with
 
 
-KINDS = {kind.name: kind for kind in [
-    Kind("max_words", "Answer in at most {value} words.",
-         lambda answer, value: 0 < len(words(answer)) <= int(value)),
-    Kind("lowercase", "Write your whole answer in lowercase letters, with no capital letters at all.",
-         lambda answer, value: answer.islower()),
-    Kind("quotes", "Wrap your entire answer in double quotation marks.",
-         lambda answer, value: len(answer.strip()) > 2 and answer.strip()[0] in OPENING_QUOTES
-         and answer.strip()[-1] in CLOSING_QUOTES),
-    Kind("start_word", 'Start your answer with the word "{value}".',
-         lambda answer, value: _first_word(answer) == value.lower()),
-    Kind("end_phrase", 'End your answer with the exact phrase "{value}"',
-         lambda answer, value: _ends_with(answer, value)),
+def _no_values(rng, fact) -> dict:
+    return {}
+
+
+def _word_limit(rng: random.Random, fact: Fact) -> dict:
+    short, long = _words(fact.short), _words(fact.long)
+    if rng.random() < 0.6:
+        return {"relation": "less than", "num_words": rng.randint(short + 1, long)}
+    return {"relation": "at least", "num_words": rng.randint(short + 1, long)}
+
+
+REWRITES = {rewrite.instruction_id: rewrite for rewrite in [
+    Rewrite("startend:quotation", _no_values, lambda text, values, fact: f'"{text}"', format="quotes",
+            conflicts=frozenset({"detectable_format:json_format", "detectable_format:title"})),
+    Rewrite("change_case:english_lowercase", _no_values, lambda text, values, fact: text.lower(), answer="long",
+            format="lowercase", conflicts=frozenset({"change_case:english_capital", "detectable_format:json_format"})),
+    Rewrite("change_case:english_capital", _no_values, lambda text, values, fact: text.upper(), answer="long",
+            format="capitals", conflicts=frozenset({"change_case:english_lowercase", "detectable_format:json_format"})),
+    Rewrite("punctuation:no_comma", _no_values, lambda text, values, fact: _no_comma(text), answer="long"),
+    Rewrite("startend:end_checker", lambda rng, fact: {"end_phrase": rng.choice(END_PHRASES)},
+            lambda text, values, fact: f"{text} {values['end_phrase']}", format="closing phrase",
+            conflicts=frozenset({"detectable_format:json_format", "detectable_content:postscript"})),
+    Rewrite("detectable_content:postscript", lambda rng, fact: {"postscript_marker": rng.choice(["P.S.", "P.P.S"])},
+            lambda text, values, fact: f"{text}\n\n{values['postscript_marker']} {POSTSCRIPTS[len(text) % len(POSTSCRIPTS)]}",
+            format="closing phrase",
+            conflicts=frozenset({"detectable_format:json_format", "startend:end_checker"})),
+    Rewrite("detectable_format:title", _no_values, lambda text, values, fact: f"<<{fact.topic}>>\n\n{text}",
+            format="markup", conflicts=frozenset({"detectable_format:json_format", "startend:quotation"})),
+    Rewrite("detectable_format:number_highlighted_sections",
+            lambda rng, fact: {"num_highlights": rng.choice([1, 1, 2])}, _highlight, answer="long", format="markup",
+            conflicts=frozenset({"detectable_format:json_format"})),
+    Rewrite("detectable_format:json_format", _no_values,
+            lambda text, values, fact: json.dumps({"answer": text}, ensure_ascii=False), format="markup",
+            conflicts=frozenset({"startend:quotation", "change_case:english_lowercase", "change_case:english_capital",
+                                 "startend:end_checker", "detectable_content:postscript", "detectable_format:title",
+                                 "detectable_format:number_highlighted_sections"})),
+    Rewrite("length_constraints:number_words", _word_limit,
+            lambda text, values, fact: fact.short if values["relation"] == "less than" else fact.long, edits=False),
 ]}
 
 
-def parse(prompt: str) -> list[tuple[Kind, str]]:
-    """The instructions a prompt carries, with their values, in the order they appear."""
-    found = []
-    for kind in KINDS.values():
-        for match in kind.pattern.finditer(prompt):
-            found.append((match.start(), kind, (match.groupdict().get("value") or "").strip()))
-    return [(kind, value) for _, kind, value in sorted(found, key=lambda item: item[0])]
+@dataclass(frozen=True)
+class Instructed:
+    """A question with instructions, as IFEval writes a row, and an answer that follows them."""
+
+    prompt: str
+    instruction_ids: list[str]
+    kwargs: list[dict]
+    answer: str
+    base: str  # the fact's answer before it was rewritten
 
 
-def kinds_of(prompt: str) -> list[str]:
-    return [kind.name for kind, _ in parse(prompt)]
+def instruct(fact: Fact, kinds: list[str], rng: random.Random) -> Instructed:
+    """The fact's question with these instructions (the library's phrasing), and its answer rewritten
+    to follow all of them, in order."""
+    wanted = {REWRITES[kind].answer for kind in kinds} - {"any"}
+    answer = base = (fact.long if "long" in wanted else fact.short if "short" in wanted
+                     else rng.choice([fact.short, fact.long]))
+    values = [REWRITES[kind].values(rng, fact) for kind in kinds]
+    for kind, kind_values in zip(kinds, values):
+        answer = REWRITES[kind].apply(answer, kind_values, fact)
+    prompt = " ".join([fact.question, *(describe(kind, kind_values) for kind, kind_values in zip(kinds, values))])
+    return Instructed(prompt=prompt, instruction_ids=list(kinds), kwargs=values, answer=answer, base=base)
 
 
-def verify(prompt: str, answer: str) -> bool | None:
-    """Whether `answer` follows every verifiable instruction in `prompt` (its user text, or the whole
-    rendered conversation); None when the prompt carries none. An empty answer follows nothing."""
-    instructions = parse(prompt)
-    if not instructions:
-        return None
-    return bool(answer.strip()) and all(kind.check(answer, value) for kind, value in instructions)
+def asked_formats(instruction_ids: list[str]) -> set[str]:
+    """The surface formats these IFEval instructions ask for (any of IFEval's kinds, trained or not)."""
+    asked = {REWRITES[kind].format for kind in instruction_ids if kind in REWRITES and REWRITES[kind].format}
+    markup = ("detectable_format:", "detectable_content:number_placeholders", "combination:two_responses",
+              "length_constraints:number_paragraphs", "length_constraints:nth_paragraph_first_word")
+    if any(kind.startswith(markup) for kind in instruction_ids):
+        asked.add("markup")
+    if "change_case:capital_word_frequency" in instruction_ids:
+        asked.add("capitals")
+    if any(kind.startswith("startend:") or kind == "detectable_content:postscript" for kind in instruction_ids):
+        asked.add("closing phrase")
+    if "combination:repeat_prompt" in instruction_ids:
+        asked.add("opening word")
+    return asked

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from tasks.base import PreftuneError, StrictModel, Workspace, retry_unless_user_error
 from tasks.caching import MERGE_CACHE
 from tasks.data import read_jsonl
-from tasks.tracking import hf_folder, save_mlflow_model
+from tasks.tracking import CHAT, hf_folder, save_mlflow_model
 from tasks.plan import inference_placement
 
 
@@ -53,10 +53,11 @@ def _load_base(base_path: str):
     return AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, use_safetensors=True).to(device)
 
 
-def merge_into_base(base_path: str, adapter_dirs: list[str], output_dir: Path) -> str:
+def merge_into_base(base_path: str, adapter_dirs: list[str], output_dir: Path, answer_tokens: int = 128) -> str:
     """base <- adapter 1 <- adapter 2 ..., each merged in turn (SFT then DPO in the recipe). Written once,
-    as an MLflow model (`output_dir`) whose `model/` folder is a plain Hugging Face model: later stages
-    load that folder, and the registry points at the MLflow model instead of copying it."""
+    as an MLflow chat model (`output_dir`) whose `model/` folder is a plain Hugging Face model: later stages
+    load that folder, and the registry points at the MLflow model instead of copying it. Served, it answers
+    greedily with up to `answer_tokens` tokens unless a request says otherwise (the evaluation's settings)."""
     from transformers import AutoTokenizer
 
     folder = hf_folder(output_dir)
@@ -66,7 +67,8 @@ def merge_into_base(base_path: str, adapter_dirs: list[str], output_dir: Path) -
         model = _load_base(base_path)
         for adapter in adapter_dirs:
             model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    save_mlflow_model(model.cpu(), AutoTokenizer.from_pretrained(adapter_dirs[-1]), "text-generation", output_dir)
+    save_mlflow_model(model.cpu(), AutoTokenizer.from_pretrained(adapter_dirs[-1]), CHAT, output_dir,
+                      model_config={"max_new_tokens": answer_tokens, "do_sample": False})
     return str(folder)
 
 
@@ -91,9 +93,9 @@ def max_logit_difference(merged_dir: str, base_path: str, adapter_dirs: list[str
 
 
 def merge_and_check(base_path: str, adapter_dirs: list[str], eval_path: str, settings: MergeSettings,
-                    output_dir: Path) -> MergeResult:
-    """Merge into `output_dir` (an MLflow model), then check its logits against base+adapters."""
-    model_dir = merge_into_base(base_path, adapter_dirs, output_dir)
+                    output_dir: Path, answer_tokens: int = 128) -> MergeResult:
+    """Merge into `output_dir` (an MLflow chat model), then check its logits against base+adapters."""
+    model_dir = merge_into_base(base_path, adapter_dirs, output_dir, answer_tokens)
     prompts = [list(p) for p in read_jsonl(eval_path).prompt[: settings.check_prompts]]
     difference = max_logit_difference(model_dir, base_path, adapter_dirs, prompts)
     if difference > settings.tolerance:
@@ -111,6 +113,6 @@ def merge_and_check(base_path: str, adapter_dirs: list[str], eval_path: str, set
 @task(name="merge-adapters", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unless_user_error,
       cache_policy=MERGE_CACHE, persist_result=True)
 def merge_adapters(base_path: str, adapter_dirs: list[str], eval_path: str, settings: MergeSettings,
-                   workspace: Workspace) -> MergeResult:
-    stage_dir = workspace.stage("merge", base_path, adapter_dirs, eval_path, settings)
-    return merge_and_check(base_path, adapter_dirs, eval_path, settings, stage_dir / "model")
+                   workspace: Workspace, answer_tokens: int = 128) -> MergeResult:
+    stage_dir = workspace.stage("merge", base_path, adapter_dirs, eval_path, settings, answer_tokens)
+    return merge_and_check(base_path, adapter_dirs, eval_path, settings, stage_dir / "model", answer_tokens)

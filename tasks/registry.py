@@ -3,10 +3,7 @@ from __future__ import annotations
 
 import re
 
-import mlflow
 from mlflow import MlflowClient
-
-from tasks.base import PreftuneError
 
 # Shown per version: the gate's figures, and each judge's held-out accuracy (whatever its aspect is called).
 SHOWN_METRICS = re.compile(r"implicit_reward\.accuracy|combined\.lc_win_rate|promotion\.improvement"
@@ -32,11 +29,32 @@ def list_versions(prefix: str = "preftune-") -> list[dict]:
     return sorted(rows, key=lambda row: (row["name"], -int(row["version"])))
 
 
-def generate(model_uri: str, prompt: str, max_new_tokens: int = 128) -> str:
-    """Load a registered policy (e.g. `models:/preftune-policy@champion`) and answer one chat prompt."""
+def answer_tokens(model_uri: str, default: int = 128) -> int:
+    """The answer length a registered chat model was evaluated with (its served default)."""
+    import mlflow
+
     try:
-        generator = mlflow.transformers.load_model(model_uri)
-    except mlflow.exceptions.MlflowException as error:
-        raise PreftuneError(f"cannot load {model_uri}: {error.message}") from None
-    reply = generator([{"role": "user", "content": prompt}], max_new_tokens=max_new_tokens, do_sample=False)
-    return reply[0]["generated_text"][-1]["content"]
+        config = mlflow.models.get_model_info(model_uri).flavors.get("python_function", {}).get("config") or {}
+    except mlflow.exceptions.MlflowException:
+        return default
+    return int(config.get("max_new_tokens", default))
+
+
+def generate(model_uri: str, prompt: str, max_new_tokens: int | None = None, system: str | None = None) -> str:
+    """Load a registered policy (e.g. `models:/preftune-policy@champion`) and answer one chat prompt
+    greedily, through the code the evaluation answers with; by default as long as it was evaluated."""
+    from tasks.answers import generate as answer, load_policy
+
+    max_new_tokens = max_new_tokens or answer_tokens(model_uri)
+    model, tokenizer = load_policy(model_uri)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return answer(model, tokenizer, [messages], max_new_tokens, batch_size=1)[0][0]
+
+
+def score(judge_uri: str, prompt: str, answers: list[str], max_length: int = 512, system: str | None = None) -> list[float]:
+    """A registered judge's rewards (e.g. `models:/preftune-reward-helpfulness@candidate`) for answers to one
+    prompt, through the code the evaluation scores with."""
+    from tasks.scoring import RewardScorer
+
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return RewardScorer(judge_uri, max_length).score([messages] * len(answers), answers).tolist()

@@ -16,6 +16,9 @@ import pandas as pd
 from tasks.base import PreftuneError
 
 NORMALIZED_COLUMNS = ["system", "prompt", "chosen", "rejected", "status", "chosen_score", "in_gsm8k_train", "prompt_mismatch"]
+# IFEval's columns: a row's verifiable instructions, which evaluation checks with lm_eval's checkers. Optional in
+# every schema; kept through filtering, splitting and formatting.
+INSTRUCTION_COLUMNS = ["instruction_id_list", "kwargs"]
 TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
@@ -148,13 +151,47 @@ def detect_schema(columns: set[str]) -> str:
     raise PreftuneError(f"unrecognised columns {sorted(columns)}; expected one of: {expected}")
 
 
+def _listed(value) -> list | None:
+    """A JSON list, or the array a parquet or Hub table holds in its place."""
+    if hasattr(value, "tolist") and not isinstance(value, (str, dict)):
+        value = value.tolist()
+    return value if isinstance(value, list) else None
+
+
+def _instructions(row: dict, where: str, known: dict) -> dict:
+    """IFEval's `instruction_id_list` (ids of lm_eval's registry) and `kwargs` (one mapping each)."""
+    ids, kwargs = _listed(row.get("instruction_id_list")), _listed(row.get("kwargs"))
+    if ids is None or not all(isinstance(name, str) for name in ids):
+        raise PreftuneError(f"{where}, column 'instruction_id_list': expected a list of instruction ids, "
+                            f"found {row.get('instruction_id_list')!r:.60}")
+    if kwargs is None or len(kwargs) != len(ids) or not all(isinstance(values, dict) for values in kwargs):
+        raise PreftuneError(f"{where}, column 'kwargs': expected one mapping per instruction ({len(ids)}), "
+                            f"found {row.get('kwargs')!r:.60}")
+    if unknown := [name for name in ids if name not in known]:
+        raise PreftuneError(f"{where}, column 'instruction_id_list': unknown IFEval instruction {unknown[0]!r}")
+    return {"instruction_id_list": ids, "kwargs": [dict(values) for values in kwargs]}
+
+
 def normalize(table: pd.DataFrame, fmt: str, source: str) -> pd.DataFrame:
     """A source table in schema `fmt` ("auto": detected) -> normalised pairs, with the schema's name."""
     columns = set(table.columns)
+    instructed = columns & set(INSTRUCTION_COLUMNS)
+    if instructed and instructed != set(INSTRUCTION_COLUMNS):
+        raise PreftuneError(f"{source}: instruction columns come in pairs: found {sorted(instructed)}, expected "
+                            f"{INSTRUCTION_COLUMNS}")
+    columns -= set(INSTRUCTION_COLUMNS)
     fmt = detect_schema(columns) if fmt == "auto" else fmt
     schema = SCHEMAS[fmt]
     if missing := schema.missing(columns):
         raise PreftuneError(f"{source}: missing columns {missing} for format '{fmt}'; found {sorted(columns)}")
     empty = {"system": "", "status": None, "chosen_score": None, "in_gsm8k_train": None, "prompt_mismatch": False}
     rows = [empty | schema.row(row, f"{source}, row {index}") for index, row in enumerate(table.to_dict("records"))]
-    return pd.DataFrame(rows, columns=NORMALIZED_COLUMNS).assign(_format=fmt)
+    frame = pd.DataFrame(rows, columns=NORMALIZED_COLUMNS)
+    if instructed:
+        from tasks.instructions import registry
+
+        known = registry()
+        instructions = [_instructions(row, f"{source}, row {index}", known)
+                        for index, row in enumerate(table.to_dict("records"))]
+        frame = frame.assign(**{name: [row[name] for row in instructions] for name in INSTRUCTION_COLUMNS})
+    return frame.assign(_format=fmt)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import random
 
-from tasks.instructions import KINDS, verify
 
 SYSTEMS = ["", "You are a helpful assistant.", "You are a concise assistant. Answer briefly."]
 WORDS = ["apple", "river", "planet", "garden", "silver", "window", "castle", "forest", "marble", "pencil",
@@ -212,163 +211,75 @@ GENERATORS = {"synthetic": generate_preferences, "synthetic:helpfulness": genera
               "synthetic:harmlessness": generate_safety_preferences}
 
 
-# --- verifiable instructions (tasks/instructions.py checks them) ---------------------------------
-# (question, a short answer, a one-sentence answer): the content both answers of a pair share. No answer starts with a proper noun, so a given first word can be put before it.
-FACTS = [
-    ("What color is the sky on a clear day?", "The sky is blue.",
-     "On a clear day the sky looks blue, because air scatters blue sunlight more than red light."),
-    ("Why do we need sleep?", "Sleep lets the body recover.",
-     "We need sleep because it lets the body repair itself, and it helps the brain store memories."),
-    ("What is the capital of France?", "The capital is Paris.",
-     "The capital of France is Paris, a large city on the river Seine."),
-    ("How do plants make food?", "They use photosynthesis.",
-     "Plants make food by photosynthesis, turning sunlight, water and carbon dioxide into sugar."),
-    ("What do bees make?", "Bees make honey and wax.",
-     "Bees make honey from flower nectar, and they build their hives from wax."),
-    ("How many days are in a week?", "A week has seven days.",
-     "There are seven days in a week, from one Monday to the next."),
-    ("At what temperature does water boil?", "It boils at 100 degrees Celsius.",
-     "At sea level water boils at 100 degrees Celsius, which is 212 degrees Fahrenheit."),
-    ("What is the largest ocean?", "The largest is the Pacific.",
-     "The largest ocean on Earth is the Pacific, which covers about a third of the planet."),
-    ("What is rain made of?", "Rain is drops of water.",
-     "Rain is made of drops of water, which form when the vapour in clouds cools down."),
-    ("Why do leaves change color in autumn?", "Their green chlorophyll breaks down.",
-     "In autumn leaves lose their green chlorophyll, so their yellow and red pigments show through."),
-    ("Which animal is called the king of the jungle?", "The lion is.",
-     "The lion is called the king of the jungle, although it mostly lives on open grassland."),
-    ("How do you make a cup of tea?", "Steep tea in hot water.",
-     "To make tea, pour hot water over a tea bag, wait three minutes, and then remove the bag."),
-    ("Why should we drink water every day?", "Water keeps the body working.",
-     "We should drink water every day, because the body uses it to control heat and carry nutrients."),
-    ("What is the closest star to Earth?", "The closest star is the Sun.",
-     "The closest star to Earth is the Sun, which is about 150 million kilometres away."),
-    ("How many legs does a spider have?", "A spider has eight legs.",
-     "A spider has eight legs, which is two more than an insect has."),
-    ("What gas do humans breathe out?", "We breathe out carbon dioxide.",
-     "Humans breathe out carbon dioxide, a gas that plants then use to make their food."),
-    ("What is the tallest mountain in the world?", "The tallest is Mount Everest.",
-     "The tallest mountain in the world is Mount Everest, in the Himalayas, almost nine kilometres high."),
-    ("Why is exercise good for you?", "It keeps your body strong.",
-     "Exercise is good for you, because it strengthens the heart and muscles and lifts your mood."),
-    ("What does a thermometer measure?", "It measures temperature.",
-     "A thermometer measures temperature, for example of the air, of water or of your body."),
-    ("What is the main language spoken in Brazil?", "Most people speak Portuguese.",
-     "The main language of Brazil is Portuguese, which came with settlers from Portugal."),
-    ("How many continents are there?", "There are seven continents.",
-     "There are seven continents, and the largest of them by area is Asia."),
-    ("What do caterpillars turn into?", "They become butterflies or moths.",
-     "Caterpillars turn into butterflies or moths, after a resting stage inside a chrysalis or cocoon."),
-    ("Why does the Moon shine at night?", "It reflects sunlight.",
-     "The Moon makes no light of its own, but it shines because it reflects light from the Sun."),
-    ("What is the freezing point of water?", "Water freezes at zero degrees Celsius.",
-     "Water freezes at zero degrees Celsius, which is 32 degrees Fahrenheit."),
-    ("What is the largest planet in our solar system?", "The largest is Jupiter.",
-     "The largest planet in our solar system is Jupiter, a gas giant more than ten times as wide as Earth."),
-    ("How can I keep my teeth healthy?", "Brush them twice a day.",
-     "To keep your teeth healthy, brush them twice a day and eat fewer sugary snacks."),
-    ("What is a baby cat called?", "It is called a kitten.",
-     "A baby cat is called a kitten, and it opens its eyes about a week after birth."),
-    ("Why do birds fly south in winter?", "They look for warmth and food.",
-     "Many birds fly south in winter, because they need warmer weather and more food."),
-    ("What is the fastest land animal?", "The cheetah is the fastest.",
-     "The fastest land animal is the cheetah, which can run at more than 100 kilometres per hour."),
-    ("How many hours are in a day?", "A day has 24 hours.",
-     "There are 24 hours in a day, which is the time the Earth takes to spin once."),
-    ("What is the opposite of hot?", "The opposite is cold.",
-     "The opposite of hot is cold, as on a frosty winter morning."),
-    ("Why do we have seasons?", "The axis of the Earth is tilted.",
-     "We have seasons because the axis of the Earth is tilted, so each half gets more sunlight at a different time."),
-    ("What instrument has black and white keys?", "The piano does.",
-     "The piano has black and white keys, and each key makes a small hammer strike a string."),
-    ("How do fish breathe underwater?", "They breathe with gills.",
-     "Fish breathe with gills, which take oxygen out of the water as it flows past."),
-    ("What is the chemical symbol for gold?", "Its symbol is Au.",
-     "The chemical symbol for gold is Au, from the Latin word aurum."),
-    ("What shape has three sides?", "A triangle has three sides.",
-     "A shape with three sides is a triangle, and its angles always add up to 180 degrees."),
-    ("Who wrote Romeo and Juliet?", "The author is William Shakespeare.",
-     "The play was written by William Shakespeare, an English playwright, in the 1590s."),
-    ("What is the largest desert in Africa?", "The largest is the Sahara.",
-     "The largest desert in Africa is the Sahara, which stretches across much of the north of the continent."),
-    ("How can I fall asleep faster?", "Keep a regular bedtime.",
-     "To fall asleep faster, keep a regular bedtime and put your phone away an hour before bed."),
-    ("What do you call frozen water?", "Frozen water is ice.",
-     "Frozen water is called ice, and it floats because it is lighter than liquid water."),
-    ("Why is the ocean salty?", "Rivers carry salt into it.",
-     "The ocean is salty, because rivers wash minerals from rocks into the sea over millions of years."),
-    ("What is the main ingredient of bread?", "Bread is mostly flour.",
-     "The main ingredient of bread is flour, which is mixed with water, yeast and salt."),
-    ("How many sides does a hexagon have?", "A hexagon has six sides.",
-     "A hexagon has six sides, like the cells of a honeycomb."),
-    ("What is the capital of Japan?", "The capital is Tokyo.",
-     "The capital of Japan is Tokyo, one of the largest cities in the world."),
-    ("Why do we wear coats in winter?", "Coats keep us warm.",
-     "We wear coats in winter, because they trap warm air close to the body."),
-    ("What does a compass show?", "It shows which way is north.",
-     "A compass shows which way is north, because its needle lines up with the magnetic field of the Earth."),
-    ("What do pandas mostly eat?", "Pandas mostly eat bamboo.",
-     "Giant pandas mostly eat bamboo, and they can spend half the day eating it."),
-    ("How does a rainbow form?", "Raindrops split sunlight into colors.",
-     "A rainbow forms when sunlight passes through raindrops, which bend it and split it into colors."),
-]
-START_WORDS = ["Sure", "Well", "Indeed", "Certainly", "Okay"]
-END_PHRASES = ["Is there anything else I can help with?", "I hope this helps.", "Let me know if you have more questions."]
+# --- verifiable instructions (tasks/instructions.py: lm_eval's IFEval registry phrases and checks them) ---
+# Three kinds of pair, on the facts of tasks/facts.py, both answers stating the same fact:
+# - asked: a question with one instruction; the answer that follows it beats the same answer that does not;
+# - only what was asked: the answer that follows it beats the same answer with an unasked format added;
+# - nothing asked: a plain question; the plain answer beats the same answer in an unasked format.
+PAIR_KINDS = ["asked"] * 5 + ["only asked"] * 2 + ["nothing asked"] * 3
 
 
-def _lower_first(text: str) -> str:
-    return text[0].lower() + text[1:]
+def _instruction_pair(kind: str, fact, rng: random.Random) -> dict | None:
+    """One pair as argilla columns plus IFEval's (instruction_id_list, kwargs); None when the checker
+    disagrees with the construction (a language detector unsure of a short lowercase answer), so the
+    caller draws again."""
+    from tasks.instructions import REWRITES, follows, instruct
 
-
-def _instruction_pair(kind: str, short: str, long: str, rng: random.Random) -> tuple[str, str, str, str]:
-    """(value, chosen, rejected, another answer that also follows): one base answer on both sides, only
-    the instructed property differs (for the word limit, the short answer against the long one)."""
-    base = rng.choice([short, long])
-    if kind == "max_words":
-        limit = rng.randint(len(short.split()), min(len(long.split()) - 1, len(short.split()) + 4))
-        return str(limit), short, long, short.lower()
-    if kind == "lowercase":
-        return "", base.lower(), base, (long if base == short else short).lower()
-    if kind == "quotes":
-        return "", f'"{base}"', base, f'"{long if base == short else short}"'
-    if kind == "start_word":
-        word = rng.choice(START_WORDS)
-        return word, f"{word}, {_lower_first(base)}", base, f"{word}! {base}"
-    if kind == "end_phrase":
-        phrase = rng.choice(END_PHRASES)
-        rejected = base if rng.random() < 0.5 else f"{phrase} {base}"  # the phrase is there, but first
-        return phrase, f"{base} {phrase}", rejected, f"{base}\n\n{phrase}"
-    raise ValueError(kind)
+    formats = [rewrite for rewrite in REWRITES.values() if rewrite.format]
+    if kind == "nothing asked":
+        base = rng.choice([fact.short, fact.long])
+        extra = rng.choice(formats)
+        return {"input": fact.question, "chosen": base, "rejected": extra.apply(base, extra.values(rng, fact), fact),
+                "instruction_id_list": [], "kwargs": [], "alternative": None}
+    asked = rng.choice(list(REWRITES))
+    row = instruct(fact, [asked], rng)
+    ids, kwargs = row.instruction_ids, row.kwargs
+    extras = [extra for extra in formats if extra.instruction_id != asked and asked not in extra.conflicts
+              and extra.instruction_id not in REWRITES[asked].conflicts]
+    if not extras or not REWRITES[asked].edits:  # nothing can be added (JSON), or it picks an answer: teach it
+        kind = "asked"
+    if kind == "asked" and asked == "length_constraints:number_words":  # the other length
+        rejected = fact.long if kwargs[0]["relation"] == "less than" else fact.short
+    elif kind == "asked":
+        rejected = row.base
+    else:
+        extra = rng.choice(extras)
+        rejected = REWRITES[asked].apply(extra.apply(row.base, extra.values(rng, fact), fact), kwargs[0], fact)
+    if not follows(row.prompt, ids, kwargs, row.answer) or follows(row.prompt, ids, kwargs, rejected) != (kind != "asked"):
+        return None
+    other = instruct(fact, [asked], random.Random(rng.random()))  # another answer that follows: a tie's partner
+    return {"input": row.prompt, "chosen": row.answer, "rejected": rejected, "instruction_id_list": ids,
+            "kwargs": kwargs, "alternative": other.answer if other.answer != row.answer and other.prompt == row.prompt else None}
 
 
 def generate_instruction_preferences(rows: int, seed: int = 0) -> list[dict]:
-    """Argilla-schema pairs on prompts that carry one verifiable instruction: the chosen answer follows it
-    and the rejected one does not, as `tasks.instructions.verify` (the evaluation's checker) says."""
+    """Argilla-schema pairs with IFEval's instruction columns: chosen follows what the prompt asks and
+    adds nothing it does not ask, as lm_eval's checkers say (the evaluation's ground truth)."""
+    from tasks.facts import TRAINING_FACTS
+
     rng = random.Random(seed)
-    kinds = list(KINDS)
     out = []
-    for index in range(rows):
-        kind = kinds[index % len(kinds)]
-        question, short, long = rng.choice(FACTS)
-        value, chosen, rejected, alternative = _instruction_pair(kind, short, long, rng)
-        prompt = f"{question} {KINDS[kind].phrase(value)}"
-        assert verify(prompt, chosen) is True and verify(prompt, rejected) is False, (prompt, chosen, rejected)
-        assert verify(prompt, alternative) is True, (prompt, alternative)
+    while len(out) < rows:
+        pair = _instruction_pair(PAIR_KINDS[len(out) % len(PAIR_KINDS)], rng.choice(TRAINING_FACTS), rng)
+        if pair is None:
+            continue
+        alternative = pair.pop("alternative")
         roll = rng.random()
-        status = "tie" if roll < 0.08 else "swapped" if roll < 0.2 else "unchanged"
-        if status == "tie":  # two answers that both follow the instruction: the pair teaches nothing
-            rejected = alternative
+        status = "tie" if roll < 0.08 and alternative else "swapped" if roll < 0.2 else "unchanged"
+        if status == "tie":  # two answers that both follow: the pair teaches nothing
+            pair["rejected"] = alternative
         score = rng.choice([8.0, 9.0, 9.0, 10.0]) if rng.random() > 0.1 else rng.choice([5.0, 6.0, 7.0])
-        out.append({
-            "system": rng.choice(SYSTEMS),
-            "input": prompt,
-            "chosen": chosen,
-            "rejected": rejected,
-            "status": status,
-            "chosen_score": score,
-            "in_gsm8k_train": rng.random() < 0.08,
-        })
+        out.append({"system": rng.choice(SYSTEMS), **pair, "status": status, "chosen_score": score,
+                    "in_gsm8k_train": rng.random() < 0.08})
     return out
+
+
+def control_questions() -> list[dict]:
+    """Plain held-out questions with the words a right answer names (tasks/facts.py): the evaluation's
+    control prompts, never in any training pair."""
+    from tasks.facts import CONTROL_FACTS
+
+    return [{"prompt": fact.question, "reference": list(fact.keys)} for fact in CONTROL_FACTS]
 
 
 GENERATORS["synthetic:instructions"] = generate_instruction_preferences

@@ -38,6 +38,10 @@ class PromotionSettings(StrictModel):
     min_improvement: float = Field(0.0, ge=0, description="The margin the improvement's lower bound must clear, in "
                                                           "spreads of the judges' scores (never below 0: a worse "
                                                           "model cannot pass).")
+    drift_tolerance: float = Field(0.05, ge=0, le=1, description="How far an unasked format's or degenerate "
+                                                                 "repetition's rate on control prompts may rise (a "
+                                                                 "share: 0.05 is 5 points) before a significant rise "
+                                                                 "blocks promotion.")
     approval: Literal["auto", "person"] = Field(
         "auto", description="auto: a candidate that passes the gate becomes champion at once; person: it stays "
                             "candidate until a person approves it (the promote-candidate flow waits for their "
@@ -188,26 +192,32 @@ def model_card(name: str, data: dict, body: str):
                                    template_str=CARD_TEMPLATE, model_name=name, body=body)
 
 
+CHAT = "llm/v1/chat"  # MLflow's chat task: OpenAI-style requests, the chat template applied, only the answer back
+
+
 def stage_card(model, task_name: str):
     """What a stage knows when it writes a model: its task and base model and that model's licence. Passed
     to MLflow, which otherwise looks the local folder up on the Hub; registration completes it."""
     base = str(getattr(model, "name_or_path", "") or "")
-    return model_card(task_name, {"library_name": "transformers", "pipeline_tag": task_name,
+    pipeline_tag = "text-generation" if task_name == CHAT else task_name
+    return model_card(pipeline_tag, {"library_name": "transformers", "pipeline_tag": pipeline_tag,
                                   "license": declared_license(base), "base_model": base if _hub_id(base) else None},
                       "Written by a preftune stage; the registered version's card adds its data and evaluation.")
 
 
-def save_mlflow_model(model, tokenizer, task_name: str, target: Path, card=None, base_model_path: str | None = None) -> Path:
+def save_mlflow_model(model, tokenizer, task_name: str, target: Path, card=None, base_model_path: str | None = None,
+                      model_config: dict | None = None) -> Path:
     """Write a model once, as an MLflow transformers model (MLmodel, `model/` with the weights and the
     tokenizer, so it also loads with `from_pretrained`), with its model card. A PEFT model with
     `base_model_path` keeps only its adapter (`peft/`, tokenizer beside it) and loads over that folder.
+    A policy is written as a chat model (`CHAT`), with `model_config` its default generation settings.
     Atomic: a crash leaves no half-written folder."""
     partial = target.with_name(f"{target.name}.partial-{uuid.uuid4().hex[:8]}")
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         mlflow.transformers.save_model(transformers_model={"model": model, "tokenizer": tokenizer}, path=str(partial),
                                        task=task_name, model_card=card or stage_card(model, task_name),
-                                       base_model_path=base_model_path,
+                                       base_model_path=base_model_path, model_config=model_config,
                                        pip_requirements=SERVING_REQUIREMENTS + (["peft"] if base_model_path else []))
         tokenizer.save_pretrained(adapter_folder(partial) if base_model_path else hf_folder(partial))
         partial.rename(target)
@@ -230,13 +240,17 @@ def registry_card(registered_name: str, model_dir: str, settings: TrackingSettin
     source = tags.get("data.source")
     results, figures = [], []
 
-    def result(metric: str, label: str, estimate) -> None:
+    def result(metric: str, label: str, estimate, dataset: tuple[str, str] | None = None) -> None:
         from huggingface_hub import EvalResult
 
-        results.append(EvalResult(task_type=written.get("pipeline_tag", "text-generation"), dataset_type=source or "held-out",
-                                  dataset_name="held-out questions", dataset_split="eval", metric_type=metric,
+        dataset_type, dataset_name = dataset or (source or "held-out", "held-out questions")
+        results.append(EvalResult(task_type=written.get("pipeline_tag", "text-generation"), dataset_type=dataset_type,
+                                  dataset_name=dataset_name, dataset_split="eval", metric_type=metric,
                                   metric_name=label, metric_value=round(estimate.value, 6)))
         figures.append(f"| {label} | {estimate.text()} | {estimate.n} |")
+
+    def slug(name: str) -> str:
+        return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
 
     if decision is not None:
         gate = decision.gate
@@ -245,6 +259,12 @@ def registry_card(registered_name: str, model_dir: str, settings: TrackingSettin
                                 ("ground_truth", "ground-truth pass-rate difference")):
                 if (value := getattr(gate, name)) is not None:
                     result(name, f"{label} over {gate.baseline}", value)
+            for name, value in gate.benchmark.items():
+                result(f"benchmark.{slug(name)}", f"{name}, difference over {gate.baseline}", value,
+                       ("IFEval", "IFEval"))
+            for name, value in gate.drift.items():
+                result(f"drift.{slug(name)}", f"control prompts: {name}, difference over {gate.baseline}", value,
+                       ("control prompts", "control prompts"))
         for judge in gate.judges:
             if aspect in (None, judge.aspect):
                 result(f"judge.{judge.aspect}.accuracy", f"{judge.aspect} judge accuracy", judge.accuracy)
@@ -253,7 +273,7 @@ def registry_card(registered_name: str, model_dir: str, settings: TrackingSettin
             f"- data: {source or 'unknown'} (sha256 {tags.get('data.sha256', 'unknown')})",
             f"- code: commit {tags.get('git.commit', 'unknown')}"]
     if decision is not None and aspect is None:
-        body += ["", f"Verdict: {decision.verdict}. {decision.reason}."]
+        body += ["", f"Verdict: {decision.verdict}. {decision.reason}.", "", decision.gate.evidence()]
     if figures:
         body += ["", "| figure | value [95 % interval] | n |", "|---|---|---|", *figures]
     return model_card(registered_name, {**written, "license": license_, "base_model": base,
@@ -328,7 +348,7 @@ def current_champion(settings: TrackingSettings, candidate_dir: str | None = Non
 
 def decide_promotion(gate: GateInput, settings: PromotionSettings) -> PromotionDecision:
     """The evaluation's evidence against this gate's margin (tasks/verdict.py decides)."""
-    return decide(gate, settings.min_improvement)
+    return decide(gate, settings.min_improvement, settings.drift_tolerance)
 
 
 def log_decision(policy: RegisteredVersion, decision: PromotionDecision) -> None:

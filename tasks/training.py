@@ -127,10 +127,14 @@ def resume_point(checkpoint_dir: Path) -> str | None:
 
 
 def load_pairs(path: str):
-    """A conversational preference file (written by tasks/data.py) as a `datasets.Dataset`."""
+    """A conversational file (written by tasks/data.py) as a `datasets.Dataset`, without the columns that
+    are for evaluation only (a row's IFEval instructions)."""
     from datasets import load_dataset
 
-    return load_dataset("json", data_files=path, split="train")
+    from tasks.schemas import INSTRUCTION_COLUMNS
+
+    dataset = load_dataset("json", data_files=path, split="train")
+    return dataset.remove_columns([name for name in INSTRUCTION_COLUMNS if name in dataset.column_names])
 
 
 def numeric(metrics: dict) -> dict[str, float]:

@@ -8,6 +8,12 @@ differences with the effect of the length gap regressed out and read at a zero g
 length-controlled win rate does), so a shorter or longer answer cannot buy a verdict. A heard judge,
 or the ground-truth checker where the data has one, that rates the candidate worse with 95 %
 confidence vetoes it, whatever the combined score says.
+
+The gate asks two questions. Better where asked: the heard judges' length-controlled improvement, and
+the ground truth where the data has one, each with its lower bound above the margin. Not worse
+elsewhere (`HarmChecks`): a benchmark difference significantly below 0, a significant rise of an
+unasked format or of degenerate repetition beyond a tolerance, or facts named significantly less often
+on control prompts, each blocks promotion, and the verdict names it.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ from pydantic import BaseModel, Field, model_validator
 from tasks.base import StrictModel
 from tasks.stats import Estimate, estimate, mean
 
-Verdict = Literal["improved", "not shown", "worse", "vetoed", "no evidence"]
+Verdict = Literal["improved", "not shown", "worse", "vetoed", "no evidence", "regressed"]
 
 
 class CombinationSettings(StrictModel):
@@ -122,6 +128,60 @@ class GateInput(BaseModel):
     judge_lc_improvement: dict[str, Estimate] = Field(default_factory=dict)  # per heard judge
     ground_truth: Estimate | None = None  # checker pass-rate difference, candidate minus baseline
     prompts: int = 0
+    benchmark: dict[str, Estimate] = Field(default_factory=dict)  # "IFEval other kinds, prompt loose" -> difference
+    drift: dict[str, Estimate] = Field(default_factory=dict)  # control prompts: "unasked quotes" -> rate difference
+    checks_run: list[str] = Field(default_factory=list)  # which checks of "not worse elsewhere" this evaluation ran
+
+    def evidence(self) -> str:
+        """What the gate reads, in one paragraph: the report, the decision and the model card all use it."""
+        heard = [judge.aspect for judge in self.judges if judge.heard]
+        if self.lc_improvement is None:
+            text = "Better where asked: no judge earned a say (see the judges' table), so the judges show nothing."
+        else:
+            text = (f"Better where asked: combined improvement over {self.baseline} ({self.rule} rule over "
+                    f"{', '.join(heard)}), length-controlled {self.lc_improvement.text()}, raw "
+                    f"{self.improvement.text()}, on {self.prompts} held-out prompts.")
+        if self.ground_truth is not None:
+            text += (f" Ground truth (IFEval's checkers, {self.ground_truth.n} held-out prompts with instructions): "
+                     f"pass-rate difference {self.ground_truth.text()}.")
+        return text + f" Not worse elsewhere, checked on: {', '.join(self.checks_run) or 'nothing'}."
+
+
+def gate_input(*, baseline: str, baseline_label: str | None = None, standings: list[JudgeStanding], judge_scores: dict[str, dict[str, np.ndarray]],
+               lengths: dict[str, np.ndarray], combination: CombinationSettings, prompts: int, seed: int = 0,
+               passes: dict[str, np.ndarray] | None = None, benchmark: dict[str, Estimate] | None = None,
+               drift: dict[str, Estimate] | None = None, checks_run: list[str] = ()) -> tuple[GateInput, dict | None]:
+    """The gate's input from the evidence, candidate ("tuned") against `baseline` ("reference" or
+    "champion"), prompt by prompt: each judge's standardised scores per policy, the answers' lengths, the
+    ground-truth checker's verdicts, the benchmark's and the control prompts' differences (`baseline_label`:
+    what the baseline is, e.g. the champion's URI). Returns it with
+    the combined scores per policy (None when no judge is heard)."""
+    gaps = lengths["tuned"] - lengths[baseline]
+    gate = GateInput(baseline=baseline_label or baseline, judges=standings, rule=combination.rule, prompts=prompts,
+                     judge_lc_improvement={aspect: length_controlled(scores["tuned"] - scores[baseline], gaps, seed)
+                                           for aspect, scores in judge_scores.items()},
+                     benchmark=benchmark or {}, drift=drift or {}, checks_run=list(checks_run))
+    combined = combine(judge_scores, standings, combination)
+    if combined is not None:
+        gate.improvement = mean(combined["tuned"] - combined[baseline], seed)
+        gate.lc_improvement = length_controlled(combined["tuned"] - combined[baseline], gaps, seed)
+        gate.candidate_score, gate.baseline_score = float(np.mean(combined["tuned"])), float(np.mean(combined[baseline]))
+    if passes is not None:
+        gate.ground_truth = pass_rate_difference(passes["tuned"], passes[baseline], seed)
+    return gate, combined
+
+
+def harms(gate: GateInput, drift_tolerance: float) -> list[str]:
+    """Every check of "not worse elsewhere" that the candidate fails, each naming its figure."""
+    found = [f"{name} is lower ({value.text()})" for name, value in gate.benchmark.items() if value.ci_high < 0]
+    for name, value in gate.drift.items():
+        if name.startswith("unasked") or name == "repetition":
+            if value.ci_low > drift_tolerance:  # the rise is beyond the tolerance at 95 %
+                found.append(f"{name} rose on control prompts by {value.text()}, beyond the tolerance of "
+                             f"{drift_tolerance:g}")
+        elif name == "facts named" and value.ci_high < 0:
+            found.append(f"control answers name the right fact less often ({value.text()})")
+    return found
 
 
 class PromotionDecision(BaseModel):
@@ -130,19 +190,22 @@ class PromotionDecision(BaseModel):
     reason: str
     gate: GateInput
     min_improvement: float
+    drift_tolerance: float = 0.05
+    harms: list[str] = Field(default_factory=list)  # the "not worse elsewhere" checks it failed
 
     def explanation(self) -> str:
         """A paragraph and a table of the judges: what was shown, on what, and by whom."""
         head = "passed the gate" if self.promoted else "not promoted"
         gate = self.gate
-        lines = [f"**{head}** (verdict: {self.verdict}): {self.reason}", ""]
-        if gate.lc_improvement is not None:
-            lines += [f"Combined improvement over {gate.baseline} ({gate.rule} rule, heard judges, {gate.prompts} "
-                      f"held-out prompts): length-controlled {gate.lc_improvement.text()}, raw "
-                      f"{gate.improvement.text()}; required: lower bound above {self.min_improvement:g}.", ""]
-        if gate.ground_truth is not None:
-            lines += [f"Ground truth (rule checker, {gate.ground_truth.n} verifiable prompts): pass-rate difference "
-                      f"{gate.ground_truth.text()}.", ""]
+        lines = [f"**{head}** (verdict: {self.verdict}): {self.reason}", "", gate.evidence(),
+                 f"Required: lower bounds above {self.min_improvement:g} (judges) and 0 (ground truth); no benchmark "
+                 f"significantly lower, no unasked format or repetition significantly up by more than "
+                 f"{self.drift_tolerance:g}, no fewer facts named. Worse elsewhere: "
+                 + ("; ".join(self.harms) if self.harms else "nothing") + ".", ""]
+        if gate.benchmark or gate.drift:
+            lines += ["| check | difference, candidate - baseline [95 %] |", "|---|---|"]
+            lines += [f"| {name} | {value.text()} |" for name, value in {**gate.benchmark, **gate.drift}.items()]
+            lines.append("")
         lines += ["| judge | heard | why | length-controlled improvement |", "|---|---|---|---|"]
         for judge in gate.judges:
             lc = gate.judge_lc_improvement.get(judge.aspect)
@@ -155,7 +218,9 @@ class PromotionDecision(BaseModel):
         """The decision as registry/run tags: verdict, intervals, and which judges were heard and why."""
         gate = self.gate
         tags = {"promotion.promoted": str(self.promoted), "promotion.verdict": self.verdict,
-                "promotion.reason": self.reason[:5000], "promotion.baseline": gate.baseline, "promotion.rule": gate.rule}
+                "promotion.reason": self.reason[:5000], "promotion.baseline": gate.baseline, "promotion.rule": gate.rule,
+                "promotion.checks_run": ", ".join(gate.checks_run) or "none",
+                "promotion.harms": "; ".join(self.harms)[:5000] or "none"}
         for name in ("improvement", "lc_improvement", "ground_truth"):
             if (value := getattr(gate, name)) is not None:
                 tags[f"promotion.{name}"] = f"{value.value:.6f}"
@@ -166,8 +231,22 @@ class PromotionDecision(BaseModel):
         return tags
 
 
-def decide(gate: GateInput, min_improvement: float) -> PromotionDecision:
-    """Promote only on heard judges, on the length-controlled interval, with no veto."""
+def decide(gate: GateInput, min_improvement: float, drift_tolerance: float = 0.05) -> PromotionDecision:
+    """Promote only on heard judges, on the length-controlled interval, with no veto, with the ground
+    truth's gain shown where there is one, and with nothing significantly worse elsewhere."""
+    found = harms(gate, drift_tolerance)
+    asked = asked_for_gain(gate, min_improvement)
+    if asked.verdict == "improved" and found:
+        asked = asked.model_copy(update={"verdict": "regressed", "promoted": False, "reason": (
+            f"better where asked ({asked.reason}), but worse elsewhere: {'; '.join(found)}")})
+    elif found:
+        asked = asked.model_copy(update={"reason": f"{asked.reason}; also worse elsewhere: {'; '.join(found)}"})
+    return asked.model_copy(update={"harms": found, "drift_tolerance": drift_tolerance})
+
+
+def asked_for_gain(gate: GateInput, min_improvement: float) -> PromotionDecision:
+    """Better where asked: heard judges on the length-controlled interval, no veto, and the ground
+    truth's lower bound above 0 where the data has one."""
     heard = [judge for judge in gate.judges if judge.heard]
 
     def decision(verdict: Verdict, reason: str) -> PromotionDecision:
@@ -185,9 +264,15 @@ def decide(gate: GateInput, min_improvement: float) -> PromotionDecision:
     lc, judged_by = gate.lc_improvement, ", ".join(judge.aspect for judge in heard)
     if vetoes:
         return decision("vetoed", "; ".join(vetoes))
+    truth = gate.ground_truth
+    if lc.ci_low > min_improvement and truth is not None and truth.ci_low <= 0:
+        return decision("not shown", f"heard judges ({judged_by}) rate it better once length is controlled "
+                                     f"({lc.text()}), but the ground truth does not show it: pass-rate difference "
+                                     f"{truth.text()}, lower bound at or below 0")
     if lc.ci_low > min_improvement:
+        shown = f"; ground truth {truth.text()}" if truth is not None else ""
         return decision("improved", f"heard judges ({judged_by}) rate it better once length is controlled: "
-                                    f"{lc.text()}, lower bound above {min_improvement:g}")
+                                    f"{lc.text()}, lower bound above {min_improvement:g}{shown}")
     if lc.ci_high < 0:
         return decision("worse", f"heard judges ({judged_by}) rate it worse once length is controlled: {lc.text()}")
     return decision("not shown", f"heard judges ({judged_by}): the length-controlled improvement {lc.text()} has its "

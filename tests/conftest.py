@@ -24,8 +24,12 @@ PATIENT_PREFECT = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600", "P
 SHARED_CORES = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
+# IFEval's checkers read NLTK's punkt_tab tables, which cannot be downloaded offline: the copy beside the repository.
+NLTK_TABLES = {"NLTK_DATA": str(SHARED_DATA / "nltk_data")} if (SHARED_DATA / "nltk_data").is_dir() else {}
+
+
 def pytest_configure(config):
-    for name, value in (PATIENT_PREFECT | SHARED_CORES).items():
+    for name, value in (PATIENT_PREFECT | SHARED_CORES | NLTK_TABLES).items():
         os.environ.setdefault(name, value)
 
 
@@ -90,6 +94,18 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"the public data samples are not beside the repository ({SHARED_DATA})")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def punkt() -> None:
+    """IFEval's checkers need NLTK's punkt_tab: beside the repository, installed, or downloadable."""
+    from tasks.base import PreftuneError
+    from tasks.instructions import require_punkt
+
+    try:
+        require_punkt()
+    except PreftuneError as error:
+        pytest.skip(str(error))
 
 
 @pytest.fixture(scope="session")

@@ -101,6 +101,73 @@ def test_smoke_flow_logs_runs_metrics_and_registers_models(smoke_runs):
         assert str(client.get_model_version_by_alias(registered.name, "candidate").version) == registered.version
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_the_registered_policy_served_answers_as_evaluated_and_the_judge_scores_as_evaluated(smoke_runs, tmp_path):
+    """`mlflow models serve` on the registered policy (a real server process): an OpenAI-style chat request
+    gets the evaluation's recorded answer for that prompt, and `preftune generate` gets it too; a request's
+    max_tokens is obeyed. The registered judge scores the pair as the evaluation did."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    from tasks.registry import generate, score
+
+    config, first, _ = smoke_runs
+    summary = first.result()
+    example = read_examples(summary.report_path)[0]
+    policy = f"models:/{config.tracking.policy_model_name}@candidate"
+    port = _free_port()
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "MLFLOW_TRACKING_URI": config.tracking.tracking_uri,
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    server = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", policy, "--env-manager", "local",
+                               "--host", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=open(tmp_path / "serve.log", "w"))
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=5).ok:
+                    break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline, "the model server did not start"
+                time.sleep(1)
+        invocations = f"http://127.0.0.1:{port}/invocations"
+        [reply] = requests.post(invocations, json={"messages": example["messages"]}, timeout=120).json()
+        answer = reply["choices"][0]["message"]
+        assert reply["object"] == "chat.completion" and answer["role"] == "assistant"
+        assert answer["content"] == example["tuned"]
+        [short] = requests.post(invocations, json={"messages": example["messages"], "max_tokens": 2}, timeout=120).json()
+        assert short["usage"]["completion_tokens"] <= 2 and short["choices"][0]["finish_reason"] == "length"
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    mlflow.set_tracking_uri(config.tracking.tracking_uri)
+    system = next((m["content"] for m in example["messages"] if m["role"] == "system"), None)
+    user = example["messages"][-1]["content"]
+    assert generate(policy, user, config.evaluation.max_new_tokens, system) == example["tuned"]
+    judge = f"models:/{config.tracking.reward_model_prefix}-helpfulness@candidate"
+    assert score(judge, user, [example["tuned"]], config.evaluation.max_length, system)[0] == pytest.approx(
+        example["tuned_helpfulness"], abs=1e-4)
+
+
+def read_examples(report_path: str) -> list[dict]:
+    """The evaluation's recorded answers, beside its report."""
+    lines = (Path(report_path).parent / "examples.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
 def test_rerun_reuses_finished_stages(smoke_runs):
     _, first, second = smoke_runs
     states = asyncio.run(_task_states(str(second.state_details.flow_run_id)))

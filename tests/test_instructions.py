@@ -1,76 +1,100 @@
-"""The rule checker of verifiable instructions: planted answers that follow each kind and answers that
-do not, prompts without an instruction, and the generated set's labels agreeing with it."""
+"""Verifiable instructions through lm-evaluation-harness: the library phrases and checks each kind the
+quickstart teaches, the generated pairs agree with its checkers, no IFEval prompt reaches the training
+data, and NLTK's missing tables are one clear line."""
 from __future__ import annotations
+
+import json
+import random
+import sys
 
 import pytest
 
-from tasks.instructions import KINDS, kinds_of, parse, verify
-from tasks.synthetic import GENERATORS, generate_instruction_preferences
+from tasks.base import PreftuneError
+from tasks.drift import Habits
+from tasks.facts import CONTROL_FACTS, TRAINING_FACTS
+from tasks.instructions import REWRITES, check, follows, instruct, require_punkt
+from tasks.synthetic import PAIR_KINDS, generate_instruction_preferences
 
-Q = "What is the capital of France?"
-
-CASES = [  # (instruction, an answer that follows it, answers that do not)
-    ("Answer in at most 5 words.", "The capital is Paris.",
-     ["The capital of France is Paris, a large city.", ""]),
-    ("Answer in at most 12 words.", "The capital of France is Paris, a large city.",
-     ["The capital of France is Paris, a large city on the river Seine in the north."]),
-    ("Write your whole answer in lowercase letters, with no capital letters at all.", "the capital is paris.",
-     ["The capital is paris.", "the capital is Paris.", "42."]),
-    ("Wrap your entire answer in double quotation marks.", '"The capital is Paris."',
-     ["The capital is Paris.", '"The capital is Paris.', 'The "capital" is Paris.', '""']),
-    ('Start your answer with the word "Sure".', "Sure, the capital is Paris.",
-     ["The capital is Paris, sure.", "Surely the capital is Paris."]),
-    ('End your answer with the exact phrase "I hope this helps."', "The capital is Paris. I hope this helps.",
-     ["I hope this helps. The capital is Paris.", "The capital is Paris. I hope this helps you."]),
-]
+pytestmark = pytest.mark.usefixtures("punkt")
 
 
-@pytest.mark.parametrize("instruction, follows, breaks", CASES, ids=[c[0][:24] for c in CASES])
-def test_each_kind_passes_what_follows_it_and_fails_what_does_not(instruction, follows, breaks):
-    prompt = f"{Q} {instruction}"
-    assert len(parse(prompt)) == 1
-    assert verify(prompt, follows) is True
-    for answer in breaks:
-        assert verify(prompt, answer) is False, answer
+@pytest.mark.parametrize("kind", sorted(REWRITES))
+def test_the_library_phrases_each_kind_and_its_checker_passes_the_rewritten_answer(kind):
+    rng = random.Random(3)
+    passed = []
+    for fact in rng.sample(TRAINING_FACTS, 6):
+        row = instruct(fact, [kind], rng)
+        assert row.prompt.startswith(fact.question) and len(row.prompt) > len(fact.question) + 10
+        passed.append(follows(row.prompt, row.instruction_ids, row.kwargs, row.answer))
+        plain = (fact.long if row.kwargs[0].get("relation") == "less than" else fact.short) \
+            if kind == "length_constraints:number_words" else row.base
+        assert not follows(row.prompt, row.instruction_ids, row.kwargs, plain), (row.prompt, plain)
+    # The case checkers also detect the language, and langdetect does not always call capitals English:
+    # the generator draws again where it disagrees.
+    assert all(passed) or (kind.startswith("change_case:") and sum(passed) >= 3), passed
+    verdict = check(row.prompt, row.instruction_ids, row.kwargs, row.answer)
+    assert set(verdict) == {"prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc",
+                            "inst_level_loose_acc"}  # lm_eval's own IFEval metrics
 
 
-def test_every_kind_is_covered_by_a_planted_case():
-    assert {kinds_of(f"{Q} {instruction}")[0] for instruction, _, _ in CASES} == set(KINDS)
+def test_checks_are_lm_evals_own_code():
+    """The checkers are imported from lm_eval, not copied: scoring goes through its process_results."""
+    from lm_eval.tasks.ifeval import utils
+
+    prompt = "What is the capital of France? Wrap your entire response with double quotation marks."
+    doc = {"key": 1, "prompt": prompt, "instruction_id_list": ["startend:quotation"], "kwargs": [{}]}
+    for answer in ('"Paris."', "Paris."):
+        assert check(prompt, ["startend:quotation"], [{}], answer) == utils.process_results(doc, [answer])
+    assert "lm_eval.tasks.ifeval.instructions" in sys.modules
 
 
-def test_values_are_read_from_the_prompt():
-    assert verify(f"{Q} Answer in at most 3 words.", "Paris, in France.") is True
-    assert verify(f"{Q} Answer in at most 2 words.", "Paris, in France.") is False
-    assert verify(f'{Q} Start your answer with the word "Well".', "Well, Paris.") is True
-    assert verify(f'{Q} Start your answer with the word "Okay".', "Well, Paris.") is False
-    assert verify(f'{Q} End your answer with the exact phrase "Any questions?"', "Paris. any questions?") is True
-
-
-def test_a_prompt_without_an_instruction_is_none():
-    assert verify(Q, "Paris.") is None
-    assert verify("Tell me about words and quotation marks, in at most a few lines.", "Sure.") is None
-    assert parse("") == []
-
-
-def test_the_system_prompt_and_the_chat_template_around_the_user_turn_change_nothing():
-    rendered = ("<|im_start|>system\nYou are a concise assistant. Answer briefly.<|im_end|>\n"
-                f"<|im_start|>user\n{Q} Wrap your entire answer  in double\nquotation marks.<|im_end|>\n")
-    assert kinds_of(rendered) == ["quotes"]
-    assert verify(rendered, '"Paris."') is True and verify(rendered, "Paris.") is False
-
-
-def test_two_instructions_must_both_hold():
-    prompt = f"{Q} Answer in at most 4 words. Write your whole answer in lowercase letters, with no capital letters at all."
-    assert kinds_of(prompt) == ["max_words", "lowercase"]
-    assert verify(prompt, "paris, in france.") is True
-    assert verify(prompt, "Paris, in France.") is False and verify(prompt, "it is paris in france.") is False
-
-
-def test_generated_pairs_are_labelled_by_the_checker():
-    rows = generate_instruction_preferences(240, seed=7)
-    assert GENERATORS["synthetic:instructions"] is generate_instruction_preferences
-    assert {kinds_of(row["input"])[0] for row in rows} == set(KINDS)
+def test_generated_pairs_follow_what_is_asked_and_add_nothing_unasked():
+    rows = generate_instruction_preferences(240, seed=5)
+    assert len(rows) == 240
+    kinds = {"asked": 0, "only asked": 0, "nothing asked": 0}
+    habits = Habits()
     for row in rows:
-        assert verify(row["input"], row["chosen"]) is True
-        assert verify(row["input"], row["rejected"]) is (True if row["status"] == "tie" else False)
-    assert generate_instruction_preferences(60, seed=7) == rows[:60]  # seeded: the same rows every time
+        ids, kwargs = row["instruction_id_list"], row["kwargs"]
+        tie = row["status"] == "tie"
+        if not ids:  # nothing asked: the plain answer beats the same answer in a format
+            kinds["nothing asked"] += 1
+            assert any(habits.present(row["rejected"]).values()) and not any(habits.present(row["chosen"]).values())
+            continue
+        assert follows(row["input"], ids, kwargs, row["chosen"])
+        rejected_follows = follows(row["input"], ids, kwargs, row["rejected"])
+        kinds["only asked" if rejected_follows and not tie else "asked"] += 1
+        if rejected_follows and not tie:  # only what was asked: the rejected answer adds an unasked format
+            assert len(row["rejected"]) > len(row["chosen"]) or row["rejected"] != row["chosen"]
+    assert all(kinds.values()) and kinds["asked"] > kinds["only asked"]
+    assert {kind for row in rows for kind in row["instruction_id_list"]} == set(REWRITES)
+    assert PAIR_KINDS.count("nothing asked") / len(PAIR_KINDS) == pytest.approx(kinds["nothing asked"] / len(rows), abs=0.01)
+
+
+def test_no_ifeval_prompt_reaches_the_generated_training_data(shared_data):
+    """IFEval's prompts are what the policy is measured on: nothing the project generates contains one, and
+    the generated questions are the project's own."""
+    from tasks.synthetic import GENERATORS
+
+    ifeval = [json.loads(line)["prompt"] for line in (shared_data / "ifeval_dev.jsonl").read_text().splitlines()]
+    generated = [row["input"] for name in GENERATORS for row in GENERATORS[name](480, 42)]
+    assert len(generated) == 4 * 480
+    normalised = [" ".join(text.lower().split()) for text in generated]
+    for prompt in ifeval:
+        head = " ".join(prompt.lower().split())[:80]
+        assert not any(head in text for text in normalised), prompt[:80]
+    questions = {fact.question for fact in TRAINING_FACTS} | {fact.question for fact in CONTROL_FACTS}
+    assert not questions & {prompt.split("?")[0] + "?" for prompt in ifeval}
+    assert not {fact.question for fact in TRAINING_FACTS} & {fact.question for fact in CONTROL_FACTS}
+
+
+def test_missing_punkt_tables_offline_are_one_line(monkeypatch, tmp_path):
+    """Offline, NLTK cannot fetch punkt_tab: one line naming it and NLTK_DATA, not the library's failed
+    download and a LookupError later inside a checker."""
+    import nltk
+
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
+    monkeypatch.setattr(nltk, "download", lambda *args, **kwargs: False)  # what nltk.download returns offline
+    with pytest.raises(PreftuneError) as error:
+        require_punkt()
+    message = str(error.value)
+    assert "\n" not in message and "punkt_tab" in message and "NLTK_DATA" in message

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from flows.config import load_config
 from flows.preference_tuning import preference_tuning
 from tasks.data import DataSettings, apply_filter, format_split, load, read_jsonl, split
-from tasks.evaluate import EvalSettings, implicit_reward_metrics
+from tasks.scoring import implicit_reward_metrics
 from tasks.methods import METHODS
 from tasks.models import ModelSettings, RandomInitSettings, ResolvedModel, load_tokenizer
 from tasks.policy import PolicySettings, RewardFunction, train_policy_adapter
@@ -129,7 +129,8 @@ def test_each_method_trains_at_the_trainer_level(name, prepared, tiny_model_path
                                        result.adapter_dir).eval()
     reference = (base, tokenizer) if method.implicit_reward == "log_ratio" else None
     held_out = implicit_reward_metrics((policy, tokenizer), reference, read_jsonl(pairs.eval.path),
-                                       EvalSettings(max_length=MAX_LENGTH), method.implicit_reward)
+                                       max_length=MAX_LENGTH, batch_size=8, length_match_ratio=1.25,
+                                       kind=method.implicit_reward)
     assert held_out["implicit_reward.pairs"] == pairs.eval.rows
     trl_margin = result.metrics["eval_rewards_margins"] / args.beta
     if method.implicit_reward == "log_ratio":

@@ -6,7 +6,8 @@ import pytest
 
 from tasks.data import DataSettings, apply_filter, format_split, load, read_jsonl, split
 from tasks.policy import PolicySettings, train_policy_adapter
-from tasks.evaluate import EvalSettings, implicit_reward_metrics, load_policy
+from tasks.answers import load_policy
+from tasks.scoring import implicit_reward_metrics
 from tasks.merge import merge_into_base
 from tasks.models import ModelSettings, ResolvedModel, load_tokenizer
 from tasks.tracking import TrackingSettings, configure
@@ -32,7 +33,7 @@ def test_short_dpo_run_on_real_pairs_beats_chance_on_held_out_questions(shared_d
     result = train_policy_adapter("dpo", settings, ResolvedModel(path=smollm2_path, settings=model), pairs, tmp_path / "dpo")
     tuned = merge_into_base(smollm2_path, [result.adapter_dir], tmp_path / "merged")
     metrics = implicit_reward_metrics(load_policy(tuned), load_policy(smollm2_path), read_jsonl(pairs.eval.path),
-                                      EvalSettings(max_length=LENGTH))
+                                      max_length=LENGTH, batch_size=8, length_match_ratio=1.25)
     print(f"held-out implicit-reward accuracy {metrics['implicit_reward.accuracy']:.3f} "
           f"[{metrics['implicit_reward.accuracy.ci_low']:.3f}, {metrics['implicit_reward.accuracy.ci_high']:.3f}] "
           f"on {metrics['implicit_reward.pairs']:.0f} pairs")

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from tasks.data import DataSettings, apply_filter, format_split, load, split
 from tasks.policy import PolicySettings, train_policy_adapter
-from tasks.evaluate import RewardScorer
+from tasks.scoring import RewardScorer
 from tasks.merge import MergeSettings, merge_and_check, merge_into_base
 from tasks.models import ModelSettings, RandomInitSettings, ResolvedModel, load_tokenizer
 from tasks.plan import DeviceSpec, PlanSettings, default_plan, plan_stage, shape_of

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from tasks.stats import Estimate, mean
-from tasks.verdict import (CombinationSettings, GateInput, at_zero_gap, combine, decide, length_controlled,
-                           standing)
+from tasks.verdict import CombinationSettings, GateInput, at_zero_gap, combine, decide, gate_input, standing
 
 RNG_SEED = 7
 
@@ -17,17 +16,13 @@ def _accuracy(correct: int, pairs: int) -> Estimate:
     return mean(np.r_[np.ones(correct), np.zeros(pairs - correct)])
 
 
-def _gate(judges, standardised, baseline_gaps, ground_truth=None) -> GateInput:
-    """What evaluate_policy builds from scored answers, for planted scores."""
-    gate = GateInput(baseline="reference", judges=judges, prompts=len(baseline_gaps),
-                     judge_lc_improvement={j.aspect: length_controlled(
-                         standardised[j.aspect]["tuned"] - standardised[j.aspect]["reference"], baseline_gaps)
-                         for j in judges}, ground_truth=ground_truth)
-    combined = combine(standardised, judges, CombinationSettings())
-    if combined is not None:
-        gate.improvement = mean(combined["tuned"] - combined["reference"])
-        gate.lc_improvement = length_controlled(combined["tuned"] - combined["reference"], baseline_gaps)
-    return gate
+def _gate(judges, standardised, baseline_gaps, passes=None, **harm_checks) -> GateInput:
+    """What evaluate_policy builds (the same `gate_input`), for planted scores: answer lengths whose
+    tuned-minus-reference gaps are `baseline_gaps`, and, where given, the checker's verdicts."""
+    gaps = np.asarray(baseline_gaps, float)
+    return gate_input(baseline="reference", standings=judges, judge_scores=standardised,
+                      lengths={"tuned": gaps, "reference": np.zeros_like(gaps)}, combination=CombinationSettings(),
+                      prompts=len(gaps), passes=passes, **harm_checks)[0]
 
 
 def test_a_judge_at_chance_has_no_say_whatever_it_prints():
@@ -89,7 +84,7 @@ def test_a_heard_judge_that_rates_it_worse_vetoes_whatever_the_combined_score():
     fine = {"helpfulness": {"tuned": rng.normal(0.5, 0.3, prompts), "reference": np.zeros(prompts)},
             "harmlessness": scores["harmlessness"]}
     assert decide(_gate(judges, fine, gaps), 0.0).verdict == "improved"
-    worse_truth = mean(np.r_[-np.ones(20), np.zeros(40)])
+    worse_truth = {"tuned": np.zeros(60, bool), "reference": np.r_[np.ones(20, bool), np.zeros(40, bool)]}
     assert decide(_gate(judges, fine, gaps, worse_truth), 0.0).verdict == "vetoed"
 
 

@@ -10,7 +10,6 @@ count an asked-for format as a habit).
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import random
@@ -36,8 +35,7 @@ def require_punkt() -> None:
         return
     except LookupError:
         pass
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        fetched = nltk.download("punkt_tab", quiet=True)
+    fetched = nltk.download("punkt_tab", quiet=True, print_error_to=io.StringIO())  # its failure is said below
     if not fetched:
         raise PreftuneError("NLTK's punkt_tab tables (tokenizers/punkt_tab), which IFEval's checkers need, are not "
                             "installed and cannot be downloaded here: set NLTK_DATA to a folder holding "

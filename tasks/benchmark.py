@@ -16,7 +16,7 @@ from prefect import task
 from pydantic import BaseModel, Field
 
 from tasks.base import MayHoldCredentials, PreftuneError, StrictModel, Workspace, redact, retry_unless_user_error
-from tasks.data import DataFile, read_jsonl, read_table, write_jsonl
+from tasks.data import DataFile, read_table, write_jsonl
 from tasks.stats import Estimate, estimate, mean
 
 COLUMNS = ["key", "prompt", "instruction_id_list", "kwargs"]
@@ -54,6 +54,7 @@ def load_prompts(settings: BenchmarkSettings) -> pd.DataFrame:
     """IFEval's rows, checked: a missing column or an unknown instruction id is named with its row; an
     unreachable Hub is one line saying how to give a local copy."""
     from tasks.instructions import registry
+    from tasks.schemas import instructions_of
 
     known = registry()  # first: without NLTK's tables the checkers cannot run, wherever the prompts come from
     try:
@@ -66,19 +67,9 @@ def load_prompts(settings: BenchmarkSettings) -> pd.DataFrame:
     if missing := [column for column in COLUMNS if column not in table]:
         raise PreftuneError(f"{settings.data}: missing columns {missing} for the IFEval benchmark; found "
                             f"{sorted(table.columns)}")
-    rows = []
-    for index, row in enumerate(table[COLUMNS].to_dict("records")):
-        ids = list(row["instruction_id_list"])
-        kwargs = [{name: value for name, value in dict(values).items() if value is not None}
-                  for values in list(row["kwargs"])]
-        if unknown := [name for name in ids if name not in known]:
-            raise PreftuneError(f"{settings.data}, row {index}, column 'instruction_id_list': unknown IFEval "
-                                f"instruction {unknown[0]!r}")
-        if len(kwargs) != len(ids):
-            raise PreftuneError(f"{settings.data}, row {index}, column 'kwargs': {len(kwargs)} mappings for "
-                                f"{len(ids)} instructions")
-        rows.append({"key": row["key"], "prompt": row["prompt"], "instruction_id_list": ids, "kwargs": kwargs})
-    return pd.DataFrame(rows)
+    return pd.DataFrame([{"key": row["key"], "prompt": row["prompt"]}
+                         | instructions_of(row, f"{settings.data}, row {index}", known)
+                         for index, row in enumerate(table[COLUMNS].to_dict("records"))])
 
 
 def sample(prompts: pd.DataFrame, trained: set[str], settings: BenchmarkSettings) -> pd.DataFrame:
@@ -149,14 +140,6 @@ def compare(prompts: pd.DataFrame, scores: dict[str, pd.DataFrame], baseline: st
 
 def write_prompts(settings: BenchmarkSettings, folder: Path) -> DataFile:
     return write_jsonl(load_prompts(settings), folder / "ifeval.jsonl")
-
-
-def read_prompts(path: str) -> pd.DataFrame:
-    frame = read_jsonl(path)
-    frame["instruction_id_list"] = frame.instruction_id_list.map(list)
-    frame["kwargs"] = frame.kwargs.map(lambda values: [{k: v for k, v in dict(item).items() if v is not None}
-                                                       for item in values])
-    return frame
 
 
 @task(name="load-benchmark", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_unless_user_error)

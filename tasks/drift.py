@@ -3,9 +3,10 @@ baseline, read for habits nobody asked for.
 
 On each control prompt, a format counts only where the prompt does not ask for it (a benchmark prompt
 asking for capitals may get capitals). Reported per model, with the candidate's paired difference and
-its 95 % interval: unasked formats (quote-wrapped, all lowercase, all capitals, a filler or taught opening word,
-a filler or taught closing phrase or postscript, added markup, and any of them), degenerate repetition, length, and, where a control
-prompt has a reference answer, whether the answer names the fact.
+its 95 % interval: unasked formats (quote-wrapped, all lowercase, all capitals, a filler or taught
+opening word, a filler or taught closing phrase or postscript, added markup, and any of them),
+degenerate repetition, length, and, where a control prompt has a reference answer, whether the answer
+names the fact.
 """
 from __future__ import annotations
 
@@ -72,6 +73,12 @@ class Habits:
         }
 
 
+def stem(check: str) -> str:
+    """A check's MLflow metric stem (`drift.<stem>_<model>`, `drift.<stem>.difference`): "unasked format (any)"
+    -> unasked_format_any, "length (tokens)" -> length."""
+    return re.sub(r"\W+", "_", check.replace(" (tokens)", "")).strip("_")
+
+
 class DriftResult(BaseModel):
     differences: dict[str, Estimate]  # check -> candidate minus baseline (a rate, or tokens for length)
     metrics: dict[str, float]
@@ -85,30 +92,23 @@ def drift(controls: pd.DataFrame, answers: dict[str, list[str]], lengths: dict[s
     habits = habits or Habits()
     found = {model: pd.DataFrame([habits.present(answer) for answer in texts]) for model, texts in answers.items()}
     unasked = pd.DataFrame({name: [name not in asked for asked in controls.asked] for name in FORMATS})
-    rates: dict[str, dict[str, np.ndarray]] = {}
+    factual = [index for index, keys in enumerate(controls.reference) if len(keys)]
+    values: dict[str, dict[str, np.ndarray]] = {}  # per model, per check: one value per control prompt
     for model, present in found.items():
         shown = present & unasked
-        rates[model] = {f"unasked {name}": shown[name].to_numpy(float) for name in FORMATS}
-        rates[model]["unasked format (any)"] = shown.any(axis=1).to_numpy(float)
-        rates[model]["repetition"] = np.array([repeats(answer) for answer in answers[model]], float)
+        values[model] = {f"unasked {name}": shown[name].to_numpy(float) for name in FORMATS}
+        values[model]["unasked format (any)"] = shown.any(axis=1).to_numpy(float)
+        values[model]["repetition"] = np.array([repeats(answer) for answer in answers[model]], float)
+        values[model]["length (tokens)"] = np.asarray(lengths[model], float)
+        if factual:
+            values[model]["facts named"] = np.array([names_fact(answers[model][i], list(controls.reference[i]))
+                                                     for i in factual], float)
     metrics, differences = {"drift.prompts": float(len(controls))}, {}
-    for check in rates["tuned"]:
-        slug = check.replace(" ", "_").replace("(", "").replace(")", "")
-        for model in rates:
-            metrics[f"drift.{slug}_{model}"] = float(rates[model][check].mean())
-        differences[check] = mean(rates["tuned"][check] - rates[baseline][check], seed)
-        metrics |= differences[check].metrics(f"drift.{slug}.difference")
-    for model, values in lengths.items():
-        metrics[f"drift.length_{model}"] = float(np.mean(values))
-    differences["length (tokens)"] = mean(np.asarray(lengths["tuned"], float) - np.asarray(lengths[baseline], float), seed)
-    metrics |= differences["length (tokens)"].metrics("drift.length.difference")
-    factual = [index for index, keys in enumerate(controls.reference) if len(keys)]
     if factual:
-        named = {model: np.array([names_fact(texts[i], list(controls.reference[i])) for i in factual], float)
-                 for model, texts in answers.items()}
-        for model, values in named.items():
-            metrics[f"drift.facts_named_{model}"] = float(values.mean())
-        differences["facts named"] = mean(named["tuned"] - named[baseline], seed)
-        metrics |= differences["facts named"].metrics("drift.facts_named.difference")
         metrics["drift.factual_prompts"] = float(len(factual))
+    for check in values["tuned"]:
+        for model in values:
+            metrics[f"drift.{stem(check)}_{model}"] = float(values[model][check].mean())
+        differences[check] = mean(values["tuned"][check] - values[baseline][check], seed)
+        metrics |= differences[check].metrics(f"drift.{stem(check)}.difference")
     return DriftResult(differences=differences, metrics=metrics, prompts=len(controls))

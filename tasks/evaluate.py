@@ -107,7 +107,6 @@ class Judge(BaseModel):
 
 class EvalResult(BaseModel):
     metrics: dict[str, float]
-    by_kind: list[dict] = []  # the benchmark's per-instruction-kind table
     report_path: str
     examples_path: str
     gate: GateInput
@@ -214,7 +213,7 @@ def evaluate_policy(settings: EvalSettings, pairs_path: str, reference: str, pol
     sample = sample_prompts(pairs, settings)
     kinds, habits = taught(train_path)
     questions = control_questions(settings.controls, settings.seed)
-    suite = bench.sample(bench.read_prompts(benchmark_path), kinds, settings.benchmark) \
+    suite = bench.sample(read_jsonl(benchmark_path), kinds, settings.benchmark) \
         if settings.benchmark and benchmark_path else None
     if champion_uri:
         models["champion"] = load_policy(champion_uri)
@@ -245,12 +244,13 @@ def evaluate_policy(settings: EvalSettings, pairs_path: str, reference: str, pol
     passes = checked_answers(sample, held_out)
     verdicts = {name: bench.score(suite, texts) for name, (texts, _) in answers.get("benchmark", {}).items()}
     result = bench.compare(suite, verdicts, baseline, settings.seed) if suite is not None else None
-    controls = control_set(sample, questions, suite)
-    changed = drift(controls, *control_answers(answers, sample, suite), baseline, habits, settings.seed) \
+    controls, control_texts, control_lengths = control_prompts(answers, sample, questions, suite)
+    changed = drift(controls, control_texts, control_lengths, baseline, habits, settings.seed) \
         if len(controls) else None
     checks = (["IFEval"] if result else []) + ([f"{len(controls)} control prompts"] if changed else [])
-    gate, combined = gate_input(baseline=baseline, baseline_label=champion_uri or "reference", standings=standings, judge_scores=standardised, lengths=lengths,
-                                combination=settings.combination, prompts=len(prompts), seed=settings.seed,
+    gate, combined = gate_input(baseline=baseline, baseline_label=champion_uri or "reference", standings=standings,
+                                judge_scores=standardised, lengths=lengths, combination=settings.combination,
+                                prompts=len(prompts), seed=settings.seed,
                                 passes=passes, benchmark=result.differences if result else None,
                                 drift=changed.differences if changed else None, checks_run=checks)
     metrics |= (result.metrics if result else {}) | (changed.metrics if changed else {})
@@ -295,39 +295,35 @@ def evaluate_policy(settings: EvalSettings, pairs_path: str, reference: str, pol
             figure.savefig(out_dir / name, dpi=100)
             mlflow.log_figure(figure, f"evaluation/{name}")
             plt.close(figure)  # pyplot keeps every figure alive until closed
-    return EvalResult(metrics=metrics, by_kind=by_kind, report_path=str(report_path), examples_path=str(examples_path),
-                      gate=gate, mlflow_run_id=run.info.run_id)
+    return EvalResult(metrics=metrics, report_path=str(report_path), examples_path=str(examples_path), gate=gate,
+                      mlflow_run_id=run.info.run_id)
 
 
-def control_set(sample: pd.DataFrame, questions: pd.DataFrame, suite: pd.DataFrame | None) -> pd.DataFrame:
-    """The control prompts, in the order `control_answers` gives their answers: held-out prompts that
-    carry no instruction, the plain questions, and the benchmark's prompts of kinds not trained, each with
-    the formats it asks for and the words a right answer names."""
-    plain = [i for i, ids in enumerate(sample.get("instruction_id_list", pd.Series([[]] * len(sample)))) if not len(ids)]
-    parts = [pd.DataFrame({"asked": [set()] * len(plain), "reference": [[]] * len(plain)}),
-             pd.DataFrame({"asked": [set()] * len(questions), "reference": list(questions.reference)})]
-    if suite is not None:
-        other = suite[suite.subset == "other kinds"]
-        parts.append(pd.DataFrame({"asked": [asked_formats(ids) for ids in other.instruction_id_list],
-                                   "reference": [[]] * len(other)}))
-    return pd.concat(parts, ignore_index=True)
-
-
-def control_answers(answers: dict, sample: pd.DataFrame, suite: pd.DataFrame | None):
-    """Per model, the answers to `control_set`'s prompts and their lengths."""
-    plain = [i for i, ids in enumerate(sample.get("instruction_id_list", pd.Series([[]] * len(sample)))) if not len(ids)]
-    other = list(np.flatnonzero((suite.subset == "other kinds").to_numpy())) if suite is not None else []
+def control_prompts(answers: dict, sample: pd.DataFrame, questions: pd.DataFrame,
+                    suite: pd.DataFrame | None) -> tuple[pd.DataFrame, dict[str, list[str]], dict[str, np.ndarray]]:
+    """The control prompts (held-out prompts that carry no instruction, the plain questions, and the
+    benchmark's prompts of kinds not trained), each with the formats it asks for and the words a right
+    answer names; and per model, the answers to them and their lengths, in the same order."""
+    ids = sample["instruction_id_list"] if "instruction_id_list" in sample else pd.Series([[]] * len(sample))
+    plain = [i for i, kinds in enumerate(ids) if not len(kinds)]
+    other = suite[suite.subset == "other kinds"] if suite is not None else None
+    controls = pd.concat([pd.DataFrame({"asked": [set()] * len(plain), "reference": [[]] * len(plain)}),
+                          pd.DataFrame({"asked": [set()] * len(questions), "reference": list(questions.reference)})]
+                         + ([pd.DataFrame({"asked": [asked_formats(kinds) for kinds in other.instruction_id_list],
+                                           "reference": [[]] * len(other)})] if other is not None else []),
+                         ignore_index=True)
     texts, lengths = {}, {}
     for model, (held_texts, held_lengths) in answers["held-out"].items():
         parts = [([held_texts[i] for i in plain], held_lengths[plain])]
         if "controls" in answers:
             parts.append(answers["controls"][model])
-        if other:
+        if other is not None and len(other):
             bench_texts, bench_lengths = answers["benchmark"][model]
-            parts.append(([bench_texts[i] for i in other], bench_lengths[other]))
+            positions = other.index.to_numpy()  # the suite's rows are numbered from 0, as its answers are
+            parts.append(([bench_texts[i] for i in positions], bench_lengths[positions]))
         texts[model] = [text for part_texts, _ in parts for text in part_texts]
         lengths[model] = np.concatenate([np.asarray(part_lengths) for _, part_lengths in parts])
-    return texts, lengths
+    return controls, texts, lengths
 
 
 def benchmark_table(suite: pd.DataFrame, answers: dict, verdicts: dict[str, pd.DataFrame]) -> pd.DataFrame:

@@ -140,7 +140,8 @@ REWRITES = {rewrite.instruction_id: rewrite for rewrite in [
             lambda text, values, fact: f"{text} {values['end_phrase']}", format="closing phrase",
             conflicts=frozenset({"detectable_format:json_format", "detectable_content:postscript"})),
     Rewrite("detectable_content:postscript", lambda rng, fact: {"postscript_marker": rng.choice(["P.S.", "P.P.S"])},
-            lambda text, values, fact: f"{text}\n\n{values['postscript_marker']} {POSTSCRIPTS[len(text) % len(POSTSCRIPTS)]}",
+            lambda text, values, fact: (f"{text}\n\n{values['postscript_marker']} "
+                                        f"{POSTSCRIPTS[len(text) % len(POSTSCRIPTS)]}"),
             format="closing phrase",
             conflicts=frozenset({"detectable_format:json_format", "startend:end_checker"})),
     Rewrite("detectable_format:title", _no_values, lambda text, values, fact: f"<<{fact.topic}>>\n\n{text}",

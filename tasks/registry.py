@@ -47,14 +47,18 @@ def generate(model_uri: str, prompt: str, max_new_tokens: int | None = None, sys
 
     max_new_tokens = max_new_tokens or answer_tokens(model_uri)
     model, tokenizer = load_policy(model_uri)
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    return answer(model, tokenizer, [messages], max_new_tokens, batch_size=1)[0][0]
+    return answer(model, tokenizer, [chat(prompt, system)], max_new_tokens, batch_size=1)[0][0]
 
 
-def score(judge_uri: str, prompt: str, answers: list[str], max_length: int = 512, system: str | None = None) -> list[float]:
+def score(judge_uri: str, prompt: str, answers: list[str], max_length: int = 512,
+          system: str | None = None) -> list[float]:
     """A registered judge's rewards (e.g. `models:/preftune-reward-helpfulness@candidate`) for answers to one
     prompt, through the code the evaluation scores with."""
     from tasks.scoring import RewardScorer
 
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    return RewardScorer(judge_uri, max_length).score([messages] * len(answers), answers).tolist()
+    return RewardScorer(judge_uri, max_length).score([chat(prompt, system)] * len(answers), answers).tolist()
+
+
+def chat(prompt: str, system: str | None = None) -> list[dict]:
+    """One user prompt, after a system message when there is one, as chat messages."""
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]

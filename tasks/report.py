@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from tasks.drift import stem
 from tasks.methods import ImplicitReward
 from tasks.verdict import GateInput
 
@@ -92,8 +93,7 @@ def _drift(metrics: dict[str, float], gate: GateInput) -> list[str]:
              "kinds the policy did not train); a format counts only where the prompt does not ask for it.", "",
              "| check | " + " | ".join(models) + " | difference [95 %] |", "|---|" + "---|" * (len(models) + 1)]
     for name, value in gate.drift.items():
-        slug = name.replace(" (tokens)", "").replace(" ", "_").replace("(", "").replace(")", "")
-        rates = " | ".join(f"{metrics.get(f'drift.{slug}_{model}', float('nan')):.3f}" for model in models)
+        rates = " | ".join(f"{metrics.get(f'drift.{stem(name)}_{model}', float('nan')):.3f}" for model in models)
         lines.append(f"| {name} | {rates} | {value.text()} |")
     return lines + [""]
 

@@ -158,8 +158,9 @@ def _listed(value) -> list | None:
     return value if isinstance(value, list) else None
 
 
-def _instructions(row: dict, where: str, known: dict) -> dict:
-    """IFEval's `instruction_id_list` (ids of lm_eval's registry) and `kwargs` (one mapping each)."""
+def instructions_of(row: dict, where: str, known: dict) -> dict:
+    """IFEval's `instruction_id_list` (ids of lm_eval's registry) and `kwargs` (one mapping each; the keys a
+    Hub table holds unset, as None, dropped), checked and named by `where` (file and row)."""
     ids, kwargs = _listed(row.get("instruction_id_list")), _listed(row.get("kwargs"))
     if ids is None or not all(isinstance(name, str) for name in ids):
         raise PreftuneError(f"{where}, column 'instruction_id_list': expected a list of instruction ids, "
@@ -169,7 +170,8 @@ def _instructions(row: dict, where: str, known: dict) -> dict:
                             f"found {row.get('kwargs')!r:.60}")
     if unknown := [name for name in ids if name not in known]:
         raise PreftuneError(f"{where}, column 'instruction_id_list': unknown IFEval instruction {unknown[0]!r}")
-    return {"instruction_id_list": ids, "kwargs": [dict(values) for values in kwargs]}
+    return {"instruction_id_list": ids,
+            "kwargs": [{name: value for name, value in values.items() if value is not None} for values in kwargs]}
 
 
 def normalize(table: pd.DataFrame, fmt: str, source: str) -> pd.DataFrame:
@@ -191,7 +193,7 @@ def normalize(table: pd.DataFrame, fmt: str, source: str) -> pd.DataFrame:
         from tasks.instructions import registry
 
         known = registry()
-        instructions = [_instructions(row, f"{source}, row {index}", known)
+        instructions = [instructions_of(row, f"{source}, row {index}", known)
                         for index, row in enumerate(table.to_dict("records"))]
         frame = frame.assign(**{name: [row[name] for row in instructions] for name in INSTRUCTION_COLUMNS})
     return frame.assign(_format=fmt)

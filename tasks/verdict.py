@@ -11,7 +11,7 @@ confidence vetoes it, whatever the combined score says.
 
 The gate asks two questions. Better where asked: the heard judges' length-controlled improvement, and
 the ground truth where the data has one, each with its lower bound above the margin. Not worse
-elsewhere (`HarmChecks`): a benchmark difference significantly below 0, a significant rise of an
+elsewhere (`harms`): a benchmark difference significantly below 0, a significant rise of an
 unasked format or of degenerate repetition beyond a tolerance, or facts named significantly less often
 on control prompts, each blocks promotion, and the verdict names it.
 """
@@ -147,15 +147,16 @@ class GateInput(BaseModel):
         return text + f" Not worse elsewhere, checked on: {', '.join(self.checks_run) or 'nothing'}."
 
 
-def gate_input(*, baseline: str, baseline_label: str | None = None, standings: list[JudgeStanding], judge_scores: dict[str, dict[str, np.ndarray]],
-               lengths: dict[str, np.ndarray], combination: CombinationSettings, prompts: int, seed: int = 0,
+def gate_input(*, baseline: str, baseline_label: str | None = None, standings: list[JudgeStanding],
+               judge_scores: dict[str, dict[str, np.ndarray]], lengths: dict[str, np.ndarray],
+               combination: CombinationSettings, prompts: int, seed: int = 0,
                passes: dict[str, np.ndarray] | None = None, benchmark: dict[str, Estimate] | None = None,
                drift: dict[str, Estimate] | None = None, checks_run: list[str] = ()) -> tuple[GateInput, dict | None]:
     """The gate's input from the evidence, candidate ("tuned") against `baseline` ("reference" or
     "champion"), prompt by prompt: each judge's standardised scores per policy, the answers' lengths, the
     ground-truth checker's verdicts, the benchmark's and the control prompts' differences (`baseline_label`:
-    what the baseline is, e.g. the champion's URI). Returns it with
-    the combined scores per policy (None when no judge is heard)."""
+    what the baseline is, e.g. the champion's URI). Returns it with the combined scores per policy (None
+    when no judge is heard)."""
     gaps = lengths["tuned"] - lengths[baseline]
     gate = GateInput(baseline=baseline_label or baseline, judges=standings, rule=combination.rule, prompts=prompts,
                      judge_lc_improvement={aspect: length_controlled(scores["tuned"] - scores[baseline], gaps, seed)
@@ -218,7 +219,8 @@ class PromotionDecision(BaseModel):
         """The decision as registry/run tags: verdict, intervals, and which judges were heard and why."""
         gate = self.gate
         tags = {"promotion.promoted": str(self.promoted), "promotion.verdict": self.verdict,
-                "promotion.reason": self.reason[:5000], "promotion.baseline": gate.baseline, "promotion.rule": gate.rule,
+                "promotion.reason": self.reason[:5000], "promotion.baseline": gate.baseline,
+                "promotion.rule": gate.rule,
                 "promotion.checks_run": ", ".join(gate.checks_run) or "none",
                 "promotion.harms": "; ".join(self.harms)[:5000] or "none"}
         for name in ("improvement", "lc_improvement", "ground_truth"):

@@ -104,8 +104,9 @@ def punkt() -> None:
 
     try:
         require_punkt()
-    except PreftuneError as error:
-        pytest.skip(str(error))
+    except PreftuneError:
+        pytest.skip(f"NLTK's punkt_tab tables are neither beside the repository ({SHARED_DATA / 'nltk_data'}) nor "
+                    "installed, and cannot be downloaded")
 
 
 @pytest.fixture(scope="session")

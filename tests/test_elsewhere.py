@@ -17,7 +17,7 @@ from tasks import benchmark as bench
 from tasks.base import PreftuneError
 from tasks.benchmark import BenchmarkSettings
 from tasks.drift import Habits, drift
-from tasks.evaluate import ControlSettings, control_answers, control_questions, control_set
+from tasks.evaluate import ControlSettings, control_prompts, control_questions
 from tasks.instructions import REWRITES
 from tasks.stats import mean
 from tasks.verdict import CombinationSettings, decide, gate_input, standing
@@ -93,8 +93,7 @@ def test_a_policy_that_wraps_every_answer_in_quotes_is_refused_with_the_drift_na
     planted = {"reference": plain, "tuned": {name: [f'"{text}"' for text in texts] for name, texts in plain.items()}}
     answers = {name: {model: (planted[model][name], np.full(len(planted[model][name]), 12)) for model in planted}
                for name in plain}
-    controls = control_set(sample, questions, suite)  # the evaluation's own assembly of control prompts
-    texts, lengths = control_answers(answers, sample, suite)
+    controls, texts, lengths = control_prompts(answers, sample, questions, suite)  # the evaluation's own assembly
     assert len(controls) == len(texts["tuned"]) == 1 + len(questions) + 30
     changed = drift(controls, texts, lengths, "reference", Habits())
     quoted = changed.differences["unasked quotes"]

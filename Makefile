@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup postgres s3rver run test ui serve-model bench bench-gpu lock clean-runs
+.PHONY: setup postgres s3rver run test format ui serve-model bench bench-gpu lock clean-runs
 
 # The exact tested versions (requirements.lock), then the project itself without resolving again.
 $(STAMP): pyproject.toml constraints.txt requirements.lock
@@ -51,8 +51,15 @@ s3rver: $(S3RVER)
 # Two workers (pytest-xdist), a test file each at a time, in the order tests/conftest.py gives (costliest
 # first; xdist would otherwise start with the files that hold the most tests and end on the long ones).
 # Each worker has its own Prefect test server.
+# Lint and format are checked first (seconds): `make format` fixes what ruff can.
 test: setup postgres s3rver
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/pytest -n 2 --dist loadfile --no-loadscope-reorder
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 ui: setup
 	$(BIN)/preftune ui

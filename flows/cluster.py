@@ -1,6 +1,7 @@
 """The image the cluster runs, read from the one place that names it: the `images` entry of
 deployments/k8s/kustomization.yaml, which kustomize applies to the worker and the servers and
 `preftune deploy` passes to the flow-run Jobs (deployments/prefect.yaml's `{{ $PREFTUNE_IMAGE }}`)."""
+
 from __future__ import annotations
 
 import os

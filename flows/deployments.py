@@ -3,6 +3,7 @@ parameters resolved to its whole profile. Prefect's run form sends every field i
 the class defaults it would replace the profile's values (an untouched "Custom run" of `smoke` trained
 the real model under the real registry names), starting from the resolved profile it sends the profile
 back, plus whatever the person changed. A profile edit therefore needs a `preftune deploy` again."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,5 +1,6 @@
 """What the deployments need on the server, created when missing: the work pools that
 deployments/prefect.yaml names, and the concurrency limit on the training tasks' `gpu` tag."""
+
 from __future__ import annotations
 
 import json
@@ -48,10 +49,14 @@ def ensure_work_pools() -> list[str]:
             except ObjectNotFound:
                 pass
             if name not in WORK_POOLS:
-                raise PreftuneError(f"work pool {name!r} named in prefect.yaml does not exist on the server and "
-                                    f"preftune does not know how to create it: create it with `prefect work-pool create`")
+                raise PreftuneError(
+                    f"work pool {name!r} named in prefect.yaml does not exist on the server and "
+                    f"preftune does not know how to create it: create it with `prefect work-pool create`"
+                )
             kind, template = WORK_POOLS[name]
-            client.create_work_pool(WorkPoolCreate(name=name, type=kind, base_job_template=job_template(kind, template)))
+            client.create_work_pool(
+                WorkPoolCreate(name=name, type=kind, base_job_template=job_template(kind, template))
+            )
             created.append(name)
     return created
 

@@ -1,23 +1,25 @@
 """The flow's parent MLflow run: the settings and lineage tags put on it, the disk the run used, the
 run's figures and report, and the summary a user sees at the end (printed, and as Prefect artifacts)."""
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
-import mlflow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
+import mlflow
 from flows.config import PipelineConfig
 from tasks.base import Workspace, fingerprint, redact
 from tasks.cleanup import stored_bytes
 from tasks.evaluate import EvalResult
 from tasks.merge import MergeResult
 from tasks.promotion import PromotionOutcome
-from tasks.tracking import PromotionDecision, RegisteredVersion, git_commit
+from tasks.tracking import RegisteredVersion, git_commit
+from tasks.verdict import PromotionDecision
 
 
 class PipelineSummary(BaseModel):
@@ -51,8 +53,12 @@ class RunRecord:
     def __init__(self, parent, config: PipelineConfig, workspace: Workspace, tracking_uri: str):
         self.parent, self.config, self.workspace, self.tracking_uri = parent, config, workspace, tracking_uri
         self.run_id = parent.info.run_id
-        self.lineage = {"prefect.flow_run_id": str(flow_run.id), "git.commit": git_commit(),
-                        "mlflow.parent_run_id": self.run_id, "config.sha256": fingerprint(config.model_dump(mode="json"))}
+        self.lineage = {
+            "prefect.flow_run_id": str(flow_run.id),
+            "git.commit": git_commit(),
+            "mlflow.parent_run_id": self.run_id,
+            "config.sha256": fingerprint(config.model_dump(mode="json")),
+        }
         self.bytes_before = stored_bytes(Path(workspace.path), config.tracking.experiment)
         self.metrics: dict[str, float] = {}
         self.report_path: str | None = None
@@ -66,17 +72,29 @@ class RunRecord:
         mlflow.set_tag("merge.device", merged.device)
         mlflow.log_metrics(self.metrics)
         mlflow.log_artifact(evaluation.report_path, "evaluation")
-        create_markdown_artifact(key="evaluation-report", markdown=Path(evaluation.report_path).read_text(),
-                                 description=f"MLflow run {self.run_id}")
+        create_markdown_artifact(
+            key="evaluation-report",
+            markdown=Path(evaluation.report_path).read_text(),
+            description=f"MLflow run {self.run_id}",
+        )
 
-    def summary(self, decision: PromotionDecision, registered: list[RegisteredVersion],
-                outcome: PromotionOutcome | None = None) -> PipelineSummary:
+    def summary(
+        self, decision: PromotionDecision, registered: list[RegisteredVersion], outcome: PromotionOutcome | None = None
+    ) -> PipelineSummary:
         """The run's closing figures: disk used on the parent run, then the run-summary artifact."""
         bytes_written = stored_bytes(Path(self.workspace.path), self.config.tracking.experiment) - self.bytes_before
         mlflow.log_metric("disk.bytes_written", bytes_written)
-        return PipelineSummary(mlflow_run_id=self.run_id, tracking_uri=self.tracking_uri, run_dir=self.workspace.path,
-                               bytes_written=bytes_written, metrics=self.metrics, promotion=decision,
-                               outcome=outcome, registered=registered, report_path=self.report_path)
+        return PipelineSummary(
+            mlflow_run_id=self.run_id,
+            tracking_uri=self.tracking_uri,
+            run_dir=self.workspace.path,
+            bytes_written=bytes_written,
+            metrics=self.metrics,
+            promotion=decision,
+            outcome=outcome,
+            registered=registered,
+            report_path=self.report_path,
+        )
 
 
 @contextmanager
@@ -85,8 +103,14 @@ def parent_run(config: PipelineConfig, workspace: Workspace, tracking_uri: str) 
     with mlflow.start_run(run_name=config.resolved_run_name()) as parent:
         record = RunRecord(parent, config, workspace, tracking_uri)
         mlflow.log_params(flatten(config.model_dump()))
-        mlflow.set_tags(record.lineage | {"preftune.profile": config.profile, "preftune.run_dir": redact(workspace.path),
-                                          "preftune.method": config.method})
+        mlflow.set_tags(
+            record.lineage
+            | {
+                "preftune.profile": config.profile,
+                "preftune.run_dir": redact(workspace.path),
+                "preftune.method": config.method,
+            }
+        )
         yield record
 
 
@@ -104,5 +128,6 @@ def summary_markdown(summary: PipelineSummary, experiment_id: str) -> str:
 
 
 def publish_summary(summary: PipelineSummary, experiment_id: str) -> None:
-    create_markdown_artifact(key="run-summary", markdown=summary_markdown(summary, experiment_id),
-                             description="Where this run's results are")
+    create_markdown_artifact(
+        key="run-summary", markdown=summary_markdown(summary, experiment_id), description="Where this run's results are"
+    )

@@ -1,4 +1,5 @@
 """preftune tasks: each module owns one stage's settings, its plain functions and its Prefect task."""
+
 import logging
 
 # bitsandbytes warns on every import on a CPU that an optional kernel package is missing; 4-bit never

@@ -1,13 +1,14 @@
 """A policy's answers: the model loaded from a folder, Hub id or registry URI, and its greedy answers
 to chat prompts, rendered with its chat template. Evaluation, `preftune generate` and the registered
 chat model answer through this same code, so an evaluated answer is the answer a user gets."""
+
 from __future__ import annotations
 
-import mlflow
 import numpy as np
 import torch
 from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 
+import mlflow
 from tasks.base import PreftuneError
 from tasks.plan import inference_placement
 
@@ -25,15 +26,17 @@ def shrinking(run, batch_size: int):
             if not should_reduce_batch_size(error):
                 raise
             if batch_size == 1:
-                raise PreftuneError("out of memory while evaluating at batch size 1: lower evaluation.max_length "
-                                    "or evaluation.max_new_tokens") from None
+                raise PreftuneError(
+                    "out of memory while evaluating at batch size 1: lower evaluation.max_length "
+                    "or evaluation.max_new_tokens"
+                ) from None
         batch_size //= 2
         clear_device_cache(garbage_collection=True)  # here, once the failed attempt's frames are gone
 
 
 def batches(items: list, size: int):
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 def load_tokenizer(source: str):
@@ -81,16 +84,18 @@ def load_policy(source: str):
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int,
-             batch_size: int = 8) -> tuple[list[str], np.ndarray]:
+def generate(
+    model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 8
+) -> tuple[list[str], np.ndarray]:
     """Greedy responses, batched, and their lengths in tokens (up to the first end-of-turn)."""
     responses, lengths = [], []
     for batch in batches(prompts, batch_size):
         texts = [tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True) for p in batch]
         encoded = tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt").to(model.device)
-        output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id)
-        new_tokens = output[:, encoded["input_ids"].shape[1]:]
+        output = model.generate(
+            **encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+        new_tokens = output[:, encoded["input_ids"].shape[1] :]
         ended = (new_tokens == tokenizer.eos_token_id).int()
         lengths.extend(torch.where(ended.any(1), ended.argmax(1), new_tokens.shape[1]).cpu().tolist())
         responses.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))

@@ -1,4 +1,5 @@
 """Shared building blocks for the stage settings and the run directory layout."""
+
 from __future__ import annotations
 
 import hashlib
@@ -20,7 +21,12 @@ class StrictModel(BaseModel):
 
 
 class PreftuneError(Exception):
-    """An error the user can fix (bad input, bad config): shown as one message, never retried."""
+    """An error the user can fix (bad input, bad config): shown as one message, never retried. Its message
+    is redacted as it is made: it names settings and sources that may carry a credential, and Prefect keeps
+    it (the failed state's message, the failure record of a task that persists its result)."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(redact(arg) if isinstance(arg, str) else arg for arg in args))
 
 
 def free_port() -> int:
@@ -71,7 +77,7 @@ class Workspace(BaseModel):
     token: str
 
     @classmethod
-    def open(cls, path: Path) -> "Workspace":
+    def open(cls, path: Path) -> Workspace:
         if path.is_symlink():  # a run folder that is a link would write wherever it points
             raise PreftuneError(f"the run folder {path} is a symbolic link: choose another run_name or remove the link")
         path.mkdir(parents=True, exist_ok=True)
@@ -93,13 +99,23 @@ SECRETS = [
     (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----", re.S), "***"),
     (re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s:@]*:[^/\s@]*@"), r"\g<scheme>***@"),  # [user]:password@
     (re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s:@]{16,}@"), r"\g<scheme>***@"),  # token@
-    (re.compile(r"(?i)(?P<key>[?&;][\w-]*(?:token|key|password|passwd|secret|sig|signature|credential)[\w-]*=)[^&\s#]+"),
-     r"\g<key>***"),  # in a query string
-    (re.compile(r"(?i)(?P<key>\b(?:proxy-)?authorization[\"']?\s*[:=]\s*[\"']?)(?:(?:bearer|basic|token)\s+)?[^\s,;\"']+"),
-     r"\g<key>***"),  # Authorization: Bearer ...
+    (
+        re.compile(
+            r"(?i)(?P<key>[?&;][\w-]*(?:token|key|password|passwd|secret|sig|signature|credential)[\w-]*=)[^&\s#]+"
+        ),
+        r"\g<key>***",
+    ),  # in a query string
+    (
+        re.compile(
+            r"(?i)(?P<key>\b(?:proxy-)?authorization[\"']?\s*[:=]\s*[\"']?)(?:(?:bearer|basic|token)\s+)?[^\s,;\"']+"
+        ),
+        r"\g<key>***",
+    ),  # Authorization: Bearer ...
     (re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]{8,}"), "Bearer ***"),
-    (re.compile(rf"(?i)(?P<key>\b{_SECRET_NAME}[\"']?\s*[:=]\s*)(?P<quote>[\"']?)[^\s&#\"',;]+"),
-     r"\g<key>\g<quote>***"),  # HF_TOKEN=..., AWS_SECRET_ACCESS_KEY=..., password: ...
+    (
+        re.compile(rf"(?i)(?P<key>\b{_SECRET_NAME}[\"']?\s*[:=]\s*)(?P<quote>[\"']?)[^\s&#\"',;]+"),
+        r"\g<key>\g<quote>***",
+    ),  # HF_TOKEN=..., AWS_SECRET_ACCESS_KEY=..., password: ...
     (re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"), "***"),  # JWTs
     (re.compile(r"\b(?:hf|ghp|gho|ghs|ghu|ghr|github_pat|pnu|glpat|xox[abpors])[_-][A-Za-z0-9_-]{16,}"), "***"),
     (re.compile(r"\bsk-[A-Za-z0-9_-]{16,}"), "***"),  # OpenAI-style keys (sk-..., sk-proj-...)
@@ -132,9 +148,11 @@ def redacted_settings(values: object, key: str = "") -> list[str]:
 
 
 def redacted_credential_message(keys: list[str]) -> str:
-    return (f"{', '.join(keys)}: a redacted credential (***), as Prefect records a flow run's parameters; credentials "
-            "never travel as parameters: give them to the process that runs the flow through its environment (e.g. "
-            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, HF_TOKEN, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
+    return (
+        f"{', '.join(keys)}: a redacted credential (***), as Prefect records a flow run's parameters; credentials "
+        "never travel as parameters: give them to the process that runs the flow through its environment (e.g. "
+        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, HF_TOKEN, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+    )
 
 
 def redact_logs() -> None:

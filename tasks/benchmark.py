@@ -6,6 +6,7 @@ split by whether every instruction they carry is of a kind the run trained on (`
 (`other kinds`): the first asks whether the taught skill transfers to a benchmark nobody tuned on, the
 second whether anything else got worse. IFEval's prompts are only ever answered, never trained on.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,33 +14,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from prefect import task
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
-from tasks.base import MayHoldCredentials, PreftuneError, StrictModel, Workspace, redact, retry_unless_user_error
+from tasks.base import PreftuneError, Workspace, redact, retry_unless_user_error
 from tasks.data import DataFile, read_table, write_jsonl
+from tasks.settings.evaluation import BenchmarkSettings
 from tasks.stats import Estimate, estimate, mean
 
 COLUMNS = ["key", "prompt", "instruction_id_list", "kwargs"]
 SUBSETS = ("trained kinds", "other kinds", "all")
 # lm_eval's metric -> (level, strictness)
-METRICS = {"prompt_level_strict_acc": "prompt strict", "prompt_level_loose_acc": "prompt loose",
-           "inst_level_strict_acc": "instruction strict", "inst_level_loose_acc": "instruction loose"}
-
-
-class BenchmarkSettings(StrictModel):
-    """IFEval on a seeded sample of its prompts: the kinds the run trained on, and the others."""
-
-    data: MayHoldCredentials = Field("google/IFEval", description="IFEval's prompts: a Hub dataset id, or a local "
-                                                                  "jsonl/json/parquet file with its columns (key, "
-                                                                  "prompt, instruction_id_list, kwargs).")
-    split: str = Field("train", description="The split to read (Hub datasets).")
-    trained_prompts: int | None = Field(None, ge=0, description="Prompts whose instructions are all of kinds the "
-                                                                "policy trained on, a seeded sample; empty: all.")
-    other_prompts: int | None = Field(None, ge=0, description="Prompts carrying any other kind, a seeded sample; "
-                                                              "empty: all. They are also control prompts for drift.")
-    max_new_tokens: int = Field(128, gt=0, description="Tokens each greedy answer may run to (IFEval's own harness "
-                                                       "allows 1280; a cap cuts long answers for both models alike).")
-    seed: int = Field(0, description="Seed of the prompt sample.")
+METRICS = {
+    "prompt_level_strict_acc": "prompt strict",
+    "prompt_level_loose_acc": "prompt loose",
+    "inst_level_strict_acc": "instruction strict",
+    "inst_level_loose_acc": "instruction loose",
+}
 
 
 class BenchmarkResult(BaseModel):
@@ -60,16 +50,22 @@ def load_prompts(settings: BenchmarkSettings) -> pd.DataFrame:
     try:
         table = read_table(settings.data, settings.split)
     except ConnectionError as error:  # `datasets` has retried already
-        raise PreftuneError(f"evaluation.benchmark.data: cannot reach {redact(settings.data)!r} on the Hugging Face "
-                            f"Hub ({str(error).splitlines()[0][:200]}); offline, give a local copy of IFEval's prompts "
-                            "(--set evaluation.benchmark.data=FILE, or make run IFEVAL=FILE), or run without the "
-                            "benchmark (--set evaluation.benchmark=null)") from None
+        raise PreftuneError(
+            f"evaluation.benchmark.data: cannot reach {redact(settings.data)!r} on the Hugging Face "
+            f"Hub ({str(error).splitlines()[0][:200]}); offline, give a local copy of IFEval's prompts "
+            "(--set evaluation.benchmark.data=FILE, or make run IFEVAL=FILE), or run without the "
+            "benchmark (--set evaluation.benchmark=null)"
+        ) from None
     if missing := [column for column in COLUMNS if column not in table]:
-        raise PreftuneError(f"{settings.data}: missing columns {missing} for the IFEval benchmark; found "
-                            f"{sorted(table.columns)}")
-    return pd.DataFrame([{"key": row["key"], "prompt": row["prompt"]}
-                         | instructions_of(row, f"{settings.data}, row {index}", known)
-                         for index, row in enumerate(table[COLUMNS].to_dict("records"))])
+        raise PreftuneError(
+            f"{settings.data}: missing columns {missing} for the IFEval benchmark; found {sorted(table.columns)}"
+        )
+    return pd.DataFrame(
+        [
+            {"key": row["key"], "prompt": row["prompt"]} | instructions_of(row, f"{settings.data}, row {index}", known)
+            for index, row in enumerate(table[COLUMNS].to_dict("records"))
+        ]
+    )
 
 
 def sample(prompts: pd.DataFrame, trained: set[str], settings: BenchmarkSettings) -> pd.DataFrame:
@@ -77,8 +73,10 @@ def sample(prompts: pd.DataFrame, trained: set[str], settings: BenchmarkSettings
     is_trained = prompts.instruction_id_list.map(lambda ids: bool(trained) and set(ids) <= trained)
     rng = np.random.default_rng(settings.seed)
     parts = []
-    for subset, mask, wanted in (("trained kinds", is_trained, settings.trained_prompts),
-                                 ("other kinds", ~is_trained, settings.other_prompts)):
+    for subset, mask, wanted in (
+        ("trained kinds", is_trained, settings.trained_prompts),
+        ("other kinds", ~is_trained, settings.other_prompts),
+    ):
         part = prompts[mask]
         if wanted is not None and wanted < len(part):
             part = part.iloc[sorted(rng.choice(len(part), size=wanted, replace=False))]
@@ -90,8 +88,12 @@ def score(prompts: pd.DataFrame, answers: list[str]) -> pd.DataFrame:
     """lm_eval's verdicts on each answer: one row per prompt, one column per IFEval metric."""
     from tasks.instructions import check
 
-    return pd.DataFrame([check(row.prompt, row.instruction_id_list, row.kwargs, answer)
-                         for row, answer in zip(prompts.itertuples(), answers)])
+    return pd.DataFrame(
+        [
+            check(row.prompt, row.instruction_id_list, row.kwargs, answer)
+            for row, answer in zip(prompts.itertuples(), answers)
+        ]
+    )
 
 
 def difference(candidate: pd.Series, baseline: pd.Series, seed: int) -> Estimate:
@@ -129,12 +131,24 @@ def compare(prompts: pd.DataFrame, scores: dict[str, pd.DataFrame], baseline: st
             metrics |= found.metrics(f"{name}.difference")
     by_kind = []
     for kind in sorted({kind for ids in prompts.instruction_id_list for kind in ids}):
-        passed = {model: [follows[ids.index(kind)] for ids, follows in
-                          zip(prompts.instruction_id_list, table.inst_level_loose_acc) if kind in ids]
-                  for model, table in scores.items()}
-        by_kind.append({"kind": kind, "trained": bool((prompts.subset == "trained kinds")[
-            prompts.instruction_id_list.map(lambda ids: kind in ids)].any()), "instructions": len(passed["tuned"])}
-                       | {model: float(np.mean(values)) for model, values in passed.items()})
+        passed = {
+            model: [
+                follows[ids.index(kind)]
+                for ids, follows in zip(prompts.instruction_id_list, table.inst_level_loose_acc)
+                if kind in ids
+            ]
+            for model, table in scores.items()
+        }
+        by_kind.append(
+            {
+                "kind": kind,
+                "trained": bool(
+                    (prompts.subset == "trained kinds")[prompts.instruction_id_list.map(lambda ids: kind in ids)].any()
+                ),
+                "instructions": len(passed["tuned"]),
+            }
+            | {model: float(np.mean(values)) for model, values in passed.items()}
+        )
     return BenchmarkResult(differences=differences, metrics=metrics, by_kind=by_kind)
 
 
@@ -142,8 +156,15 @@ def write_prompts(settings: BenchmarkSettings, folder: Path) -> DataFile:
     return write_jsonl(load_prompts(settings), folder / "ifeval.jsonl")
 
 
-@task(name="load-benchmark", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_unless_user_error)
+@task(
+    name="load-benchmark",
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    retry_condition_fn=retry_unless_user_error,
+    persist_result=False,
+)
 def prepare_benchmark(settings: BenchmarkSettings, workspace: Workspace) -> DataFile:
     """The benchmark's prompts, read and checked before anything trains (not cached: a Hub dataset may
-    change under its name; the file's digest keys the evaluation)."""
+    change under its name; the file's digest keys the evaluation; nor persisted: a failure's record would
+    keep the reading library's error, which may name the source with its credential)."""
     return write_prompts(settings, workspace.stage("benchmark", settings))

@@ -4,8 +4,10 @@ Prefect's `TASK_SOURCE` hashes only the decorated function, here a two-line wrap
 it calls would silently reuse results of the old code. A stage's key is instead made of its inputs,
 the source of its module and of every project module that module imports (transitively), the versions
 of the libraries that compute the result, and, for training, the precision and quantization the plan
-chose. Stages that record into MLflow also key on the tracking store, so a new store gets their runs.
+chose. That key names the stage's folder too. Recording into MLflow is a step of its own, keyed on the
+tracking store, so a new store gets the runs again without training anything again.
 """
+
 from __future__ import annotations
 
 import ast
@@ -15,12 +17,26 @@ from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import mlflow
 from prefect.cache_policies import INPUTS, CacheKeyFnPolicy
+from prefect.context import TaskRunContext
+
+import mlflow
+from tasks.base import Workspace, fingerprint
 
 PROJECT_PACKAGES = ("tasks",)
-LIBRARIES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "pandas", "lm-eval",
-             "nltk", "langdetect")
+LIBRARIES = (
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "bitsandbytes",
+    "accelerate",
+    "datasets",
+    "pandas",
+    "lm-eval",
+    "nltk",
+    "langdetect",
+)
 
 
 def _imported_modules(path: Path) -> set[str]:
@@ -74,31 +90,62 @@ def library_versions() -> str:
             return version(name)
         except PackageNotFoundError:
             return "absent"
+
     return ",".join(f"{name}={installed(name)}" for name in LIBRARIES)
 
 
-def _code_and_libraries(context, parameters) -> str:
-    return code_fingerprint(context.task.fn.__module__) + "|" + library_versions()
+def _workspace(parameters: dict) -> Workspace | None:
+    """The run's workspace among a task's inputs: given as such, or in its run context."""
+    run = parameters.get("run")
+    return run.workspace if run is not None else parameters.get("workspace")
+
+
+def stage_key(task, parameters: dict, links: tuple[str, ...] = ()) -> str:
+    """A stage's key: its inputs (the run's folder, not its MLflow run or launcher settings), the parts
+    of its training plan that change the weights (precision, quantization; not micro-batch or
+    checkpointing, which follow the free memory), its code and the libraries. It names the stage's
+    folder and is its Prefect cache key: one answer to "is this stage done?". `links`: inputs that only
+    point somewhere (MLflow run ids) and change no result."""
+    inputs = {name: value for name, value in parameters.items() if name not in ("run", "plan", "workspace", *links)}
+    workspace, plan = _workspace(parameters), parameters.get("plan")
+    return fingerprint(
+        [
+            task.name,
+            inputs,
+            workspace.path if workspace else None,
+            plan.result_key() if plan else None,
+            code_fingerprint(task.fn.__module__),
+            library_versions(),
+        ]
+    )
+
+
+def stage_folder(workspace: Workspace, stage: str, links: tuple[str, ...] = ()) -> Path:
+    """The running stage task's folder, `<run>/<stage>/<key>`: named by the key Prefect caches the task's
+    result under, so the folder and the cache agree on what is done."""
+    context = TaskRunContext.get()
+    return Path(workspace.path) / stage / stage_key(context.task, context.parameters, links)
 
 
 def _tracking_store(context, parameters) -> str:
     return hashlib.sha256(mlflow.get_tracking_uri().encode()).hexdigest()[:16]
 
 
-def _plan_result_key(context, parameters) -> str:
-    return "|".join(parameters["plan"].result_key())
+def stage_cache(links: tuple[str, ...] = ()) -> CacheKeyFnPolicy:
+    """The stage key, and the run folder's generation: a token made with the folder and renewed by
+    `preftune gc`, so no cached result outlives the folders it names."""
+
+    def key(context, parameters) -> str:
+        workspace = _workspace(parameters)
+        return stage_key(context.task, parameters, links) + (f"|{workspace.token}" if workspace else "")
+
+    return CacheKeyFnPolicy(cache_key_fn=key)
 
 
-CODE = CacheKeyFnPolicy(cache_key_fn=_code_and_libraries)
 TRACKING_STORE = CacheKeyFnPolicy(cache_key_fn=_tracking_store)
-# Data stages: their inputs and code.
-DATA_CACHE = INPUTS + CODE
-# Training: inputs (not the MLflow parent run), code, tracking store, and the parts of the training plan
-# that change the weights (precision, quantization), not those that only change speed or memory
-# (micro-batch, checkpointing: they follow the free memory at the time).
-TRAINING_CACHE = (INPUTS - "parent_run_id" - "plan") + CODE + TRACKING_STORE + CacheKeyFnPolicy(
-    cache_key_fn=_plan_result_key)
-# Evaluation: inputs (not the run ids it only links to), code, tracking store.
-EVALUATION_CACHE = (INPUTS - "parent_run_id" - "stage_runs") + CODE + TRACKING_STORE
-# Merging: inputs and code (it records nothing in MLflow).
-MERGE_CACHE = INPUTS + CODE
+# Data, training and merging: the stage's key, which also names its folder.
+STAGE_CACHE = stage_cache()
+# Recording a finished stage into MLflow: the stage and the tracking store (a new store records it again).
+RECORD_CACHE = INPUTS - "run" + TRACKING_STORE
+# Evaluation, which records into MLflow as it goes: the stage's key (not the run ids it links to) and the store.
+EVALUATION_CACHE = TRACKING_STORE + stage_cache(links=("stage_runs",))

@@ -6,26 +6,27 @@ further: in every run folder it removes the stage folders that no registered ver
 token, so Prefect's cached results that named the removed folders are not reused: the next run
 re-creates what it needs. MLflow's own deleted runs are `mlflow gc`'s job.
 """
+
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
 from pathlib import Path
 
+from pydantic import BaseModel
+
 import mlflow
 from mlflow import MlflowClient
-from pydantic import BaseModel
 
 
 def folder_bytes(path: str | Path) -> int:
     total = 0
     for root, _, files in os.walk(path):
         for name in files:
-            try:
+            with contextlib.suppress(OSError):  # removed meanwhile
                 total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:  # removed meanwhile
-                pass
     return total
 
 

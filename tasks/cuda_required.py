@@ -2,6 +2,7 @@
 older than the image's CUDA build of torch needs, a missing device plugin), instead of planning for
 the CPU and holding the GPUs for hours. The Kubernetes GPU job template sets PREFTUNE_REQUIRE_CUDA=1;
 the flow calls `require_cuda_if_asked()` first (or `python -m tasks.cuda_required` checks by hand)."""
+
 from __future__ import annotations
 
 import os
@@ -44,7 +45,8 @@ def require_cuda_if_asked(environ: Mapping[str, str] = os.environ) -> None:
     raise PreftuneError(
         f"{REQUIRE_CUDA}={wanted}: this job was given GPUs, but torch {torch.__version__} (built for {build}) sees "
         f"{found} CUDA device(s){f': {reasons}' if reasons else ''}. Check the node's NVIDIA driver and device plugin "
-        "against the image's torch build (the Dockerfile's TORCH_INDEX_URL builds for older drivers)")
+        "against the image's torch build (the Dockerfile's TORCH_INDEX_URL builds for older drivers)"
+    )
 
 
 if __name__ == "__main__":

@@ -3,58 +3,24 @@
 Every step reads and writes JSON Lines under the run's `data/` folder and returns a small typed
 result, so Prefect can cache it and a later stage (or a re-run) reads the file, not memory.
 """
+
 from __future__ import annotations
 
 import json
 import re
 from pathlib import Path
-from typing import Literal
 
 import pandas as pd
 from prefect import task
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
-from tasks.base import MayHoldCredentials, PreftuneError, StrictModel, Workspace, file_sha256, fingerprint, retry_unless_user_error
-from tasks.caching import DATA_CACHE
+from tasks.base import PreftuneError, Workspace, file_sha256, fingerprint, redact, retry_unless_user_error
+from tasks.caching import STAGE_CACHE, stage_folder
 from tasks.models import ResolvedModel
-from tasks.schemas import INSTRUCTION_COLUMNS, SCHEMAS, normalize
+from tasks.schemas import INSTRUCTION_COLUMNS, normalize
+from tasks.settings.data import DataSettings
 
-Format = Literal[("auto", *SCHEMAS)]
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-class DataSettings(StrictModel):
-    """Where preference pairs come from and how they are filtered and split. The split is by question,
-    so no question is in two of the policy's train, held-out and judges' splits."""
-
-    source: MayHoldCredentials = Field("synthetic", description="A generated set (synthetic, synthetic:instructions, "
-                                                 "synthetic:harmlessness), a local jsonl/json/parquet/csv file, "
-                                                 "or a Hub dataset id.")
-    split: str = Field("train", description="The dataset split to read (Hub datasets).")
-    data_dir: MayHoldCredentials | None = Field(None, description="A Hub dataset's subset folder, e.g. harmless-base of "
-                                                   "Anthropic/hh-rlhf.")
-    format: Format = Field("auto", description="The rows' schema (tasks/schemas.py); auto: detected from the "
-                                               "columns.")
-    synthetic_rows: int = Field(480, gt=0, description="Pairs a generated source makes.")
-    max_rows: int | None = Field(None, gt=0, description="Read only the first this-many rows; empty: all.")
-    # The data's authors drop ties; the recipe's literal note keeps only ties.
-    status_rule: Literal["drop_ties", "only_ties", "keep_all"] = Field("drop_ties", description=(
-        "The recipe's filter on a `status` column: drop_ties (the data's authors), only_ties (the recipe's "
-        "literal note) or keep_all."))
-    min_chosen_score: float | None = Field(8.0, description="Drop pairs whose `chosen_score` is below this; "
-                                                            "empty: no score filter.")
-    drop_in_gsm8k_train: bool = Field(True, description="Drop pairs flagged `in_gsm8k_train` (the recipe's "
-                                                        "contamination filter).")
-    eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of questions held out for evaluation.")
-    # The policy never sees the judges' share, so a judge's verdict on the policy is not a verdict on its
-    # own training pairs.
-    judge_fraction: float = Field(0.0, ge=0, lt=1, description=(
-        "A further share of questions for the judges trained on this data, which the policy never sees."))
-    # Nothing is dropped silently by a trainer: overlong pairs are counted first.
-    overlong: Literal["truncate", "drop"] = Field("truncate", description=(
-        "Pairs longer than a stage's max_length: truncate (the prompt loses its oldest turns and text first, "
-        "answers stay whole unless alone too long) or drop."))
-    seed: int = Field(42, description="Seed of the split and of generated data.")
 
 
 class DataFile(BaseModel):
@@ -66,7 +32,7 @@ class DataFile(BaseModel):
 
 
 class LoadedData(DataFile):
-    source: str
+    source: str  # what was read, redacted: a task's result may be persisted (pickled), and no credential is kept
     format: str
 
 
@@ -83,7 +49,7 @@ class SplitData(BaseModel):
     truncated_answers: dict[str, int] = {}  # split -> overlong pairs whose answers alone did not fit (ends cut)
     shared_questions: int = 0  # questions found in more than one split: 0, or the split is refused
 
-    def for_judges(self) -> "SplitData":
+    def for_judges(self) -> SplitData:
         """The judges' view: their own train split, the same held-out questions."""
         return SplitData(train=self.judge, eval=self.eval)
 
@@ -108,8 +74,9 @@ def read_json_lines(path: Path) -> pd.DataFrame:
                 except json.JSONDecodeError as error:
                     raise PreftuneError(f"{path}: line {number} is not valid JSON ({error.msg})") from None
                 if not isinstance(record, dict):
-                    raise PreftuneError(f"{path}: line {number} is a JSON {type(record).__name__}, "
-                                        "expected an object of columns")
+                    raise PreftuneError(
+                        f"{path}: line {number} is a JSON {type(record).__name__}, expected an object of columns"
+                    )
                 records.append(record)
     except OSError as error:
         raise PreftuneError(f"{path}: cannot read the file ({error.strerror})") from None
@@ -166,7 +133,7 @@ def load(settings: DataSettings, data_dir: Path) -> LoadedData:
     frame = normalize(table, settings.format, source)
     fmt = frame.pop("_format").iloc[0]
     written = write_jsonl(frame, data_dir / "normalized.jsonl")
-    return LoadedData(**written.model_dump(), source=source, format=fmt)
+    return LoadedData(**written.model_dump(), source=redact(source), format=fmt)
 
 
 # --- filtering, splitting, formatting ----------------------------------------------------------
@@ -174,14 +141,17 @@ def load(settings: DataSettings, data_dir: Path) -> LoadedData:
 
 def filter_rules(settings: DataSettings) -> list[tuple[str, callable]]:
     """(name, keep-mask) in the order applied; a rule whose column the data lacks keeps every row."""
+
     def has(frame, column):
         return frame[column].notna()
 
     rules = [
         ("empty_response", lambda f: (f.chosen.str.strip() != "") & (f.rejected.str.strip() != "")),
         ("chosen_equals_rejected", lambda f: f.chosen.str.strip() != f.rejected.str.strip()),
-        ("duplicate_pair", lambda f: ~f.apply(lambda r: fingerprint([r.system, r.prompt, r.chosen, r.rejected]),
-                                              axis=1).duplicated()),
+        (
+            "duplicate_pair",
+            lambda f: ~f.apply(lambda r: fingerprint([r.system, r.prompt, r.chosen, r.rejected]), axis=1).duplicated(),
+        ),
         ("prompt_mismatch", lambda f: ~f.prompt_mismatch.astype(bool)),
     ]
     if settings.status_rule == "drop_ties":
@@ -190,7 +160,9 @@ def filter_rules(settings: DataSettings) -> list[tuple[str, callable]]:
         rules.append(("status_not_tie", lambda f: ~has(f, "status") | (f.status == "tie")))
     if settings.min_chosen_score is not None:
         threshold = settings.min_chosen_score
-        rules.append(("chosen_score_below_min", lambda f: ~has(f, "chosen_score") | (f.chosen_score.astype(float) >= threshold)))
+        rules.append(
+            ("chosen_score_below_min", lambda f: ~has(f, "chosen_score") | (f.chosen_score.astype(float) >= threshold))
+        )
     if settings.drop_in_gsm8k_train:
         rules.append(("in_gsm8k_train", lambda f: ~has(f, "in_gsm8k_train") | ~f.in_gsm8k_train.astype(bool)))
     return rules
@@ -245,7 +217,7 @@ def question_groups(frame: pd.DataFrame) -> list[int]:
 def shared_questions(*parts: pd.DataFrame) -> int:
     """Questions found in more than one of the parts (must be 0)."""
     seen = [set().union(*map(question_keys, part.prompt)) if len(part) else set() for part in parts]
-    return len(set().union(*(a & b for i, a in enumerate(seen) for b in seen[i + 1:])))
+    return len(set().union(*(a & b for i, a in enumerate(seen) for b in seen[i + 1 :])))
 
 
 def split(filtered: DataFile, settings: DataSettings, data_dir: Path) -> SplitData:
@@ -264,29 +236,37 @@ def split(filtered: DataFile, settings: DataSettings, data_dir: Path) -> SplitDa
     wanted = ["train", "eval"] + (["judge"] if settings.judge_fraction else [])
     empty = [name for name in wanted if parts[name].empty]
     if empty:
-        raise PreftuneError(f"only {len(order)} distinct questions after filtering: too few to fill the "
-                            f"{', '.join(empty)} split (eval_fraction {settings.eval_fraction}, "
-                            f"judge_fraction {settings.judge_fraction})")
+        raise PreftuneError(
+            f"only {len(order)} distinct questions after filtering: too few to fill the "
+            f"{', '.join(empty)} split (eval_fraction {settings.eval_fraction}, "
+            f"judge_fraction {settings.judge_fraction})"
+        )
     shared = shared_questions(*(parts[name] for name in wanted))
     if shared:  # cannot happen by construction; checked on every run all the same
         raise RuntimeError(f"{shared} questions are in more than one split")
-    return SplitData(train=write_jsonl(parts["train"], data_dir / "train.jsonl"),
-                     eval=write_jsonl(parts["eval"], data_dir / "eval.jsonl"),
-                     judge=write_jsonl(parts["judge"], data_dir / "judge.jsonl") if settings.judge_fraction else None,
-                     shared_questions=shared)
+    return SplitData(
+        train=write_jsonl(parts["train"], data_dir / "train.jsonl"),
+        eval=write_jsonl(parts["eval"], data_dir / "eval.jsonl"),
+        judge=write_jsonl(parts["judge"], data_dir / "judge.jsonl") if settings.judge_fraction else None,
+        shared_questions=shared,
+    )
 
 
 def to_conversational(frame: pd.DataFrame) -> pd.DataFrame:
     """TRL's conversational preference format; TRL applies the chat template when it tokenizes."""
+
     def prompt(row):
         system = [{"role": "system", "content": row["system"]}] if row["system"] else []
         return system + list(row["prompt"])
 
-    return pd.DataFrame({
-        "prompt": frame.apply(prompt, axis=1),
-        "chosen": frame.chosen.map(lambda text: [{"role": "assistant", "content": text}]),
-        "rejected": frame.rejected.map(lambda text: [{"role": "assistant", "content": text}]),
-    } | {name: frame[name] for name in INSTRUCTION_COLUMNS if name in frame})
+    return pd.DataFrame(
+        {
+            "prompt": frame.apply(prompt, axis=1),
+            "chosen": frame.chosen.map(lambda text: [{"role": "assistant", "content": text}]),
+            "rejected": frame.rejected.map(lambda text: [{"role": "assistant", "content": text}]),
+        }
+        | {name: frame[name] for name in INSTRUCTION_COLUMNS if name in frame}
+    )
 
 
 def _length(tokenizer, prompt: list[dict], answer: str) -> int:
@@ -300,11 +280,12 @@ def _cut_head(tokenizer, text: str, tokens: int) -> str:
 
 
 def _cut_tail(tokenizer, text: str, keep: int) -> str:
-    return tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][:max(keep, 1)])
+    return tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][: max(keep, 1)])
 
 
-def fit_pair(prompt: list[dict], chosen: str, rejected: str, tokenizer,
-             max_length: int) -> tuple[list[dict], str, str, bool]:
+def fit_pair(
+    prompt: list[dict], chosen: str, rejected: str, tokenizer, max_length: int
+) -> tuple[list[dict], str, str, bool]:
     """Shorten a pair to max_length tokens as the trainers will render it: the prompt loses its oldest
     turns, then the start of its oldest text (the question's end, nearest the answer, stays); the answers
     are cut at their ends only if they alone do not fit. Returns the pair and whether an answer was cut."""
@@ -315,20 +296,25 @@ def fit_pair(prompt: list[dict], chosen: str, rejected: str, tokenizer,
 
     while excess() > 0 and sum(m["role"] == "user" for m in prompt) > 1:
         first_user = next(i for i, m in enumerate(prompt) if m["role"] == "user")
-        del prompt[first_user:first_user + 2]  # the oldest exchange: a user turn and its reply
+        del prompt[first_user : first_user + 2]  # the oldest exchange: a user turn and its reply
     for _ in range(4):  # decode/encode can shift a token or two: re-measure
         over = excess()
         if over <= 0:
             return prompt, chosen, rejected, False
         oldest = prompt[0]
-        if oldest["role"] == "system" or len(tokenizer(oldest["content"], add_special_tokens=False)["input_ids"]) > over + 8:
+        if (
+            oldest["role"] == "system"
+            or len(tokenizer(oldest["content"], add_special_tokens=False)["input_ids"]) > over + 8
+        ):
             oldest["content"] = _cut_head(tokenizer, oldest["content"], over + 2)
             if oldest["role"] == "system" and not oldest["content"].strip():
                 prompt.pop(0)
         else:
             break
     # The answers alone are too long: keep the question's last 32 tokens and the answers' beginnings.
-    prompt[-1]["content"] = tokenizer.decode(tokenizer(prompt[-1]["content"], add_special_tokens=False)["input_ids"][-32:])
+    prompt[-1]["content"] = tokenizer.decode(
+        tokenizer(prompt[-1]["content"], add_special_tokens=False)["input_ids"][-32:]
+    )
     prompt[:] = [m for m in prompt if m["role"] != "system"][-1:]
     room = max_length - _length(tokenizer, prompt, "")
     for _ in range(4):
@@ -339,8 +325,9 @@ def fit_pair(prompt: list[dict], chosen: str, rejected: str, tokenizer,
     return prompt, chosen, rejected, True
 
 
-def format_split(splits: SplitData, tokenizer, data_dir: Path, max_length: int | None = None,
-                 overlong: str = "truncate") -> SplitData:
+def format_split(
+    splits: SplitData, tokenizer, data_dir: Path, max_length: int | None = None, overlong: str = "truncate"
+) -> SplitData:
     """Write conversational files for each split; count pairs longer than max_length, then shorten them
     (`fit_pair`) or drop them, so no trainer drops or cuts anything on its own."""
     out: dict = {}
@@ -351,8 +338,12 @@ def format_split(splits: SplitData, tokenizer, data_dir: Path, max_length: int |
             continue
         frame = to_conversational(read_jsonl(part.path))
         try:
-            lengths = frame.apply(lambda row: max(_length(tokenizer, row.prompt, answer[0]["content"])
-                                                  for answer in (row.chosen, row.rejected)), axis=1)
+            lengths = frame.apply(
+                lambda row: max(
+                    _length(tokenizer, row.prompt, answer[0]["content"]) for answer in (row.chosen, row.rejected)
+                ),
+                axis=1,
+            )
         except Exception as error:  # template errors come from jinja, deep inside transformers
             raise PreftuneError(f"the chat template cannot render the {name} split: {error}") from None
         too_long = lengths > max_length if max_length else pd.Series(False, index=frame.index)
@@ -364,8 +355,9 @@ def format_split(splits: SplitData, tokenizer, data_dir: Path, max_length: int |
         else:
             for index in frame.index[too_long]:
                 row = frame.loc[index]
-                prompt, chosen, rejected, cut = fit_pair(row.prompt, row.chosen[0]["content"],
-                                                         row.rejected[0]["content"], tokenizer, max_length)
+                prompt, chosen, rejected, cut = fit_pair(
+                    row.prompt, row.chosen[0]["content"], row.rejected[0]["content"], tokenizer, max_length
+                )
                 frame.at[index, "prompt"] = prompt
                 frame.at[index, "chosen"] = [{"role": "assistant", "content": chosen}]
                 frame.at[index, "rejected"] = [{"role": "assistant", "content": rejected}]
@@ -384,7 +376,7 @@ def render_example(path: str, tokenizer) -> str:
 # --- Prefect tasks --------------------------------------------------------------------------
 
 RETRY = dict(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_unless_user_error)
-DATA_TASK = dict(RETRY, cache_policy=DATA_CACHE, persist_result=True)
+DATA_TASK = dict(RETRY, cache_policy=STAGE_CACHE, persist_result=True)
 
 
 @task(name="load-preferences", task_run_name="load-{stage}", **RETRY)
@@ -394,17 +386,26 @@ def load_preferences(settings: DataSettings, workspace: Workspace, stage: str = 
 
 
 @task(name="filter-preferences", task_run_name="filter-{stage}", **DATA_TASK)
-def filter_preferences(loaded: LoadedData, settings: DataSettings, workspace: Workspace, stage: str = "data") -> FilterReport:
-    return apply_filter(loaded, settings, workspace.stage(stage, loaded, settings))
+def filter_preferences(
+    loaded: LoadedData, settings: DataSettings, workspace: Workspace, stage: str = "data"
+) -> FilterReport:
+    return apply_filter(loaded, settings, stage_folder(workspace, stage))
 
 
 @task(name="split-preferences", task_run_name="split-{stage}", **DATA_TASK)
-def split_preferences(filtered: FilterReport, settings: DataSettings, workspace: Workspace, stage: str = "data") -> SplitData:
-    return split(filtered, settings, workspace.stage(stage, filtered, settings))
+def split_preferences(
+    filtered: FilterReport, settings: DataSettings, workspace: Workspace, stage: str = "data"
+) -> SplitData:
+    return split(filtered, settings, stage_folder(workspace, stage))
 
 
 @task(name="format-preferences", task_run_name="format-{stage}", **DATA_TASK)
-def format_preferences(splits: SplitData, model: ResolvedModel, max_length: int, settings: DataSettings,
-                       workspace: Workspace, stage: str = "data") -> SplitData:
-    folder = workspace.stage(stage, splits, model, max_length, settings.overlong)  # lengths follow its chat template
-    return format_split(splits, model.tokenizer(), folder, max_length, settings.overlong)
+def format_preferences(
+    splits: SplitData,
+    model: ResolvedModel,
+    max_length: int,
+    settings: DataSettings,
+    workspace: Workspace,
+    stage: str = "data",
+) -> SplitData:
+    return format_split(splits, model.tokenizer(), stage_folder(workspace, stage), max_length, settings.overlong)

@@ -1,55 +1,24 @@
 """How many processes train a stage and how they share the model, and which CUDA devices each gets.
 
-The bottom of the training path: settings and device bookkeeping only. `tasks/training.py` (`fit`)
-decides whether a stage trains in this process or is handed to `tasks/launcher.py`, which runs the
-ranks' entry point `tasks/rank.py` under `accelerate launch`.
+The bottom of the training path: device bookkeeping only (the settings are in tasks/settings/plan.py).
+`tasks/training.py` (`fit`) decides whether a stage trains in this process or is handed to
+`tasks/launcher.py`, which runs the ranks' entry point `tasks/rank.py` under `accelerate launch`.
 """
+
 from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Iterator, Literal
 
-from pydantic import Field
+from tasks.base import PreftuneError
 
-from tasks.base import PreftuneError, StrictModel
+# The settings live in tasks/settings/plan.py; named here too for the modules that launch stages.
+from tasks.settings.plan import ACCELERATE_CONFIGS, DistributedSettings  # noqa: F401
 
-Strategy = Literal["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"]
-ACCELERATE_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
 SHARDS_WEIGHTS = {"fsdp", "deepspeed_zero3"}  # each process holds 1/N of the frozen weights
 SHARDS_TRAINING_STATE = {"fsdp", "deepspeed_zero2", "deepspeed_zero3"}  # 1/N of gradients and optimizer states
-
-
-class DistributedSettings(StrictModel):
-    """How many processes train each stage and how they share the model. One process needs no launcher;
-    more run the stage under `accelerate launch` (on GPUs one process per card; on a CPU, gloo)."""
-
-    num_processes: int = Field(1, ge=1, description="Processes that train each stage (GPUs: one per card); "
-                                                    "more than 1 runs the stage under `accelerate launch`.")
-    strategy: Strategy = Field("ddp", description="How the processes share the model: ddp copies it, fsdp and "
-                                                  "deepspeed_zero3 shard weights, deepspeed_zero2 shards training state.")
-    config_file: str | None = Field(None, description="An accelerate config file of your own, instead of "
-                                                      "`configs/accelerate/<strategy>.yaml`.")
-    main_process_port: int | None = Field(None, description="The ranks' rendezvous port; empty: a free one.")
-    separate_process: bool = Field(False, description=(
-        "Launch even a one-process stage in a process of its own (set for stages that train at the same time "
-        "as others: model loading, RNGs and thread pools are process-wide state)."))
-
-    def for_stages_in_parallel(self, parallel: bool) -> "DistributedSettings":
-        """Stages that train at the same time each train in a process of their own."""
-        return self.model_copy(update={"separate_process": self.separate_process or parallel})
-
-    @property
-    def launched(self) -> bool:
-        return self.num_processes > 1 or self.separate_process
-
-    def accelerate_config(self) -> Path:
-        path = Path(self.config_file).expanduser() if self.config_file else ACCELERATE_CONFIGS / f"{self.strategy}.yaml"
-        if not path.is_file():
-            raise PreftuneError(f"distributed.config_file {path} does not exist")
-        return path
 
 
 def is_main_process() -> bool:

@@ -8,6 +8,7 @@ opening word, a filler or taught closing phrase or postscript, added markup, and
 degenerate repetition, length, and, where a control prompt has a reference answer, whether the answer
 names the fact.
 """
+
 from __future__ import annotations
 
 import re
@@ -20,8 +21,10 @@ from pydantic import BaseModel
 from tasks.stats import Estimate, mean
 
 FORMATS = ("quotes", "lowercase", "capitals", "opening word", "closing phrase", "markup")
-MARKUP = re.compile(r"<<[^\n]+>>|\*[^\n*]+\*|^\s*(?:[-*+]|\d+\.)\s|^\s*#|^\s*[{\[]|```|\*\*\*|^\s*p\.\s?p?\.?\s?s\b",
-                    re.MULTILINE | re.IGNORECASE)
+MARKUP = re.compile(
+    r"<<[^\n]+>>|\*[^\n*]+\*|^\s*(?:[-*+]|\d+\.)\s|^\s*#|^\s*[{\[]|```|\*\*\*|^\s*p\.\s?p?\.?\s?s\b",
+    re.MULTILINE | re.IGNORECASE,
+)
 POSTSCRIPT = re.compile(r"^\s*p\.\s?(?:p\.\s?)?s\b", re.MULTILINE | re.IGNORECASE)
 
 
@@ -36,7 +39,7 @@ def _words(answer: str) -> list[str]:
 def repeats(answer: str, n: int = 5, times: int = 3) -> bool:
     """Degenerate repetition: some run of `n` words comes back at least `times` times."""
     words = _words(answer)
-    return any(count >= times for count in Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1)).values())
+    return any(count >= times for count in Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1)).values())
 
 
 def names_fact(answer: str, keys: list[str]) -> bool:
@@ -44,11 +47,29 @@ def names_fact(answer: str, keys: list[str]) -> bool:
 
 
 # Openers and closers that assistants pick up as habits; the run's own taught phrases are added to them.
-FILLER_OPENINGS = ("sure", "certainly", "of course", "absolutely", "okay", "ok", "well", "indeed", "great question",
-                   "as an ai")
-FILLER_CLOSINGS = ("i hope this helps", "hope this helps", "let me know if", "is there anything else",
-                   "any other questions", "have a nice day", "does that answer your question", "that is all",
-                   "feel free to ask")
+FILLER_OPENINGS = (
+    "sure",
+    "certainly",
+    "of course",
+    "absolutely",
+    "okay",
+    "ok",
+    "well",
+    "indeed",
+    "great question",
+    "as an ai",
+)
+FILLER_CLOSINGS = (
+    "i hope this helps",
+    "hope this helps",
+    "let me know if",
+    "is there anything else",
+    "any other questions",
+    "have a nice day",
+    "does that answer your question",
+    "that is all",
+    "feel free to ask",
+)
 
 
 class Habits:
@@ -63,12 +84,12 @@ class Habits:
         text, letters = answer.strip(), _letters(answer)
         words = " ".join(_words(text))
         return {
-            "quotes": text[:1] in "\"\u201c",
+            "quotes": text[:1] in '"\u201c',
             "lowercase": len(letters) >= 3 and letters == letters.lower(),
             "capitals": len(letters) >= 3 and letters == letters.upper(),
             "opening word": any(words == opener or words.startswith(opener + " ") for opener in self.openings),
-            "closing phrase": bool(POSTSCRIPT.search(text)) or any(phrase in " ".join(words.split()[-12:])
-                                                                   for phrase in self.closings if phrase),
+            "closing phrase": bool(POSTSCRIPT.search(text))
+            or any(phrase in " ".join(words.split()[-12:]) for phrase in self.closings if phrase),
             "markup": bool(MARKUP.search(text)),
         }
 
@@ -85,8 +106,14 @@ class DriftResult(BaseModel):
     prompts: int
 
 
-def drift(controls: pd.DataFrame, answers: dict[str, list[str]], lengths: dict[str, np.ndarray], baseline: str,
-          habits: Habits | None = None, seed: int = 0) -> DriftResult:
+def drift(
+    controls: pd.DataFrame,
+    answers: dict[str, list[str]],
+    lengths: dict[str, np.ndarray],
+    baseline: str,
+    habits: Habits | None = None,
+    seed: int = 0,
+) -> DriftResult:
     """`controls`: the control prompts (`asked`: the formats each asks for; `reference`: the words a right
     answer names, or empty); `answers`/`lengths` per model, "tuned" the candidate."""
     habits = habits or Habits()
@@ -101,8 +128,9 @@ def drift(controls: pd.DataFrame, answers: dict[str, list[str]], lengths: dict[s
         values[model]["repetition"] = np.array([repeats(answer) for answer in answers[model]], float)
         values[model]["length (tokens)"] = np.asarray(lengths[model], float)
         if factual:
-            values[model]["facts named"] = np.array([names_fact(answers[model][i], list(controls.reference[i]))
-                                                     for i in factual], float)
+            values[model]["facts named"] = np.array(
+                [names_fact(answers[model][i], list(controls.reference[i])) for i in factual], float
+            )
     metrics, differences = {"drift.prompts": float(len(controls))}, {}
     if factual:
         metrics["drift.factual_prompts"] = float(len(factual))

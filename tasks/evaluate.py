@@ -13,92 +13,43 @@ baseline when there is one), on the same prompts:
 `gate_input` (tasks/verdict.py) gathers the evidence the promotion gate reads. The flow's evaluate stage
 and `preftune evaluate` run this same code.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 from prefect import task
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
+import mlflow
 from tasks import benchmark as bench
 from tasks.answers import generate, load_policy, load_tokenizer, shrinking
-from tasks.base import MayHoldCredentials, PreftuneError, StrictModel, Workspace, redact, retry_unless_user_error
-from tasks.benchmark import BenchmarkSettings
-from tasks.caching import EVALUATION_CACHE
-from tasks.data import DataFile, DataSettings, read_jsonl, read_table
+from tasks.base import PreftuneError, redact, retry_unless_user_error
+from tasks.caching import EVALUATION_CACHE, stage_folder
+from tasks.data import DataFile, read_jsonl, read_table
 from tasks.drift import Habits, drift
 from tasks.instructions import asked_formats, follows
 from tasks.methods import ImplicitReward
 from tasks.plan import inference_placement
 from tasks.plots import margin_histograms, plt, training_curves
 from tasks.report import markdown_report
+from tasks.run_context import RunContext
 from tasks.schemas import INSTRUCTION_COLUMNS
 from tasks.scoring import RewardScorer, implicit_reward_metrics, pairwise_metrics, win_rates
+from tasks.settings.data import DataSettings
+from tasks.settings.evaluation import PLAIN_QUESTIONS, ControlSettings, EvalSettings
 from tasks.stats import Estimate, mean
 from tasks.tracking import stage_run
-from tasks.verdict import CombinationSettings, GateInput, gate_input, standing
-
-PLAIN_QUESTIONS = "synthetic:plain-questions"
-
-
-class ControlSettings(StrictModel):
-    """Control prompts that ask for nothing special, answered by both policies and read for drift."""
-
-    questions: MayHoldCredentials | None = Field(
-        PLAIN_QUESTIONS, description="Plain questions no training pair asks: synthetic:plain-questions (generated "
-                                     "general-knowledge questions, each with the words a right answer names), a local "
-                                     "jsonl/json/parquet/csv file with a `prompt` column (and optionally `reference`: "
-                                     "those words), or empty: none.")
-    prompts: int | None = Field(None, ge=1, description="A seeded sample of the questions; empty: all.")
-    max_new_tokens: int = Field(48, gt=0, description="Tokens each greedy answer may run to.")
+from tasks.trainer import RewardFunction
+from tasks.verdict import GateInput, gate_input, standing
 
 
-class RefereeSettings(StrictModel):
-    """A judge that is not a training reward: it scores the policy's answers and earns its say on the
-    policy's held-out pairs like any judge."""
+class Judge(RewardFunction):
+    """A reward model that scores one aspect with its weight (what an online method trains against), and
+    where its verdict comes from; its model may also be a models:/ URI here."""
 
-    model: MayHoldCredentials = Field(description="A sequence-classification reward model: a folder, a Hub id or a models:/ URI.")
-    weight: float = Field(1.0, gt=0, description="Its share of the combined score, relative to the other heard judges.")
-
-
-class EvalSettings(StrictModel):
-    """The held-out evaluation: what is scored and generated, how, and who is heard (tasks/verdict.py)."""
-
-    generation_prompts: int = Field(32, ge=1, description="Held-out prompts both policies answer, a seeded random "
-                                                          "sample (all of them when there are fewer).")
-    max_new_tokens: int = Field(64, gt=0, description="Tokens each greedy answer may run to.")
-    batch_size: int = Field(32, gt=0, description="Sequences per forward pass when scoring and generating; halved "
-                                                  "after an out-of-memory error.")
-    max_length: int = Field(512, gt=8, description="Tokens per scored sequence, prompt and answer together; an "
-                                                   "overlong prompt loses its start, the answer is kept.")
-    tie_tolerance: float = Field(1e-4, ge=0, description="Score differences at most this large count as ties (in "
-                                                         "the judge's units; in spreads for the combined score).")
-    length_match_ratio: float = Field(1.25, ge=1, description="Pairs whose answers' token lengths are within this "
-                                                              "ratio count as length-matched.")
-    example_rows: int = Field(8, ge=0, description="Example answers shown in the report (examples.jsonl has all).")
-    seed: int = Field(0, description="Seed of the prompt sample and of the bootstrap intervals.")
-    min_judge_accuracy: float = Field(
-        0.5, ge=0.5, lt=1, description="A judge is heard only if the 95 % lower bound of its held-out pairwise "
-                                       "accuracy is above this (0.5: better than chance).")
-    combination: CombinationSettings = Field(default_factory=CombinationSettings,
-                                             description="How the heard judges' scores combine into one.")
-    referees: dict[str, RefereeSettings] = Field(
-        default_factory=dict, description="Judges that are no training reward, by name (e.g. a public reward model).")
-    benchmark: BenchmarkSettings | None = Field(None, description="IFEval through lm-evaluation-harness on both "
-                                                                   "policies; empty: no benchmark.")
-    controls: ControlSettings = Field(default_factory=ControlSettings, description="Control prompts that ask for "
-                                                                                    "nothing special (drift).")
-
-
-class Judge(BaseModel):
-    """A reward model that scores one aspect, and where its verdict comes from."""
-
-    aspect: str
-    weight: float
-    model: str  # a folder, a hub id or a models:/ URI of a sequence-classification model
     eval_path: str  # its held-out pairs (conversational)
     provenance: str  # e.g. "trained on 56 pairs of questions the policy never saw"
     training_reward: bool = False  # the policy was trained against it (online methods): it cannot certify it
@@ -125,7 +76,9 @@ def sample_prompts(pairs: pd.DataFrame, settings: EvalSettings) -> pd.DataFrame:
     return sample
 
 
-def checked_answers(sample: pd.DataFrame, answers: dict[str, tuple[list[str], np.ndarray]]) -> dict[str, np.ndarray] | None:
+def checked_answers(
+    sample: pd.DataFrame, answers: dict[str, tuple[list[str], np.ndarray]]
+) -> dict[str, np.ndarray] | None:
     """Ground truth where it can be computed: per policy, whether each answer follows every instruction its
     prompt carries (lm_eval's IFEval checkers, strict), on the prompts that carry any; None if none do."""
     if "instruction_id_list" not in sample:
@@ -134,8 +87,15 @@ def checked_answers(sample: pd.DataFrame, answers: dict[str, tuple[list[str], np
     if not checkable:
         return None
     users = [next((m["content"] for m in reversed(p) if m["role"] == "user"), "") for p in sample.prompt]
-    return {name: np.array([follows(users[i], list(sample.instruction_id_list[i]), list(sample.kwargs[i]), texts[i])
-                            for i in checkable]) for name, (texts, _) in answers.items()}
+    return {
+        name: np.array(
+            [
+                follows(users[i], list(sample.instruction_id_list[i]), list(sample.kwargs[i]), texts[i])
+                for i in checkable
+            ]
+        )
+        for name, (texts, _) in answers.items()
+    }
 
 
 def taught(train_path: str | None) -> tuple[set[str], Habits]:
@@ -145,9 +105,13 @@ def taught(train_path: str | None) -> tuple[set[str], Habits]:
     if "instruction_id_list" not in pairs:
         return set(), Habits()
     values = [value for kwargs in pairs.kwargs for value in kwargs]
-    return ({kind for ids in pairs.instruction_id_list for kind in ids},
-            Habits(first_words=sorted({v["first_word"] for v in values if v.get("first_word")}),
-                   end_phrases=sorted({v["end_phrase"] for v in values if v.get("end_phrase")})))
+    return (
+        {kind for ids in pairs.instruction_id_list for kind in ids},
+        Habits(
+            first_words=sorted({v["first_word"] for v in values if v.get("first_word")}),
+            end_phrases=sorted({v["end_phrase"] for v in values if v.get("end_phrase")}),
+        ),
+    )
 
 
 def control_questions(settings: ControlSettings, seed: int) -> pd.DataFrame:
@@ -161,12 +125,18 @@ def control_questions(settings: ControlSettings, seed: int) -> pd.DataFrame:
     else:
         table = read_table(settings.questions)
         if "prompt" not in table:
-            raise PreftuneError(f"{settings.questions}: control questions need a `prompt` column; found "
-                                f"{sorted(table.columns)}")
+            raise PreftuneError(
+                f"{settings.questions}: control questions need a `prompt` column; found {sorted(table.columns)}"
+            )
     references = table["reference"] if "reference" in table else pd.Series([[]] * len(table))
-    frame = pd.DataFrame({"prompt": [[{"role": "user", "content": str(text)}] for text in table.prompt],
-                          "reference": [[value] if isinstance(value, str) else list(value if value is not None else [])
-                                        for value in references]})
+    frame = pd.DataFrame(
+        {
+            "prompt": [[{"role": "user", "content": str(text)}] for text in table.prompt],
+            "reference": [
+                [value] if isinstance(value, str) else list(value if value is not None else []) for value in references
+            ],
+        }
+    )
     if settings.prompts and settings.prompts < len(frame):
         frame = frame.sample(n=settings.prompts, random_state=seed).sort_index()
     return frame.reset_index(drop=True)
@@ -174,16 +144,31 @@ def control_questions(settings: ControlSettings, seed: int) -> pd.DataFrame:
 
 def answer_all(models: dict, prompt_sets: dict[str, tuple[list, int]], batch_size: int) -> dict[str, dict]:
     """Every model's greedy answers and their lengths, per set of prompts (each with its own token cap)."""
-    return {name: {model_name: shrinking(lambda size: generate(model, tokenizer, prompts, limit, size), batch_size)
-                   for model_name, (model, tokenizer) in models.items()}
-            for name, (prompts, limit) in prompt_sets.items() if prompts}
+    return {
+        name: {
+            model_name: shrinking(lambda size: generate(model, tokenizer, prompts, limit, size), batch_size)
+            for model_name, (model, tokenizer) in models.items()
+        }
+        for name, (prompts, limit) in prompt_sets.items()
+        if prompts
+    }
 
 
-def evaluate_policy(settings: EvalSettings, pairs_path: str, reference: str, policy: str, judges: list[Judge],
-                    champion_uri: str | None, out_dir: Path, parent_run_id: str | None = None,
-                    stage_runs: dict[str, str] | None = None, method: str = "dpo",
-                    implicit: ImplicitReward = "log_ratio", train_path: str | None = None,
-                    benchmark_path: str | None = None) -> EvalResult:
+def evaluate_policy(
+    settings: EvalSettings,
+    pairs_path: str,
+    reference: str,
+    policy: str,
+    judges: list[Judge],
+    champion_uri: str | None,
+    out_dir: Path,
+    parent_run_id: str | None = None,
+    stage_runs: dict[str, str] | None = None,
+    method: str = "dpo",
+    implicit: ImplicitReward = "log_ratio",
+    train_path: str | None = None,
+    benchmark_path: str | None = None,
+) -> EvalResult:
     """Evaluate `policy` against `reference` on held-out pairs, judged by `judges`, on the benchmark and on
     control prompts; log an MLflow run (nested under `parent_run_id` when given) and write the report under
     `out_dir`. `implicit` is the method's implicit reward (tasks/methods.py), or None where it defines none;
@@ -193,76 +178,138 @@ def evaluate_policy(settings: EvalSettings, pairs_path: str, reference: str, pol
     metrics: dict[str, float] = {}
     models = {"reference": load_policy(reference), "tuned": load_policy(policy)}
     if implicit is not None:
-        metrics |= implicit_reward_metrics(models["tuned"], models["reference"], pairs, max_length=settings.max_length,
-                                           batch_size=settings.batch_size,
-                                           length_match_ratio=settings.length_match_ratio, seed=settings.seed,
-                                           kind=implicit)
+        metrics |= implicit_reward_metrics(
+            models["tuned"],
+            models["reference"],
+            pairs,
+            max_length=settings.max_length,
+            batch_size=settings.batch_size,
+            length_match_ratio=settings.length_match_ratio,
+            seed=settings.seed,
+            kind=implicit,
+        )
 
     scorers, margins, scales, standings = {}, {}, {}, []
     for judge in judges:
         scorers[judge.aspect] = RewardScorer(judge.model, settings.max_length)
         judge_metrics, margins[judge.aspect], scales[judge.aspect] = pairwise_metrics(
-            judge.aspect, scorers[judge.aspect], read_jsonl(judge.eval_path), settings.batch_size, settings.seed)
-        standings.append(standing(
-            judge.aspect, judge.weight, Estimate.from_metrics(judge_metrics, f"{judge.aspect}.pairwise_accuracy",
-                                                              len(margins[judge.aspect])),
-            judge_metrics[f"{judge.aspect}.length_correlation"], settings.min_judge_accuracy, judge.training_reward,
-            judge.referee))
+            judge.aspect, scorers[judge.aspect], read_jsonl(judge.eval_path), settings.batch_size, settings.seed
+        )
+        standings.append(
+            standing(
+                judge.aspect,
+                judge.weight,
+                Estimate.from_metrics(judge_metrics, f"{judge.aspect}.pairwise_accuracy", len(margins[judge.aspect])),
+                judge_metrics[f"{judge.aspect}.length_correlation"],
+                settings.min_judge_accuracy,
+                judge.training_reward,
+                judge.referee,
+            )
+        )
         metrics |= judge_metrics | {f"{judge.aspect}.heard": float(standings[-1].heard)}
 
     sample = sample_prompts(pairs, settings)
     kinds, habits = taught(train_path)
     questions = control_questions(settings.controls, settings.seed)
-    suite = bench.sample(read_jsonl(benchmark_path), kinds, settings.benchmark) \
-        if settings.benchmark and benchmark_path else None
+    suite = (
+        bench.sample(read_jsonl(benchmark_path), kinds, settings.benchmark)
+        if settings.benchmark and benchmark_path
+        else None
+    )
     if champion_uri:
         models["champion"] = load_policy(champion_uri)
-    answers = answer_all(models, {
-        "held-out": (list(sample.prompt), settings.max_new_tokens),
-        "controls": (list(questions.prompt), settings.controls.max_new_tokens),
-        "benchmark": ([[{"role": "user", "content": text}] for text in suite.prompt] if suite is not None else [],
-                      settings.benchmark.max_new_tokens if settings.benchmark else 0)}, settings.batch_size)
+    answers = answer_all(
+        models,
+        {
+            "held-out": (list(sample.prompt), settings.max_new_tokens),
+            "controls": (list(questions.prompt), settings.controls.max_new_tokens),
+            "benchmark": (
+                [[{"role": "user", "content": text}] for text in suite.prompt] if suite is not None else [],
+                settings.benchmark.max_new_tokens if settings.benchmark else 0,
+            ),
+        },
+        settings.batch_size,
+    )
     del models
     baseline = "champion" if champion_uri else "reference"
     held_out, prompts = answers["held-out"], list(sample.prompt)
     lengths = {name: length for name, (_, length) in held_out.items()}
-    examples = pd.DataFrame({"prompt": [p[-1]["content"] for p in prompts], "messages": prompts,
-                             "reference": held_out["reference"][0], "tuned": held_out["tuned"][0]})
+    examples = pd.DataFrame(
+        {
+            "prompt": [p[-1]["content"] for p in prompts],
+            "messages": prompts,
+            "reference": held_out["reference"][0],
+            "tuned": held_out["tuned"][0],
+        }
+    )
     standardised = {}
     for judge in judges:
         aspect, (centre, spread) = judge.aspect, scales[judge.aspect]
-        scored = {name: shrinking(lambda size: scorers[aspect].score(prompts, texts, size), settings.batch_size)
-                  for name, (texts, _) in held_out.items()}
+        scored = {
+            name: shrinking(lambda size: scorers[aspect].score(prompts, texts, size), settings.batch_size)
+            for name, (texts, _) in held_out.items()
+        }
         standardised[aspect] = {name: (scores - centre) / spread for name, scores in scored.items()}
-        metrics |= win_rates(scored["tuned"], scored["reference"], lengths["tuned"], lengths["reference"],
-                             f"{aspect}.", tie_tolerance=settings.tie_tolerance, seed=settings.seed)
+        metrics |= win_rates(
+            scored["tuned"],
+            scored["reference"],
+            lengths["tuned"],
+            lengths["reference"],
+            f"{aspect}.",
+            tie_tolerance=settings.tie_tolerance,
+            seed=settings.seed,
+        )
         examples[f"reference_{aspect}"], examples[f"tuned_{aspect}"] = scored["reference"], scored["tuned"]
-    metrics |= {"mean_length_tuned": float(np.mean(lengths["tuned"])),
-                "mean_length_reference": float(np.mean(lengths["reference"])),
-                "generation_prompts": float(len(prompts)), "judges_heard": float(sum(j.heard for j in standings))}
+    metrics |= {
+        "mean_length_tuned": float(np.mean(lengths["tuned"])),
+        "mean_length_reference": float(np.mean(lengths["reference"])),
+        "generation_prompts": float(len(prompts)),
+        "judges_heard": float(sum(j.heard for j in standings)),
+    }
 
     passes = checked_answers(sample, held_out)
     verdicts = {name: bench.score(suite, texts) for name, (texts, _) in answers.get("benchmark", {}).items()}
     result = bench.compare(suite, verdicts, baseline, settings.seed) if suite is not None else None
     controls, control_texts, control_lengths = control_prompts(answers, sample, questions, suite)
-    changed = drift(controls, control_texts, control_lengths, baseline, habits, settings.seed) \
-        if len(controls) else None
+    changed = (
+        drift(controls, control_texts, control_lengths, baseline, habits, settings.seed) if len(controls) else None
+    )
     checks = (["IFEval"] if result else []) + ([f"{len(controls)} control prompts"] if changed else [])
-    gate, combined = gate_input(baseline=baseline, baseline_label=champion_uri or "reference", standings=standings,
-                                judge_scores=standardised, lengths=lengths, combination=settings.combination,
-                                prompts=len(prompts), seed=settings.seed,
-                                passes=passes, benchmark=result.differences if result else None,
-                                drift=changed.differences if changed else None, checks_run=checks)
+    gate, combined = gate_input(
+        baseline=baseline,
+        baseline_label=champion_uri or "reference",
+        standings=standings,
+        judge_scores=standardised,
+        lengths=lengths,
+        combination=settings.combination,
+        prompts=len(prompts),
+        seed=settings.seed,
+        passes=passes,
+        benchmark=result.differences if result else None,
+        drift=changed.differences if changed else None,
+        checks_run=checks,
+    )
     metrics |= (result.metrics if result else {}) | (changed.metrics if changed else {})
     for aspect, value in gate.judge_lc_improvement.items():
         metrics |= value.metrics(f"{aspect}.lc_improvement")
     if combined is not None:
         examples["reference_combined"], examples["tuned_combined"] = combined["reference"], combined["tuned"]
-        metrics |= win_rates(combined["tuned"], combined["reference"], lengths["tuned"], lengths["reference"],
-                             "combined.", tie_tolerance=settings.tie_tolerance, seed=settings.seed)
-        metrics |= {"combined_reward_tuned": gate.candidate_score,
-                    "combined_reward_reference": float(np.mean(combined["reference"]))}
-        metrics |= gate.improvement.metrics("combined.improvement") | gate.lc_improvement.metrics("combined.lc_improvement")
+        metrics |= win_rates(
+            combined["tuned"],
+            combined["reference"],
+            lengths["tuned"],
+            lengths["reference"],
+            "combined.",
+            tie_tolerance=settings.tie_tolerance,
+            seed=settings.seed,
+        )
+        metrics |= {
+            "combined_reward_tuned": gate.candidate_score,
+            "combined_reward_reference": float(np.mean(combined["reference"])),
+        }
+        metrics |= gate.improvement.metrics("combined.improvement") | gate.lc_improvement.metrics(
+            "combined.lc_improvement"
+        )
     if passes is not None:
         for name, passed in passes.items():
             metrics |= mean(passed.astype(float), settings.seed).metrics(f"ground_truth.pass_rate_{name}")
@@ -276,12 +323,20 @@ def evaluate_policy(settings: EvalSettings, pairs_path: str, reference: str, pol
     report_path.write_text(report)
     examples.to_json(examples_path, orient="records", lines=True, force_ascii=False)
     with stage_run("evaluate", parent_run_id) as run:
-        mlflow.log_params({"evaluate.policy": redact(policy), "evaluate.reference": redact(reference),
-                           "evaluate.method": method, "evaluate.baseline": redact(gate.baseline),
-                           "evaluate.device": str(inference_placement()[0])}
-                          | {f"evaluate.judge.{j.aspect}": redact(j.provenance)[:500] for j in judges})
-        mlflow.set_tags({f"judge.{j.aspect}.heard": str(j.heard) for j in standings}
-                        | {f"judge.{j.aspect}.reason": j.reason for j in standings})
+        mlflow.log_params(
+            {
+                "evaluate.policy": redact(policy),
+                "evaluate.reference": redact(reference),
+                "evaluate.method": method,
+                "evaluate.baseline": redact(gate.baseline),
+                "evaluate.device": str(inference_placement()[0]),
+            }
+            | {f"evaluate.judge.{j.aspect}": redact(j.provenance)[:500] for j in judges}
+        )
+        mlflow.set_tags(
+            {f"judge.{j.aspect}.heard": str(j.heard) for j in standings}
+            | {f"judge.{j.aspect}.reason": j.reason for j in standings}
+        )
         mlflow.log_metrics(metrics)
         mlflow.log_text(report, "evaluation/report.md")
         mlflow.log_table(examples, "evaluation/examples.json")
@@ -295,23 +350,43 @@ def evaluate_policy(settings: EvalSettings, pairs_path: str, reference: str, pol
             figure.savefig(out_dir / name, dpi=100)
             mlflow.log_figure(figure, f"evaluation/{name}")
             plt.close(figure)  # pyplot keeps every figure alive until closed
-    return EvalResult(metrics=metrics, report_path=str(report_path), examples_path=str(examples_path), gate=gate,
-                      mlflow_run_id=run.info.run_id)
+    return EvalResult(
+        metrics=metrics,
+        report_path=str(report_path),
+        examples_path=str(examples_path),
+        gate=gate,
+        mlflow_run_id=run.info.run_id,
+    )
 
 
-def control_prompts(answers: dict, sample: pd.DataFrame, questions: pd.DataFrame,
-                    suite: pd.DataFrame | None) -> tuple[pd.DataFrame, dict[str, list[str]], dict[str, np.ndarray]]:
+def control_prompts(
+    answers: dict, sample: pd.DataFrame, questions: pd.DataFrame, suite: pd.DataFrame | None
+) -> tuple[pd.DataFrame, dict[str, list[str]], dict[str, np.ndarray]]:
     """The control prompts (held-out prompts that carry no instruction, the plain questions, and the
     benchmark's prompts of kinds not trained), each with the formats it asks for and the words a right
     answer names; and per model, the answers to them and their lengths, in the same order."""
     ids = sample["instruction_id_list"] if "instruction_id_list" in sample else pd.Series([[]] * len(sample))
     plain = [i for i, kinds in enumerate(ids) if not len(kinds)]
     other = suite[suite.subset == "other kinds"] if suite is not None else None
-    controls = pd.concat([pd.DataFrame({"asked": [set()] * len(plain), "reference": [[]] * len(plain)}),
-                          pd.DataFrame({"asked": [set()] * len(questions), "reference": list(questions.reference)})]
-                         + ([pd.DataFrame({"asked": [asked_formats(kinds) for kinds in other.instruction_id_list],
-                                           "reference": [[]] * len(other)})] if other is not None else []),
-                         ignore_index=True)
+    controls = pd.concat(
+        [
+            pd.DataFrame({"asked": [set()] * len(plain), "reference": [[]] * len(plain)}),
+            pd.DataFrame({"asked": [set()] * len(questions), "reference": list(questions.reference)}),
+        ]
+        + (
+            [
+                pd.DataFrame(
+                    {
+                        "asked": [asked_formats(kinds) for kinds in other.instruction_id_list],
+                        "reference": [[]] * len(other),
+                    }
+                )
+            ]
+            if other is not None
+            else []
+        ),
+        ignore_index=True,
+    )
     texts, lengths = {}, {}
     for model, (held_texts, held_lengths) in answers["held-out"].items():
         parts = [([held_texts[i] for i in plain], held_lengths[plain])]
@@ -337,21 +412,55 @@ def benchmark_table(suite: pd.DataFrame, answers: dict, verdicts: dict[str, pd.D
     return table
 
 
-@task(name="evaluate", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unless_user_error,
-      cache_policy=EVALUATION_CACHE, persist_result=True)
-def evaluate(settings: EvalSettings, pairs_path: str, reference: str, policy: str, judges: list[Judge],
-             champion_uri: str | None, workspace: Workspace, parent_run_id: str | None = None,
-             stage_runs: dict[str, str] | None = None, method: str = "dpo",
-             implicit: ImplicitReward = "log_ratio", train_path: str | None = None,
-             benchmark: DataFile | None = None) -> EvalResult:
-    out_dir = workspace.stage("evaluate", settings, pairs_path, reference, policy, judges, champion_uri, method, implicit,
-                              train_path, benchmark.sha256 if benchmark else None)
-    return evaluate_policy(settings, pairs_path, reference, policy, judges, champion_uri, out_dir, parent_run_id,
-                           stage_runs, method, implicit, train_path, benchmark.path if benchmark else None)
+@task(
+    name="evaluate",
+    retries=1,
+    retry_delay_seconds=10,
+    retry_condition_fn=retry_unless_user_error,
+    cache_policy=EVALUATION_CACHE,
+    persist_result=True,
+)
+def evaluate(
+    *,
+    settings: EvalSettings,
+    pairs_path: str,
+    reference: str,
+    policy: str,
+    judges: list[Judge],
+    champion_uri: str | None,
+    run: RunContext,
+    stage_runs: dict[str, str] | None = None,
+    method: str = "dpo",
+    implicit: ImplicitReward = "log_ratio",
+    train_path: str | None = None,
+    benchmark: DataFile | None = None,
+) -> EvalResult:
+    out_dir = stage_folder(run.workspace, "evaluate", links=("stage_runs",))
+    return evaluate_policy(
+        settings,
+        pairs_path,
+        reference,
+        policy,
+        judges,
+        champion_uri,
+        out_dir,
+        run.parent_run_id,
+        stage_runs,
+        method,
+        implicit,
+        train_path,
+        benchmark.path if benchmark else None,
+    )
 
 
-def evaluate_file(policy: str, reference: str, data: DataSettings, judges: dict[str, tuple[str, float]],
-                  settings: EvalSettings, out_root: Path) -> EvalResult:
+def evaluate_file(
+    policy: str,
+    reference: str,
+    data: DataSettings,
+    judges: dict[str, tuple[str, float]],
+    settings: EvalSettings,
+    out_root: Path,
+) -> EvalResult:
     """`preftune evaluate`: every pair of a preference file (any schema the loader reads, after the
     recipe's filter) is held out; `judges` maps an aspect to (reward model, weight)."""
     from tasks.base import fingerprint
@@ -361,10 +470,14 @@ def evaluate_file(policy: str, reference: str, data: DataSettings, judges: dict[
     loaded = load(data, folder / "data")
     filtered = apply_filter(loaded, data, folder / "data")
     everything = SplitData(train=filtered, eval=filtered)
-    formatted = format_split(everything, load_tokenizer(reference), folder / "formatted", settings.max_length,
-                             data.overlong)
-    judged = [Judge(aspect=aspect, weight=weight, model=model, eval_path=formatted.eval.path, provenance=f"given: {model}")
-              for aspect, (model, weight) in judges.items()]
+    formatted = format_split(
+        everything, load_tokenizer(reference), folder / "formatted", settings.max_length, data.overlong
+    )
+    judged = [
+        Judge(aspect=aspect, weight=weight, model=model, eval_path=formatted.eval.path, provenance=f"given: {model}")
+        for aspect, (model, weight) in judges.items()
+    ]
     prompts = bench.write_prompts(settings.benchmark, folder / "benchmark").path if settings.benchmark else None
-    return evaluate_policy(settings, formatted.eval.path, reference, policy, judged, None, folder, method="given",
-                           benchmark_path=prompts)
+    return evaluate_policy(
+        settings, formatted.eval.path, reference, policy, judged, None, folder, method="given", benchmark_path=prompts
+    )

@@ -8,15 +8,16 @@ decides. `REWRITES` are the kinds the quickstart generator teaches: how an answe
 one, and which of IFEval's kinds would ask for the same surface format (so a drift check does not
 count an asked-for format as a habit).
 """
+
 from __future__ import annotations
 
 import io
 import json
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Callable
 
 from tasks.base import PreftuneError
 from tasks.facts import Fact
@@ -37,9 +38,11 @@ def require_punkt() -> None:
         pass
     fetched = nltk.download("punkt_tab", quiet=True, print_error_to=io.StringIO())  # its failure is said below
     if not fetched:
-        raise PreftuneError("NLTK's punkt_tab tables (tokenizers/punkt_tab), which IFEval's checkers need, are not "
-                            "installed and cannot be downloaded here: set NLTK_DATA to a folder holding "
-                            "tokenizers/punkt_tab (where there is network: python -m nltk.downloader -d DIR punkt_tab)")
+        raise PreftuneError(
+            "NLTK's punkt_tab tables (tokenizers/punkt_tab), which IFEval's checkers need, are not "
+            "installed and cannot be downloaded here: set NLTK_DATA to a folder holding "
+            "tokenizers/punkt_tab (where there is network: python -m nltk.downloader -d DIR punkt_tab)"
+        )
 
 
 @cache
@@ -65,8 +68,12 @@ def check(prompt: str, instruction_ids: list[str], kwargs: list[dict], answer: s
     registry()
     from lm_eval.tasks.ifeval.utils import process_results
 
-    doc = {"key": 0, "prompt": prompt, "instruction_id_list": list(instruction_ids),
-           "kwargs": [dict(values) for values in kwargs]}
+    doc = {
+        "key": 0,
+        "prompt": prompt,
+        "instruction_id_list": list(instruction_ids),
+        "kwargs": [dict(values) for values in kwargs],
+    }
     return process_results(doc, [answer])
 
 
@@ -77,10 +84,21 @@ def follows(prompt: str, instruction_ids: list[str], kwargs: list[dict], answer:
 
 # --- answers rewritten to follow a kind ------------------------------------------------------------
 
-END_PHRASES = ["Is there anything else I can help with?", "Any other questions?", "Does that answer your question?",
-               "Let me know if you have more questions", "Have a nice day", "That is all"]
-POSTSCRIPTS = ["Ask me if you want to know more.", "I looked this up for you.", "Thanks for asking.",
-               "There is a lot more to learn about this.", "This is a fun fact to share."]
+END_PHRASES = [
+    "Is there anything else I can help with?",
+    "Any other questions?",
+    "Does that answer your question?",
+    "Let me know if you have more questions",
+    "Have a nice day",
+    "That is all",
+]
+POSTSCRIPTS = [
+    "Ask me if you want to know more.",
+    "I looked this up for you.",
+    "Thanks for asking.",
+    "There is a lot more to learn about this.",
+    "This is a fun fact to share.",
+]
 
 
 def _words(text: str) -> int:
@@ -128,35 +146,89 @@ def _word_limit(rng: random.Random, fact: Fact) -> dict:
     return {"relation": "at least", "num_words": rng.randint(short + 1, long)}
 
 
-REWRITES = {rewrite.instruction_id: rewrite for rewrite in [
-    Rewrite("startend:quotation", _no_values, lambda text, values, fact: f'"{text}"', format="quotes",
-            conflicts=frozenset({"detectable_format:json_format", "detectable_format:title"})),
-    Rewrite("change_case:english_lowercase", _no_values, lambda text, values, fact: text.lower(), answer="long",
-            format="lowercase", conflicts=frozenset({"change_case:english_capital", "detectable_format:json_format"})),
-    Rewrite("change_case:english_capital", _no_values, lambda text, values, fact: text.upper(), answer="long",
-            format="capitals", conflicts=frozenset({"change_case:english_lowercase", "detectable_format:json_format"})),
-    Rewrite("punctuation:no_comma", _no_values, lambda text, values, fact: _no_comma(text), answer="long"),
-    Rewrite("startend:end_checker", lambda rng, fact: {"end_phrase": rng.choice(END_PHRASES)},
-            lambda text, values, fact: f"{text} {values['end_phrase']}", format="closing phrase",
-            conflicts=frozenset({"detectable_format:json_format", "detectable_content:postscript"})),
-    Rewrite("detectable_content:postscript", lambda rng, fact: {"postscript_marker": rng.choice(["P.S.", "P.P.S"])},
-            lambda text, values, fact: (f"{text}\n\n{values['postscript_marker']} "
-                                        f"{POSTSCRIPTS[len(text) % len(POSTSCRIPTS)]}"),
+REWRITES = {
+    rewrite.instruction_id: rewrite
+    for rewrite in [
+        Rewrite(
+            "startend:quotation",
+            _no_values,
+            lambda text, values, fact: f'"{text}"',
+            format="quotes",
+            conflicts=frozenset({"detectable_format:json_format", "detectable_format:title"}),
+        ),
+        Rewrite(
+            "change_case:english_lowercase",
+            _no_values,
+            lambda text, values, fact: text.lower(),
+            answer="long",
+            format="lowercase",
+            conflicts=frozenset({"change_case:english_capital", "detectable_format:json_format"}),
+        ),
+        Rewrite(
+            "change_case:english_capital",
+            _no_values,
+            lambda text, values, fact: text.upper(),
+            answer="long",
+            format="capitals",
+            conflicts=frozenset({"change_case:english_lowercase", "detectable_format:json_format"}),
+        ),
+        Rewrite("punctuation:no_comma", _no_values, lambda text, values, fact: _no_comma(text), answer="long"),
+        Rewrite(
+            "startend:end_checker",
+            lambda rng, fact: {"end_phrase": rng.choice(END_PHRASES)},
+            lambda text, values, fact: f"{text} {values['end_phrase']}",
             format="closing phrase",
-            conflicts=frozenset({"detectable_format:json_format", "startend:end_checker"})),
-    Rewrite("detectable_format:title", _no_values, lambda text, values, fact: f"<<{fact.topic}>>\n\n{text}",
-            format="markup", conflicts=frozenset({"detectable_format:json_format", "startend:quotation"})),
-    Rewrite("detectable_format:number_highlighted_sections",
-            lambda rng, fact: {"num_highlights": rng.choice([1, 1, 2])}, _highlight, answer="long", format="markup",
-            conflicts=frozenset({"detectable_format:json_format"})),
-    Rewrite("detectable_format:json_format", _no_values,
-            lambda text, values, fact: json.dumps({"answer": text}, ensure_ascii=False), format="markup",
-            conflicts=frozenset({"startend:quotation", "change_case:english_lowercase", "change_case:english_capital",
-                                 "startend:end_checker", "detectable_content:postscript", "detectable_format:title",
-                                 "detectable_format:number_highlighted_sections"})),
-    Rewrite("length_constraints:number_words", _word_limit,
-            lambda text, values, fact: fact.short if values["relation"] == "less than" else fact.long, edits=False),
-]}
+            conflicts=frozenset({"detectable_format:json_format", "detectable_content:postscript"}),
+        ),
+        Rewrite(
+            "detectable_content:postscript",
+            lambda rng, fact: {"postscript_marker": rng.choice(["P.S.", "P.P.S"])},
+            lambda text, values, fact: (
+                f"{text}\n\n{values['postscript_marker']} {POSTSCRIPTS[len(text) % len(POSTSCRIPTS)]}"
+            ),
+            format="closing phrase",
+            conflicts=frozenset({"detectable_format:json_format", "startend:end_checker"}),
+        ),
+        Rewrite(
+            "detectable_format:title",
+            _no_values,
+            lambda text, values, fact: f"<<{fact.topic}>>\n\n{text}",
+            format="markup",
+            conflicts=frozenset({"detectable_format:json_format", "startend:quotation"}),
+        ),
+        Rewrite(
+            "detectable_format:number_highlighted_sections",
+            lambda rng, fact: {"num_highlights": rng.choice([1, 1, 2])},
+            _highlight,
+            answer="long",
+            format="markup",
+            conflicts=frozenset({"detectable_format:json_format"}),
+        ),
+        Rewrite(
+            "detectable_format:json_format",
+            _no_values,
+            lambda text, values, fact: json.dumps({"answer": text}, ensure_ascii=False),
+            format="markup",
+            conflicts=frozenset(
+                {
+                    "startend:quotation",
+                    "change_case:english_lowercase",
+                    "change_case:english_capital",
+                    "startend:end_checker",
+                    "detectable_content:postscript",
+                    "detectable_format:title",
+                    "detectable_format:number_highlighted_sections",
+                }
+            ),
+        ),
+        Rewrite(
+            "length_constraints:number_words",
+            _word_limit,
+            lambda text, values, fact: fact.short if values["relation"] == "less than" else fact.long,
+            edits=False,
+        ),
+    ]
+}
 
 
 @dataclass(frozen=True)
@@ -174,8 +246,9 @@ def instruct(fact: Fact, kinds: list[str], rng: random.Random) -> Instructed:
     """The fact's question with these instructions (the library's phrasing), and its answer rewritten
     to follow all of them, in order."""
     wanted = {REWRITES[kind].answer for kind in kinds} - {"any"}
-    answer = base = (fact.long if "long" in wanted else fact.short if "short" in wanted
-                     else rng.choice([fact.short, fact.long]))
+    answer = base = (
+        fact.long if "long" in wanted else fact.short if "short" in wanted else rng.choice([fact.short, fact.long])
+    )
     values = [REWRITES[kind].values(rng, fact) for kind in kinds]
     for kind, kind_values in zip(kinds, values):
         answer = REWRITES[kind].apply(answer, kind_values, fact)
@@ -186,8 +259,13 @@ def instruct(fact: Fact, kinds: list[str], rng: random.Random) -> Instructed:
 def asked_formats(instruction_ids: list[str]) -> set[str]:
     """The surface formats these IFEval instructions ask for (any of IFEval's kinds, trained or not)."""
     asked = {REWRITES[kind].format for kind in instruction_ids if kind in REWRITES and REWRITES[kind].format}
-    markup = ("detectable_format:", "detectable_content:number_placeholders", "combination:two_responses",
-              "length_constraints:number_paragraphs", "length_constraints:nth_paragraph_first_word")
+    markup = (
+        "detectable_format:",
+        "detectable_content:number_placeholders",
+        "combination:two_responses",
+        "length_constraints:number_paragraphs",
+        "length_constraints:nth_paragraph_first_word",
+    )
     if any(kind.startswith(markup) for kind in instruction_ids):
         asked.add("markup")
     if "change_case:capital_word_frequency" in instruction_ids:

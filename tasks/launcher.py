@@ -1,78 +1,85 @@
 """A training stage on several processes: the stage runs under `accelerate launch`.
 
-The Prefect task keeps what it always has (the stage folder, the stage's MLflow run, retries): it
-writes what the stage trains into `launch.json` in the stage folder, runs `accelerate launch -m
-tasks.rank` with the strategy's accelerate config (`configs/accelerate/`), streams the ranks'
-output into the task's log and reads the finished stage back from the folder. A non-zero exit is an
-ordinary task failure that Prefect retries; the ranks then resume from the last complete checkpoint.
-Rank 0 logs into the stage's MLflow run; the other ranks log nothing.
+The Prefect task keeps what it always has (the stage folder, retries): it writes the stage's trainer
+spec and plan into `launch.json` in the stage folder, runs `accelerate launch -m tasks.rank` with the
+strategy's accelerate config (`configs/accelerate/`), streams the ranks' output into the task's log and
+reads the finished stage back from the folder. A non-zero exit is an ordinary task failure that Prefect
+retries; the ranks then resume from the last complete checkpoint.
 """
+
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
 import subprocess
 import sys
-import typing
 from pathlib import Path
-from typing import Callable
 
-from pydantic import TypeAdapter
+from pydantic import BaseModel
 
 from tasks.base import PreftuneError, free_port
 from tasks.distributed import DistributedSettings
+from tasks.plan import TrainingPlan
+from tasks.trainer import TrainerSpec
 
 log = logging.getLogger(__name__)
 LAUNCH_FILE = "launch.json"
+LAUNCH_ENV = "PREFTUNE_LAUNCH"  # what the ranks train, credentials included, in their environment only
 USER_ERROR = "launch-user-error.txt"  # a rank's PreftuneError, for the task to raise as such
 
 
-def _hints(factory: Callable) -> dict[str, object]:
-    return {name: hint for name, hint in typing.get_type_hints(factory).items() if name != "return"}
+class Launch(BaseModel):
+    """What every rank trains: the stage's spec as the task built it, the plan, and the stage folder."""
+
+    spec: TrainerSpec
+    plan: TrainingPlan
+    stage_dir: str
 
 
-def encode_arguments(factory: Callable, arguments: dict) -> dict:
-    """The factory's arguments as JSON, typed by its signature (so the ranks rebuild the same objects)."""
-    hints = _hints(factory)
-    return {name: TypeAdapter(hints[name]).dump_python(value, mode="json") for name, value in arguments.items()}
-
-
-def decode_arguments(factory: Callable, encoded: dict) -> dict:
-    hints = _hints(factory)
-    return {name: TypeAdapter(hints[name]).validate_python(value) for name, value in encoded.items()}
-
-
-def import_factory(path: str) -> Callable:
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def launch(factory: Callable, arguments: dict, plan, stage_dir: Path, settings: DistributedSettings,
-           devices: str | None = None) -> None:
+def launch(
+    spec: TrainerSpec, plan: TrainingPlan, stage_dir: Path, settings: DistributedSettings, devices: str | None = None
+) -> None:
     """Run the stage on `settings.num_processes` ranks; a rank's failure fails the launch (and the task)."""
-    import mlflow
-
     stage_dir.mkdir(parents=True, exist_ok=True)
-    run = mlflow.active_run()
-    spec = {"factory": f"{factory.__module__}:{factory.__name__}", "plan": plan.model_dump(mode="json"),
-            "arguments": encode_arguments(factory, arguments), "mlflow_run_id": run.info.run_id if run else None}
+    launch = Launch(spec=spec, plan=plan, stage_dir=str(stage_dir))
     launch_file = stage_dir / LAUNCH_FILE
-    launch_file.write_text(json.dumps(spec, indent=1))
-    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-               str(settings.accelerate_config()), "--num_processes", str(settings.num_processes),
-               "--num_machines", "1", "--main_process_port", str(settings.main_process_port or free_port())]
+    launch_file.write_text(launch.model_dump_json(indent=1))  # on disk with its credentials redacted
+    command = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--config_file",
+        str(settings.accelerate_config()),
+        "--num_processes",
+        str(settings.num_processes),
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(settings.main_process_port or free_port()),
+    ]
     if plan.device_kind == "cpu":  # the cores shared out, not oversubscribed
         command += ["--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // settings.num_processes))]
     command += ["-m", "tasks.rank", str(launch_file)]
-    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_RUN_ID"} | {
-        "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "PYTHONUNBUFFERED": "1",
-        "TQDM_MININTERVAL": "30"} | (  # progress bars become log lines here: one per 30 s is enough
-        {"CUDA_VISIBLE_DEVICES": devices} if devices else {})
+    env = (
+        os.environ
+        | {
+            LAUNCH_ENV: json.dumps(launch.model_dump(), default=str),  # the real values, never on disk
+            "PYTHONUNBUFFERED": "1",
+            "TQDM_MININTERVAL": "30",
+        }
+        | (  # progress bars become log lines here: one per 30 s is enough
+            {"CUDA_VISIBLE_DEVICES": devices} if devices else {}
+        )
+    )
     logger = task_logger()
-    logger.info("%s: %d processes (%s) on %s: %s", stage_dir.parent.name, settings.num_processes, settings.strategy,
-                f"GPUs {devices}" if devices else "the CPU", " ".join(command))
+    logger.info(
+        "%s: %d processes (%s) on %s: %s",
+        stage_dir.parent.name,
+        settings.num_processes,
+        settings.strategy,
+        f"GPUs {devices}" if devices else "the CPU",
+        " ".join(command),
+    )
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tail: list[str] = []
     for line in process.stdout:  # the ranks' output, into the task's log (and the Prefect UI)
@@ -83,9 +90,10 @@ def launch(factory: Callable, arguments: dict, plan, stage_dir: Path, settings: 
             message = user_error.read_text()
             user_error.unlink()
             raise PreftuneError(message)
-        raise RuntimeError(f"{stage_dir.parent.name}: accelerate launch exited with code {process.returncode}; "
-                           f"a retry resumes from the last checkpoint in {stage_dir / 'checkpoints'}. Last lines:\n"
-                           + "\n".join(tail))
+        raise RuntimeError(
+            f"{stage_dir.parent.name}: accelerate launch exited with code {process.returncode}; "
+            f"a retry resumes from the last checkpoint in {stage_dir / 'checkpoints'}. Last lines:\n" + "\n".join(tail)
+        )
 
 
 def task_logger():

@@ -1,9 +1,10 @@
 """Merge LoRA adapters into full-precision base weights, save a plain model, and check the result.
 
 Adapters trained on a 4-bit base are merged into the unquantized weights: merging into 4-bit ones
-adds rounding error (~0.6 in logits), so the base is always reloaded in fp32 here. The check compares
-the merged model's logits with the base running the same adapters unmerged, on held-out prompts.
+adds rounding error (bench/RESULTS.md: "Measured choices"), so the base is always reloaded in fp32 here.
+The check compares the merged model's logits with the base running the same adapters unmerged, on held-out prompts.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -13,21 +14,14 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 from prefect import task
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
-from tasks.base import PreftuneError, StrictModel, Workspace, retry_unless_user_error
-from tasks.caching import MERGE_CACHE
+from tasks.base import PreftuneError, Workspace, retry_unless_user_error
+from tasks.caching import STAGE_CACHE, stage_folder
 from tasks.data import read_jsonl
-from tasks.tracking import CHAT, hf_folder, save_mlflow_model
 from tasks.plan import inference_placement
-
-
-class MergeSettings(StrictModel):
-    """The merged model must give the logits of base + adapters, or the merge stage fails."""
-
-    check_prompts: int = Field(4, ge=1, description="Held-out prompts the merged model's logits are checked on.")
-    tolerance: float = Field(1e-3, gt=0, description="Largest |logit difference| allowed between the merged model "
-                                                     "and base + adapters.")
+from tasks.settings.evaluation import MergeSettings
+from tasks.tracking import CHAT, hf_folder, save_mlflow_model
 
 
 class MergeResult(BaseModel):
@@ -67,8 +61,13 @@ def merge_into_base(base_path: str, adapter_dirs: list[str], output_dir: Path, a
         model = _load_base(base_path)
         for adapter in adapter_dirs:
             model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    save_mlflow_model(model.cpu(), AutoTokenizer.from_pretrained(adapter_dirs[-1]), CHAT, output_dir,
-                      model_config={"max_new_tokens": answer_tokens, "do_sample": False})
+    save_mlflow_model(
+        model.cpu(),
+        AutoTokenizer.from_pretrained(adapter_dirs[-1]),
+        CHAT,
+        output_dir,
+        model_config={"max_new_tokens": answer_tokens, "do_sample": False},
+    )
     return str(folder)
 
 
@@ -92,8 +91,14 @@ def max_logit_difference(merged_dir: str, base_path: str, adapter_dirs: list[str
     return float((merged - expected).abs()[mask].max())
 
 
-def merge_and_check(base_path: str, adapter_dirs: list[str], eval_path: str, settings: MergeSettings,
-                    output_dir: Path, answer_tokens: int = 128) -> MergeResult:
+def merge_and_check(
+    base_path: str,
+    adapter_dirs: list[str],
+    eval_path: str,
+    settings: MergeSettings,
+    output_dir: Path,
+    answer_tokens: int = 128,
+) -> MergeResult:
     """Merge into `output_dir` (an MLflow chat model), then check its logits against base+adapters."""
     model_dir = merge_into_base(base_path, adapter_dirs, output_dir, answer_tokens)
     prompts = [list(p) for p in read_jsonl(eval_path).prompt[: settings.check_prompts]]
@@ -106,13 +111,30 @@ def merge_and_check(base_path: str, adapter_dirs: list[str], eval_path: str, set
             f"merged model {rejected} differs from base+adapters by {difference:.2e} in logits "
             f"(tolerance {settings.tolerance:.0e}) on {len(prompts)} held-out prompts"
         )
-    return MergeResult(model_dir=model_dir, max_logit_difference=difference, prompts_checked=len(prompts),
-                       device=str(inference_placement()[0]))
+    return MergeResult(
+        model_dir=model_dir,
+        max_logit_difference=difference,
+        prompts_checked=len(prompts),
+        device=str(inference_placement()[0]),
+    )
 
 
-@task(name="merge-adapters", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unless_user_error,
-      cache_policy=MERGE_CACHE, persist_result=True)
-def merge_adapters(base_path: str, adapter_dirs: list[str], eval_path: str, settings: MergeSettings,
-                   workspace: Workspace, answer_tokens: int = 128) -> MergeResult:
-    stage_dir = workspace.stage("merge", base_path, adapter_dirs, eval_path, settings, answer_tokens)
-    return merge_and_check(base_path, adapter_dirs, eval_path, settings, stage_dir / "model", answer_tokens)
+@task(
+    name="merge-adapters",
+    retries=1,
+    retry_delay_seconds=10,
+    retry_condition_fn=retry_unless_user_error,
+    cache_policy=STAGE_CACHE,
+    persist_result=True,
+)
+def merge_adapters(
+    base_path: str,
+    adapter_dirs: list[str],
+    eval_path: str,
+    settings: MergeSettings,
+    workspace: Workspace,
+    answer_tokens: int = 128,
+) -> MergeResult:
+    return merge_and_check(
+        base_path, adapter_dirs, eval_path, settings, stage_folder(workspace, "merge") / "model", answer_tokens
+    )

@@ -6,9 +6,9 @@ adapter switched off) or scores its own generations with the aspects' reward mod
 reward evaluation can compute, and the config values that make the method (e.g. a DPO loss type).
 The training task (tasks/policy.py) runs any row; the flow names no method.
 """
+
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import os
 import warnings
@@ -33,38 +33,74 @@ class Method:
     implicit_reward: ImplicitReward
     defaults: dict = field(default_factory=dict)  # config values that make the method; a profile may override them
     plan_kind: str = "dpo"  # the memory model in tasks/plan.py
-    # Our common settings its config has no field for (used by the data stage only).
-    data_only: frozenset[str] = frozenset()
 
-    def trainer_class(self):
-        return load_class(self.trainer)
-
-    def config_class(self):
-        return load_class(self.config)
-
-    def config_fields(self) -> set[str]:
-        return config_fields(self.config_class())
-
-
-ONLINE = frozenset({"max_length"})  # prompts are shortened by the data stage; completions by max_completion_length
 
 METHODS: dict[str, Method] = {
-    "dpo": Method(trainer="trl.DPOTrainer", config="trl.DPOConfig", data="pairs", reference=True, online=False,
-                  implicit_reward="log_ratio"),
-    "ipo": Method(trainer="trl.DPOTrainer", config="trl.DPOConfig", data="pairs", reference=True, online=False,
-                  implicit_reward="log_ratio", defaults={"loss_type": ["ipo"]}),
-    "kto": Method(trainer="trl.KTOTrainer", config="trl.KTOConfig", data="unpaired", reference=True, online=False,
-                  implicit_reward="log_ratio", plan_kind="kto"),
-    "orpo": Method(trainer="trl.experimental.orpo.ORPOTrainer", config="trl.experimental.orpo.ORPOConfig",
-                   data="pairs", reference=False, online=False, implicit_reward="mean_logp", plan_kind="pairs"),
-    "simpo": Method(trainer="trl.experimental.cpo.CPOTrainer", config="trl.experimental.cpo.CPOConfig", data="pairs",
-                    reference=False, online=False, implicit_reward="mean_logp",
-                    defaults={"loss_type": "simpo", "cpo_alpha": 0.0}, plan_kind="pairs"),
-    "rloo": Method(trainer="trl.RLOOTrainer", config="trl.RLOOConfig", data="prompts", reference=True, online=True,
-                   implicit_reward=None, defaults={"num_generations": 4}, plan_kind="online", data_only=ONLINE),
-    "grpo": Method(trainer="trl.GRPOTrainer", config="trl.GRPOConfig", data="prompts", reference=True, online=True,
-                   implicit_reward=None, defaults={"num_generations": 4, "beta": 0.04}, plan_kind="online",
-                   data_only=ONLINE),
+    "dpo": Method(
+        trainer="trl.DPOTrainer",
+        config="trl.DPOConfig",
+        data="pairs",
+        reference=True,
+        online=False,
+        implicit_reward="log_ratio",
+    ),
+    "ipo": Method(
+        trainer="trl.DPOTrainer",
+        config="trl.DPOConfig",
+        data="pairs",
+        reference=True,
+        online=False,
+        implicit_reward="log_ratio",
+        defaults={"loss_type": ["ipo"]},
+    ),
+    "kto": Method(
+        trainer="trl.KTOTrainer",
+        config="trl.KTOConfig",
+        data="unpaired",
+        reference=True,
+        online=False,
+        implicit_reward="log_ratio",
+        plan_kind="kto",
+    ),
+    "orpo": Method(
+        trainer="trl.experimental.orpo.ORPOTrainer",
+        config="trl.experimental.orpo.ORPOConfig",
+        data="pairs",
+        reference=False,
+        online=False,
+        implicit_reward="mean_logp",
+        plan_kind="pairs",
+    ),
+    "simpo": Method(
+        trainer="trl.experimental.cpo.CPOTrainer",
+        config="trl.experimental.cpo.CPOConfig",
+        data="pairs",
+        reference=False,
+        online=False,
+        implicit_reward="mean_logp",
+        defaults={"loss_type": "simpo", "cpo_alpha": 0.0},
+        plan_kind="pairs",
+    ),
+    "rloo": Method(
+        trainer="trl.RLOOTrainer",
+        config="trl.RLOOConfig",
+        data="prompts",
+        reference=True,
+        online=True,
+        implicit_reward=None,
+        defaults={"num_generations": 4},
+        plan_kind="online",
+    ),
+    "grpo": Method(
+        trainer="trl.GRPOTrainer",
+        config="trl.GRPOConfig",
+        data="prompts",
+        reference=True,
+        online=True,
+        implicit_reward=None,
+        defaults={"num_generations": 4, "beta": 0.04},
+        plan_kind="online",
+    ),
 }
 # PPO is not offered: TRL 1.16 has no PPO trainer (trl.experimental.ppo is gone); rloo and grpo are its
 # online successors there.
@@ -74,16 +110,6 @@ def method_named(name: str) -> Method:
     if name not in METHODS:
         raise PreftuneError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
     return METHODS[name]
-
-
-def config_fields(config_class) -> set[str]:
-    """What a TRL config class accepts as arguments."""
-    return {f.name for f in dataclasses.fields(config_class) if f.init}
-
-
-def unknown_options(options: set[str], config_class) -> list[str]:
-    """Settings a TRL config class has no field for (so a typo fails with its name, not deep in TRL)."""
-    return sorted(options - config_fields(config_class))
 
 
 def load_class(path: str):

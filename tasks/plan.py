@@ -8,6 +8,7 @@ fp16's gradient scaler cannot unscale bf16 gradients). `auto` keeps everything t
 kernel) to the device's free memory, from an estimate of peak memory. 4-bit is chosen only where
 16-bit weights would not fit. The OOM retry in `tasks/training.py` stays the safety net.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -15,14 +16,16 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
-import mlflow
 import torch
 from prefect import task
 from pydantic import BaseModel, Field
 
+import mlflow
 from tasks.base import PreftuneError, StrictModel, retry_unless_user_error
-from tasks.distributed import SHARDS_TRAINING_STATE, SHARDS_WEIGHTS, DistributedSettings
-from tasks.models import LoraSettings, ModelSettings, ResolvedModel
+from tasks.distributed import SHARDS_TRAINING_STATE, SHARDS_WEIGHTS
+from tasks.models import ResolvedModel
+from tasks.settings.models import LoraSettings, ModelSettings
+from tasks.settings.plan import DistributedSettings, PlanSettings
 
 GiB = 2**30
 # What a stage trains, for the memory model: DPO-style pairs with a reference (dpo), KTO's example plus
@@ -45,16 +48,6 @@ NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 MEMORY_SAVING_OPTIMIZERS = ("paged_", "_8bit")
 
 
-class PlanSettings(StrictModel):
-    """`auto` (default) fits the training to the device; `recipe` runs the profile's settings verbatim."""
-
-    mode: Literal["auto", "recipe"] = Field("auto", description=(
-        "auto: fit quantization, micro-batch, checkpointing and optimizer to the device; recipe: the profile's "
-        "settings verbatim (only precision fitted)."))
-    memory_fraction: float = Field(0.85, gt=0, le=1, description="Share of the device's free memory a stage's "
-                                                                 "estimated peak may fill.")
-
-
 class DeviceSpec(StrictModel):
     """What a plan depends on: detected on this machine, or described for a card one does not have."""
 
@@ -65,21 +58,29 @@ class DeviceSpec(StrictModel):
     flash_attention: bool = False  # compute capability 8.0+ and the flash-attn package installed
 
     @classmethod
-    def detect(cls) -> "DeviceSpec":
+    def detect(cls) -> DeviceSpec:
         if torch.cuda.is_available():
             free, _ = torch.cuda.mem_get_info()
             major, _ = torch.cuda.get_device_capability()
-            return cls(kind="cuda", name=torch.cuda.get_device_name(), memory_gib=free / GiB,
-                       bf16=torch.cuda.is_bf16_supported(including_emulation=False),
-                       flash_attention=major >= 8 and importlib.util.find_spec("flash_attn") is not None)
+            return cls(
+                kind="cuda",
+                name=torch.cuda.get_device_name(),
+                memory_gib=free / GiB,
+                bf16=torch.cuda.is_bf16_supported(including_emulation=False),
+                flash_attention=major >= 8 and importlib.util.find_spec("flash_attn") is not None,
+            )
         import psutil
 
         return cls(kind="cpu", name="cpu", memory_gib=psutil.virtual_memory().available / GiB, bf16=False)
 
     @classmethod
-    def described_gpu(cls, memory_gib: float, bf16: bool, name: str | None = None) -> "DeviceSpec":
-        return cls(kind="cuda", name=name or f"described GPU ({memory_gib:g} GiB, {'bf16' if bf16 else 'fp16 only'})",
-                   memory_gib=memory_gib, bf16=bf16)
+    def described_gpu(cls, memory_gib: float, bf16: bool, name: str | None = None) -> DeviceSpec:
+        return cls(
+            kind="cuda",
+            name=name or f"described GPU ({memory_gib:g} GiB, {'bf16' if bf16 else 'fp16 only'})",
+            memory_gib=memory_gib,
+            bf16=bf16,
+        )
 
 
 class ModelShape(BaseModel):
@@ -95,7 +96,7 @@ class ModelShape(BaseModel):
     linear_features: dict[str, tuple[int, int]]  # projection name -> (in, out) features, per layer
 
     @classmethod
-    def from_config(cls, config) -> "ModelShape":
+    def from_config(cls, config) -> ModelShape:
         from accelerate import init_empty_weights
         from transformers import AutoModelForCausalLM
 
@@ -109,17 +110,25 @@ class ModelShape(BaseModel):
                 quantizable += module.weight.numel()
         text = config.get_text_config()
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        return cls(parameters=sum(p.numel() for p in model.parameters()), quantizable_parameters=quantizable,
-                   hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
-                   num_layers=text.num_hidden_layers, vocab_size=text.vocab_size,
-                   kv_dim=text.num_key_value_heads * head_dim, linear_features=features)
+        return cls(
+            parameters=sum(p.numel() for p in model.parameters()),
+            quantizable_parameters=quantizable,
+            hidden_size=text.hidden_size,
+            intermediate_size=text.intermediate_size,
+            num_layers=text.num_hidden_layers,
+            vocab_size=text.vocab_size,
+            kv_dim=text.num_key_value_heads * head_dim,
+            linear_features=features,
+        )
 
     def lora_layers(self, lora: LoraSettings) -> int:
         """Decoder layers with adapters: the backward pass (and what autograd keeps) stops below them."""
         return min(lora.top_layers or self.num_layers, self.num_layers)
 
     def lora_parameters(self, lora: LoraSettings) -> int:
-        per_layer = sum(lora.r * (i + o) for name, (i, o) in self.linear_features.items() if name in lora.target_modules)
+        per_layer = sum(
+            lora.r * (i + o) for name, (i, o) in self.linear_features.items() if name in lora.target_modules
+        )
         return per_layer * self.lora_layers(lora)
 
     def activation_elements(self, lora: LoraSettings) -> float:
@@ -175,15 +184,26 @@ class TrainingPlan(BaseModel):
     def result_key(self) -> list[str]:
         """What changes the trained weights (not only the speed): part of the stage folder's key, so a
         stage trained in 4-bit on a GPU is never resumed in full precision on a CPU, or the reverse."""
-        return [self.device_kind, self.precision, self.weights_dtype, self.quantization, str(self.compute_dtype),
-                self.trainable_dtype]
+        return [
+            self.device_kind,
+            self.precision,
+            self.weights_dtype,
+            self.quantization,
+            str(self.compute_dtype),
+            self.trainable_dtype,
+        ]
 
     def trainer_overrides(self) -> dict:
         """The TRL/transformers config fields the plan decides."""
-        overrides = dict(per_device_train_batch_size=self.micro_batch, gradient_accumulation_steps=self.gradient_accumulation,
-                         activation_checkpointing=self.gradient_checkpointing, optim=self.optim,
-                         bf16=self.precision == "bf16", fp16=self.precision == "fp16",
-                         use_cpu=self.device_kind == "cpu")  # launched on a CPU: gloo, not a GPU backend
+        overrides = dict(
+            per_device_train_batch_size=self.micro_batch,
+            gradient_accumulation_steps=self.gradient_accumulation,
+            activation_checkpointing=self.gradient_checkpointing,
+            optim=self.optim,
+            bf16=self.precision == "bf16",
+            fp16=self.precision == "fp16",
+            use_cpu=self.device_kind == "cpu",
+        )  # launched on a CPU: gloo, not a GPU backend
         if self.processes > 1:  # LoRA on frozen layers: DDP need not search the graph for unused parameters
             overrides["ddp_find_unused_parameters"] = False
         if self.precompute_ref_log_probs is not None:
@@ -192,25 +212,36 @@ class TrainingPlan(BaseModel):
 
     def load_kwargs(self, model: ModelSettings) -> dict:
         """`from_pretrained` arguments: dtype, 4-bit config, attention kernel; safetensors only."""
-        kwargs: dict = {"revision": model.revision, "trust_remote_code": model.trust_remote_code,
-                        "use_safetensors": True, "dtype": getattr(torch, self.weights_dtype),
-                        "attn_implementation": self.attn_implementation}
+        kwargs: dict = {
+            "revision": model.revision,
+            "trust_remote_code": model.trust_remote_code,
+            "use_safetensors": True,
+            "dtype": getattr(torch, self.weights_dtype),
+            "attn_implementation": self.attn_implementation,
+        }
         if self.quantization != "none":
             from transformers import BitsAndBytesConfig
 
             sharded = self.strategy in SHARDS_WEIGHTS
             kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type=self.quantization,
+                load_in_4bit=True,
+                bnb_4bit_quant_type=self.quantization,
                 bnb_4bit_compute_dtype=getattr(torch, self.compute_dtype),
                 bnb_4bit_use_double_quant=self.double_quant,
                 # FSDP / ZeRO-3 shard parameters of one dtype: the packed 4-bit weights are stored in it
-                bnb_4bit_quant_storage=getattr(torch, self.compute_dtype) if sharded else torch.uint8)
-            if not sharded:  # each rank its own card (launchers set LOCAL_RANK); sharded ones are placed by the strategy
-                kwargs["device_map"] = ({"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
-                                        if self.device_kind == "cuda" else "cpu")
+                bnb_4bit_quant_storage=getattr(torch, self.compute_dtype) if sharded else torch.uint8,
+            )
+            if (
+                not sharded
+            ):  # each rank its own card (launchers set LOCAL_RANK); sharded ones are placed by the strategy
+                kwargs["device_map"] = (
+                    {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
+                    if self.device_kind == "cuda"
+                    else "cpu"
+                )
         return kwargs
 
-    def shrunk(self) -> "TrainingPlan":
+    def shrunk(self) -> TrainingPlan:
         """The next plan after an out-of-memory error: half the micro-batch (same effective batch), then
         gradient checkpointing; the user is told what else helps when neither is left."""
         if self.micro_batch > 1:
@@ -218,14 +249,18 @@ class TrainingPlan(BaseModel):
         elif not self.gradient_checkpointing:
             update = {"gradient_checkpointing": True}
         else:
-            raise PreftuneError(f"{self.stage}: out of memory at micro-batch 1 with gradient checkpointing: lower "
-                                "max_length, or train in 4-bit (model.quantization.mode: 4bit)")
+            raise PreftuneError(
+                f"{self.stage}: out of memory at micro-batch 1 with gradient checkpointing: lower "
+                "max_length, or train in 4-bit (model.quantization.mode: 4bit)"
+            )
         return self.model_copy(update=update | {"reasons": self.reasons + [f"after an out-of-memory error: {update}"]})
 
     def params(self) -> dict[str, str]:
         """Flat `plan.<stage>.<field>` values for MLflow."""
         values = self.model_dump(exclude={"stage", "reasons", "memory"}) | {
-            "estimated_peak_gib": round(self.memory.total_gib, 2), "adapter": self.adapter}
+            "estimated_peak_gib": round(self.memory.total_gib, 2),
+            "adapter": self.adapter,
+        }
         return {f"plan.{self.stage}.{key}": str(value) for key, value in values.items()}
 
 
@@ -240,31 +275,57 @@ def choose_precision(requested: str, device: DeviceSpec) -> PrecisionChoice:
     (with trainable weights kept in fp32, see `TrainingPlan.trainable_dtype`); fp32 on a CPU."""
     if device.kind == "cpu":
         note = "" if requested in ("auto", "fp32") else f" ({requested} requested: no native {requested} on this CPU)"
-        return PrecisionChoice(precision="fp32", weights_dtype="float32",
-                               reason="CPU: fp32, since bf16/fp16 run several times slower without native support" + note)
+        return PrecisionChoice(
+            precision="fp32",
+            weights_dtype="float32",
+            reason="CPU: fp32, since bf16/fp16 run several times slower without native support" + note,
+        )
     if requested == "fp32":
         return PrecisionChoice(precision="fp32", weights_dtype="float32", reason="fp32 requested")
     if device.bf16:
-        note = (" (fp16 requested: on a 4-bit model TRL keeps LoRA weights in bf16, which fp16's gradient scaler "
-                "cannot unscale; bf16 has fp16's speed and fp32's range)") if requested == "fp16" else ""
+        note = (
+            (
+                " (fp16 requested: on a 4-bit model TRL keeps LoRA weights in bf16, which fp16's gradient scaler "
+                "cannot unscale; bf16 has fp16's speed and fp32's range)"
+            )
+            if requested == "fp16"
+            else ""
+        )
         return PrecisionChoice(precision="bf16", weights_dtype="bfloat16", reason="bf16: the card supports it" + note)
     note = f" ({requested} requested)" if requested == "bf16" else ""
-    return PrecisionChoice(precision="fp16", weights_dtype="float16",
-                           reason="fp16: the card has no bf16; LoRA weights stay fp32 so the gradient scaler works" + note)
+    return PrecisionChoice(
+        precision="fp16",
+        weights_dtype="float16",
+        reason="fp16: the card has no bf16; LoRA weights stay fp32 so the gradient scaler works" + note,
+    )
 
 
-def estimate_memory(shape: ModelShape, lora: LoraSettings, kind: Kind, micro_batch: int, max_length: int,
-                    precision: Precision, weights_dtype: DType, quantized: bool, checkpointing: bool,
-                    trainable_dtype: DType, device_kind: str, processes: int = 1,
-                    strategy: str = "single") -> MemoryEstimate:
+def estimate_memory(
+    shape: ModelShape,
+    lora: LoraSettings,
+    kind: Kind,
+    micro_batch: int,
+    max_length: int,
+    precision: Precision,
+    weights_dtype: DType,
+    quantized: bool,
+    checkpointing: bool,
+    trainable_dtype: DType,
+    device_kind: str,
+    processes: int = 1,
+    strategy: str = "single",
+) -> MemoryEstimate:
     """Peak memory of one training step on one process, from the model's shape (an upper bound: every
     sequence padded to max_length). FSDP and ZeRO-3 hold 1/N of the weights (plus one layer gathered
     at a time); FSDP and ZeRO-2/3 hold 1/N of the adapter's gradients and optimizer states."""
     tokens = micro_batch * max_length * SEQUENCES[kind]
     act_bytes = 4 if precision == "fp32" else 2
     other = shape.parameters - shape.quantizable_parameters
-    weights = (shape.quantizable_parameters * NF4_BYTES + other * DTYPE_BYTES[weights_dtype] if quantized
-               else shape.parameters * DTYPE_BYTES[weights_dtype])
+    weights = (
+        shape.quantizable_parameters * NF4_BYTES + other * DTYPE_BYTES[weights_dtype]
+        if quantized
+        else shape.parameters * DTYPE_BYTES[weights_dtype]
+    )
     adapter = shape.lora_parameters(lora) * (2 * DTYPE_BYTES[trainable_dtype] + 8)
     if processes > 1 and strategy in SHARDS_WEIGHTS:
         weights = weights / processes + weights / shape.num_layers  # a layer is gathered whole to compute
@@ -280,8 +341,14 @@ def estimate_memory(shape: ModelShape, lora: LoraSettings, kind: Kind, micro_bat
     head = tokens * shape.hidden_size * 4 if kind in FUSED_HEAD else tokens * shape.vocab_size * (act_bytes + 8)
     overhead = 0.5 * GiB if device_kind == "cuda" else 1.0 * GiB
     parts = [value / GiB for value in (weights, adapter, activations, head, overhead)]
-    return MemoryEstimate(weights_gib=parts[0], adapter_gib=parts[1], activations_gib=parts[2], head_gib=parts[3],
-                          overhead_gib=parts[4], total_gib=sum(parts))
+    return MemoryEstimate(
+        weights_gib=parts[0],
+        adapter_gib=parts[1],
+        activations_gib=parts[2],
+        head_gib=parts[3],
+        overhead_gib=parts[4],
+        total_gib=sum(parts),
+    )
 
 
 def _micro_batches(effective: int) -> list[int]:
@@ -312,30 +379,67 @@ class StageToFit:
     def per_process(self) -> int:
         return self.effective // self.processes
 
-    def build(self, micro: int, checkpointing: bool, quantized: bool, optim: str, attn: str,
-              precompute: bool | None) -> TrainingPlan:
+    def build(
+        self, micro: int, checkpointing: bool, quantized: bool, optim: str, attn: str, precompute: bool | None
+    ) -> TrainingPlan:
         choice, quant, settings = self.precision, self.model.quantization, self.settings
         trainable: DType = "bfloat16" if quantized and choice.precision == "bf16" else "float32"
-        memory = estimate_memory(self.shape, settings.lora, self.kind, micro, settings.max_length, choice.precision,
-                                 choice.weights_dtype, quantized, checkpointing, trainable, self.device.kind,
-                                 self.processes, self.strategy)
+        memory = estimate_memory(
+            self.shape,
+            settings.lora,
+            self.kind,
+            micro,
+            settings.max_length,
+            choice.precision,
+            choice.weights_dtype,
+            quantized,
+            checkpointing,
+            trainable,
+            self.device.kind,
+            self.processes,
+            self.strategy,
+        )
         compute = quant.compute_dtype if self.plan_settings.mode == "recipe" else choice.weights_dtype
         if quantized and choice.precision == "fp16" and compute == "bfloat16":
             compute = "float16"
         return TrainingPlan(
-            stage=self.stage, mode=self.plan_settings.mode, device=self.device.name, device_kind=self.device.kind,
-            precision=choice.precision, weights_dtype=choice.weights_dtype,
-            quantization=quant.quant_type if quantized else "none", compute_dtype=compute if quantized else None,
-            double_quant=quant.double_quant and quantized, trainable_dtype=trainable, micro_batch=micro,
-            gradient_accumulation=self.per_process // micro, effective_batch=self.effective, processes=self.processes,
-            strategy=self.strategy, gradient_checkpointing=checkpointing, optim=optim, attn_implementation=attn,
-            precompute_ref_log_probs=precompute, max_length=settings.max_length, memory=memory,
-            memory_budget_gib=self.budget_gib, reasons=list(self.reasons))
+            stage=self.stage,
+            mode=self.plan_settings.mode,
+            device=self.device.name,
+            device_kind=self.device.kind,
+            precision=choice.precision,
+            weights_dtype=choice.weights_dtype,
+            quantization=quant.quant_type if quantized else "none",
+            compute_dtype=compute if quantized else None,
+            double_quant=quant.double_quant and quantized,
+            trainable_dtype=trainable,
+            micro_batch=micro,
+            gradient_accumulation=self.per_process // micro,
+            effective_batch=self.effective,
+            processes=self.processes,
+            strategy=self.strategy,
+            gradient_checkpointing=checkpointing,
+            optim=optim,
+            attn_implementation=attn,
+            precompute_ref_log_probs=precompute,
+            max_length=settings.max_length,
+            memory=memory,
+            memory_budget_gib=self.budget_gib,
+            reasons=list(self.reasons),
+        )
 
 
-def plan_stage(stage: str, kind: Kind, settings, model: ModelSettings, shape: ModelShape, device: DeviceSpec,
-               plan_settings: PlanSettings, train_pairs: int | None = None,
-               distributed: DistributedSettings | None = None) -> TrainingPlan:
+def plan_stage(
+    stage: str,
+    kind: Kind,
+    settings,
+    model: ModelSettings,
+    shape: ModelShape,
+    device: DeviceSpec,
+    plan_settings: PlanSettings,
+    train_pairs: int | None = None,
+    distributed: DistributedSettings | None = None,
+) -> TrainingPlan:
     """Fit one stage's training (its `TrainerSettings`) to `device`: one process's share of it when
     `distributed` launches several, with the same effective batch; `plan.mode` picks the planner."""
     choice = choose_precision(model.precision, device)
@@ -343,15 +447,31 @@ def plan_stage(stage: str, kind: Kind, settings, model: ModelSettings, shape: Mo
     processes = distributed.num_processes if distributed else 1
     strategy = distributed.strategy if processes > 1 else "single"
     if effective % processes:
-        raise PreftuneError(f"{stage}: the effective batch {effective} (per_device_train_batch_size x "
-                            f"gradient_accumulation_steps) does not divide over {processes} processes")
-    request = StageToFit(stage=stage, kind=kind, settings=settings, model=model, shape=shape, device=device,
-                         plan_settings=plan_settings, precision=choice, effective=effective, processes=processes,
-                         strategy=strategy, budget_gib=device.memory_gib * plan_settings.memory_fraction,
-                         precompute=getattr(settings, "precompute_ref_log_probs", None), reasons=[choice.reason])
+        raise PreftuneError(
+            f"{stage}: the effective batch {effective} (per_device_train_batch_size x "
+            f"gradient_accumulation_steps) does not divide over {processes} processes"
+        )
+    request = StageToFit(
+        stage=stage,
+        kind=kind,
+        settings=settings,
+        model=model,
+        shape=shape,
+        device=device,
+        plan_settings=plan_settings,
+        precision=choice,
+        effective=effective,
+        processes=processes,
+        strategy=strategy,
+        budget_gib=device.memory_gib * plan_settings.memory_fraction,
+        precompute=getattr(settings, "precompute_ref_log_probs", None),
+        reasons=[choice.reason],
+    )
     if processes > 1:
-        request.reasons.append(f"{processes} processes ({strategy}): each takes {request.per_process} of the "
-                               f"{effective} examples of an optimizer step")
+        request.reasons.append(
+            f"{processes} processes ({strategy}): each takes {request.per_process} of the "
+            f"{effective} examples of an optimizer step"
+        )
     return recipe_plan(request) if plan_settings.mode == "recipe" else auto_plan(request, train_pairs)
 
 
@@ -362,12 +482,16 @@ def recipe_plan(request: StageToFit) -> TrainingPlan:
     request.reasons.append("recipe: batch, checkpointing, optimizer and quantization as the profile sets them")
     micro = min(settings.per_device_train_batch_size, request.per_process)
     if request.per_process % micro:
-        raise PreftuneError(f"{request.stage}: {request.processes} processes of micro-batch {micro} cannot make the "
-                            f"effective batch {request.effective}")
+        raise PreftuneError(
+            f"{request.stage}: {request.processes} processes of micro-batch {micro} cannot make the "
+            f"effective batch {request.effective}"
+        )
     plan = request.build(micro, settings.gradient_checkpointing, quantized, settings.optim, "sdpa", request.precompute)
     if plan.memory.total_gib > request.budget_gib:
-        plan.reasons.append(f"estimated {plan.memory.total_gib:.1f} GiB exceeds the {request.budget_gib:.1f} GiB "
-                            "budget: expect the out-of-memory retry, or use plan.mode=auto")
+        plan.reasons.append(
+            f"estimated {plan.memory.total_gib:.1f} GiB exceeds the {request.budget_gib:.1f} GiB "
+            "budget: expect the out-of-memory retry, or use plan.mode=auto"
+        )
     return plan
 
 
@@ -380,20 +504,27 @@ def auto_plan(request: StageToFit, train_pairs: int | None) -> TrainingPlan:
     if any(marker in optim for marker in MEMORY_SAVING_OPTIMIZERS) or device.kind == "cuda":
         optim = "adamw_torch_fused" if device.kind == "cuda" else "adamw_torch"
         if optim != settings.optim:
-            reasons.append(f"optimizer {settings.optim} -> {optim} (same AdamW update; paged/8-bit states only "
-                           "save memory, which is not short here)")
+            reasons.append(
+                f"optimizer {settings.optim} -> {optim} (same AdamW update; paged/8-bit states only "
+                "save memory, which is not short here)"
+            )
     attn = "flash_attention_2" if device.flash_attention and choice.precision != "fp32" else "sdpa"
     precompute = request.precompute
     examples = settings.max_steps * request.effective
     if request.kind in PRECOMPUTES_REFERENCE and train_pairs and not precompute and examples >= train_pairs:
         precompute = True
-        reasons.append(f"reference log-probs precomputed: {examples} examples over {train_pairs} train pairs, so "
-                       "one pass over the data is cheaper than a reference forward every step")
+        reasons.append(
+            f"reference log-probs precomputed: {examples} examples over {train_pairs} train pairs, so "
+            "one pass over the data is cheaper than a reference forward every step"
+        )
     if quant.mode == "4bit":
         quantizations, why = [True], "4-bit: model.quantization.mode is 4bit"
     elif quant.mode == "none" or device.kind == "cpu":
-        quantizations, why = [False], f"{choice.weights_dtype} weights: " + (
-            "model.quantization.mode is none" if quant.mode == "none" else "bitsandbytes 4-bit only pays on CUDA")
+        quantizations, why = (
+            [False],
+            f"{choice.weights_dtype} weights: "
+            + ("model.quantization.mode is none" if quant.mode == "none" else "bitsandbytes 4-bit only pays on CUDA"),
+        )
     else:
         quantizations, why = [False, True], ""
     micro_batches = _micro_batches(per_process)
@@ -406,18 +537,28 @@ def auto_plan(request: StageToFit, train_pairs: int | None) -> TrainingPlan:
             for micro in micro_batches:
                 plan = request.build(micro, checkpointing, quantized, optim, attn, precompute)
                 if plan.memory.total_gib <= budget:
-                    plan.reasons.append(why or (f"4-bit {quant.quant_type}: {choice.weights_dtype} weights do not fit"
-                                                if quantized else f"{choice.weights_dtype} weights fit"))
-                    plan.reasons.append(f"micro-batch {micro} x accumulation {per_process // micro}"
-                                        f"{f' x {request.processes} processes' if request.processes > 1 else ''}, "
-                                        f"checkpointing {'on' if checkpointing else 'off'}: estimated "
-                                        f"{plan.memory.total_gib:.1f} of {budget:.1f} GiB")
+                    plan.reasons.append(
+                        why
+                        or (
+                            f"4-bit {quant.quant_type}: {choice.weights_dtype} weights do not fit"
+                            if quantized
+                            else f"{choice.weights_dtype} weights fit"
+                        )
+                    )
+                    plan.reasons.append(
+                        f"micro-batch {micro} x accumulation {per_process // micro}"
+                        f"{f' x {request.processes} processes' if request.processes > 1 else ''}, "
+                        f"checkpointing {'on' if checkpointing else 'off'}: estimated "
+                        f"{plan.memory.total_gib:.1f} of {budget:.1f} GiB"
+                    )
                     return plan
                 smallest = plan if smallest is None or plan.memory.total_gib < smallest.memory.total_gib else smallest
-    raise PreftuneError(f"{request.stage}: does not fit on {device.name} ({device.memory_gib:.1f} GiB free) even at "
-                        f"micro-batch 1 with checkpointing{' and 4-bit' if True in quantizations else ''} (estimated "
-                        f"{smallest.memory.total_gib:.1f} GiB): lower max_length ({settings.max_length}) or use a "
-                        "larger card")
+    raise PreftuneError(
+        f"{request.stage}: does not fit on {device.name} ({device.memory_gib:.1f} GiB free) even at "
+        f"micro-batch 1 with checkpointing{' and 4-bit' if True in quantizations else ''} (estimated "
+        f"{smallest.memory.total_gib:.1f} GiB): lower max_length ({settings.max_length}) or use a "
+        "larger card"
+    )
 
 
 # --- Prefect tasks and reporting -------------------------------------------------------------
@@ -429,21 +570,45 @@ def shape_of(model: ModelSettings, model_path: str | None = None) -> ModelShape:
     return ModelShape.from_config(model_config(model, model_path))
 
 
-@task(name="plan-training", task_run_name="plan-{stage}", retries=1,
-      retry_condition_fn=retry_unless_user_error)
-def plan_training(stage: str, kind: Kind, settings, model: ResolvedModel, plan_settings: PlanSettings,
-                  train_pairs: int | None = None, distributed: DistributedSettings | None = None) -> TrainingPlan:
-    return plan_stage(stage, kind, settings, model.settings, shape_of(model.settings, model.path), DeviceSpec.detect(),
-                      plan_settings, train_pairs, distributed)
+@task(name="plan-training", task_run_name="plan-{stage}", retries=1, retry_condition_fn=retry_unless_user_error)
+def plan_training(
+    stage: str,
+    kind: Kind,
+    settings,
+    model: ResolvedModel,
+    plan_settings: PlanSettings,
+    train_pairs: int | None = None,
+    distributed: DistributedSettings | None = None,
+) -> TrainingPlan:
+    return plan_stage(
+        stage,
+        kind,
+        settings,
+        model.settings,
+        shape_of(model.settings, model.path),
+        DeviceSpec.detect(),
+        plan_settings,
+        train_pairs,
+        distributed,
+    )
 
 
 def plan_table(plans: list[TrainingPlan]) -> list[dict]:
-    return [{"stage": plan.stage, "device": plan.device, "precision": plan.precision, "adapter": plan.adapter,
-             "micro-batch x accumulation": f"{plan.micro_batch} x {plan.gradient_accumulation}",
-             "checkpointing": plan.gradient_checkpointing, "optimizer": plan.optim,
-             "attention": plan.attn_implementation,
-             "estimated peak GiB": f"{plan.memory.total_gib:.1f} of {plan.memory_budget_gib:.1f}",
-             "why": "; ".join(plan.reasons)} for plan in plans]
+    return [
+        {
+            "stage": plan.stage,
+            "device": plan.device,
+            "precision": plan.precision,
+            "adapter": plan.adapter,
+            "micro-batch x accumulation": f"{plan.micro_batch} x {plan.gradient_accumulation}",
+            "checkpointing": plan.gradient_checkpointing,
+            "optimizer": plan.optim,
+            "attention": plan.attn_implementation,
+            "estimated peak GiB": f"{plan.memory.total_gib:.1f} of {plan.memory_budget_gib:.1f}",
+            "why": "; ".join(plan.reasons),
+        }
+        for plan in plans
+    ]
 
 
 def publish_plans(plans: list[TrainingPlan]) -> None:
@@ -453,10 +618,17 @@ def publish_plans(plans: list[TrainingPlan]) -> None:
 
     policy = plans[-1]
     mlflow.log_params({key: value for plan in plans for key, value in plan.params().items()})
-    mlflow.set_tags({"preftune.device": policy.device, "preftune.adapter": policy.adapter,
-                     "preftune.precision": policy.precision, "preftune.plan": policy.mode})
-    create_table_artifact(key="training-plan", table=plan_table(plans),
-                          description=f"{plans[0].mode} training plan on {plans[0].device}")
+    mlflow.set_tags(
+        {
+            "preftune.device": policy.device,
+            "preftune.adapter": policy.adapter,
+            "preftune.precision": policy.precision,
+            "preftune.plan": policy.mode,
+        }
+    )
+    create_table_artifact(
+        key="training-plan", table=plan_table(plans), description=f"{plans[0].mode} training plan on {plans[0].device}"
+    )
 
 
 def inference_placement() -> tuple[str, torch.dtype]:
@@ -467,17 +639,32 @@ def inference_placement() -> tuple[str, torch.dtype]:
     return "cuda", getattr(torch, choose_precision("auto", DeviceSpec.detect()).weights_dtype)
 
 
-def default_plan(stage: str, kind: Kind, settings, model: ResolvedModel, train_pairs: int | None = None,
-                 distributed: DistributedSettings | None = None) -> TrainingPlan:
+def default_plan(
+    stage: str,
+    kind: Kind,
+    settings,
+    model: ResolvedModel,
+    train_pairs: int | None = None,
+    distributed: DistributedSettings | None = None,
+) -> TrainingPlan:
     """The auto plan on this machine, for a stage called outside the flow (scripts, benchmarks, tests)."""
-    return plan_stage(stage, kind, settings, model.settings, shape_of(model.settings, model.path), DeviceSpec.detect(),
-                      PlanSettings(), train_pairs, distributed)
+    return plan_stage(
+        stage,
+        kind,
+        settings,
+        model.settings,
+        shape_of(model.settings, model.path),
+        DeviceSpec.detect(),
+        PlanSettings(),
+        train_pairs,
+        distributed,
+    )
 
 
 def keep_freed_memory() -> bool:
     """On a CPU, glibc hands every large freed block back to the OS and faults it in again on the next
     allocation; TRL's tiled LM head allocates such blocks many times a step, so a DPO step spent most of
-    its time in the kernel (bench/gpu.py --size tiny: 15.8 -> 5.4 s/step). Keep freed memory in the
+    its time in the kernel (bench/RESULTS.md, bench/gpu.py on a CPU). Keep freed memory in the
     heap instead, as `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large>` would. glibc only; a no-op elsewhere."""
     import ctypes
     import ctypes.util

@@ -1,4 +1,5 @@
 """PNG figures for the evaluation: reward margins on held-out pairs, and training curves."""
+
 from __future__ import annotations
 
 import matplotlib
@@ -6,6 +7,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers or workers
 
 import matplotlib.pyplot as plt  # noqa: E402
+
 from mlflow import MlflowClient  # noqa: E402
 
 

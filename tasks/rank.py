@@ -1,39 +1,34 @@
-"""One launched rank (`accelerate launch -m tasks.rank launch.json`): rebuild the stage's trainer from
-the launch file `tasks/launcher.py` wrote and train it; rank 0 logs into the stage's MLflow run."""
+"""One launched rank (`accelerate launch -m tasks.rank launch.json`): train the stage from the spec
+`tasks/launcher.py` wrote; rank 0 writes the finished stage's record."""
+
 from __future__ import annotations
 
 import atexit
 import gc
-import json
+import os
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
-import mlflow
-
-from tasks.base import PreftuneError
+from tasks.base import PreftuneError, redacted_credential_message, redacted_settings
 from tasks.distributed import is_main_process
-from tasks.launcher import USER_ERROR, decode_arguments, import_factory
-from tasks.plan import TrainingPlan
-from tasks.training import train_here
+from tasks.launcher import LAUNCH_ENV, USER_ERROR, Launch
+from tasks.training import train
 
 
 def main(launch_file: str) -> None:
-    spec = json.loads(Path(launch_file).read_text())
-    factory = import_factory(spec["factory"])
-    arguments = decode_arguments(factory, spec["arguments"])
-    plan = TrainingPlan.model_validate(spec["plan"])
-    logs = is_main_process() and spec["mlflow_run_id"]
+    """The launcher's spec from the environment (credentials included), else from the file (redacted)."""
+    launch = Launch.model_validate_json(os.environ.get(LAUNCH_ENV) or Path(launch_file).read_text())
+    stage_dir = Path(launch.stage_dir)
     try:
-        make_trainer = factory(**arguments)
-        with mlflow.start_run(run_id=spec["mlflow_run_id"]) if logs else nullcontext():
-            train_here(make_trainer, arguments["settings"], plan, arguments["stage_dir"])
+        if found := redacted_settings(launch.spec.model.settings.model_dump()):
+            raise PreftuneError(redacted_credential_message(found))
+        train(launch.spec, launch.plan, stage_dir)
     except PreftuneError as error:  # bad input or settings: the task raises it as such, without a retry
         if is_main_process():
-            (arguments["stage_dir"] / USER_ERROR).write_text(str(error))
+            (stage_dir / USER_ERROR).write_text(str(error))
         raise
 
 
 if __name__ == "__main__":
-    atexit.register(gc.freeze)  # as flows/cli.py does: no last collection at exit (~1.5 s of CPU per rank)
+    atexit.register(gc.freeze)  # as flows/cli.py does: no last collection at exit
     main(sys.argv[1])

@@ -5,17 +5,27 @@ A normalised pair has the system prompt, the prompt (chat messages without syste
 rejected answers, and the labels the recipe's filter reads (status, chosen_score, in_gsm8k_train).
 Every bad value is reported with its file, row and column.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pandas as pd
 
 from tasks.base import PreftuneError
 
-NORMALIZED_COLUMNS = ["system", "prompt", "chosen", "rejected", "status", "chosen_score", "in_gsm8k_train", "prompt_mismatch"]
+NORMALIZED_COLUMNS = [
+    "system",
+    "prompt",
+    "chosen",
+    "rejected",
+    "status",
+    "chosen_score",
+    "in_gsm8k_train",
+    "prompt_mismatch",
+]
 # IFEval's columns: a row's verifiable instructions, which evaluation checks with lm_eval's checkers. Optional in
 # every schema; kept through filtering, splitting and formatting.
 INSTRUCTION_COLUMNS = ["instruction_id_list", "kwargs"]
@@ -77,20 +87,25 @@ def _column(row: dict, name: str, where: str, read=_text):
 def _argilla(row: dict, where: str) -> dict:
     question_column = "input" if "input" in row else "question"
     status = row.get("status")
-    return {"system": row.get("system") or "",
-            "prompt": [{"role": "user", "content": _column(row, question_column, where)}],
-            "chosen": _column(row, "chosen", where), "rejected": _column(row, "rejected", where),
-            "status": None if _missing(status) else _column(row, "status", where),
-            "chosen_score": _column(row, "chosen_score", where, _score),
-            "in_gsm8k_train": _column(row, "in_gsm8k_train", where, _flag)}
+    return {
+        "system": row.get("system") or "",
+        "prompt": [{"role": "user", "content": _column(row, question_column, where)}],
+        "chosen": _column(row, "chosen", where),
+        "rejected": _column(row, "rejected", where),
+        "status": None if _missing(status) else _column(row, "status", where),
+        "chosen_score": _column(row, "chosen_score", where, _score),
+        "in_gsm8k_train": _column(row, "in_gsm8k_train", where, _flag),
+    }
 
 
 def _openai_dpo(row: dict, where: str) -> dict:
     messages = list(row["input"]["messages"])
-    return {"system": "\n".join(m["content"] for m in messages if m["role"] == "system"),
-            "prompt": [dict(m) for m in messages if m["role"] != "system"],
-            "chosen": _column(row, "preferred_output", where, _last_assistant),
-            "rejected": _column(row, "non_preferred_output", where, _last_assistant)}
+    return {
+        "system": "\n".join(m["content"] for m in messages if m["role"] == "system"),
+        "prompt": [dict(m) for m in messages if m["role"] != "system"],
+        "chosen": _column(row, "preferred_output", where, _last_assistant),
+        "rejected": _column(row, "non_preferred_output", where, _last_assistant),
+    }
 
 
 def _hh_rlhf(row: dict, where: str) -> dict:
@@ -98,15 +113,21 @@ def _hh_rlhf(row: dict, where: str) -> dict:
     rejected = parse_transcript(_column(row, "rejected", where))
     if not chosen or chosen[-1]["role"] != "assistant" or not rejected or rejected[-1]["role"] != "assistant":
         raise PreftuneError(f"{where}: transcript does not end with an Assistant turn")
-    return {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"],
-            "prompt_mismatch": chosen[:-1] != rejected[:-1]}  # a known hh-rlhf quirk
+    return {
+        "prompt": chosen[:-1],
+        "chosen": chosen[-1]["content"],
+        "rejected": rejected[-1]["content"],
+        "prompt_mismatch": chosen[:-1] != rejected[:-1],
+    }  # a known hh-rlhf quirk
 
 
 def _pairs(row: dict, where: str) -> dict:
     prompt = row["prompt"]
-    return {"prompt": [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt],
-            "chosen": _column(row, "chosen", where, _last_assistant),
-            "rejected": _column(row, "rejected", where, _last_assistant)}
+    return {
+        "prompt": [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt],
+        "chosen": _column(row, "chosen", where, _last_assistant),
+        "rejected": _column(row, "rejected", where, _last_assistant),
+    }
 
 
 @dataclass(frozen=True)
@@ -134,10 +155,17 @@ def _schema(description: str, required: set[str], row, one_of: set[str] = frozen
 
 # Detection tries the rows in order: the most specific first.
 SCHEMAS: dict[str, Schema] = {
-    "openai_dpo": _schema("input.messages, preferred_output, non_preferred_output",
-                          {"input", "preferred_output", "non_preferred_output"}, _openai_dpo),
-    "argilla": _schema("system, input, chosen, rejected[, status, chosen_score, in_gsm8k_train]",
-                       {"chosen", "rejected"}, _argilla, one_of={"input", "question"}),
+    "openai_dpo": _schema(
+        "input.messages, preferred_output, non_preferred_output",
+        {"input", "preferred_output", "non_preferred_output"},
+        _openai_dpo,
+    ),
+    "argilla": _schema(
+        "system, input, chosen, rejected[, status, chosen_score, in_gsm8k_train]",
+        {"chosen", "rejected"},
+        _argilla,
+        one_of={"input", "question"},
+    ),
     "pairs": _schema("prompt, chosen, rejected", {"prompt", "chosen", "rejected"}, _pairs),
     "hh_rlhf": _schema("chosen, rejected transcripts", {"chosen", "rejected"}, _hh_rlhf, exact=True),
 }
@@ -163,15 +191,21 @@ def instructions_of(row: dict, where: str, known: dict) -> dict:
     Hub table holds unset, as None, dropped), checked and named by `where` (file and row)."""
     ids, kwargs = _listed(row.get("instruction_id_list")), _listed(row.get("kwargs"))
     if ids is None or not all(isinstance(name, str) for name in ids):
-        raise PreftuneError(f"{where}, column 'instruction_id_list': expected a list of instruction ids, "
-                            f"found {row.get('instruction_id_list')!r:.60}")
+        raise PreftuneError(
+            f"{where}, column 'instruction_id_list': expected a list of instruction ids, "
+            f"found {row.get('instruction_id_list')!r:.60}"
+        )
     if kwargs is None or len(kwargs) != len(ids) or not all(isinstance(values, dict) for values in kwargs):
-        raise PreftuneError(f"{where}, column 'kwargs': expected one mapping per instruction ({len(ids)}), "
-                            f"found {row.get('kwargs')!r:.60}")
+        raise PreftuneError(
+            f"{where}, column 'kwargs': expected one mapping per instruction ({len(ids)}), "
+            f"found {row.get('kwargs')!r:.60}"
+        )
     if unknown := [name for name in ids if name not in known]:
         raise PreftuneError(f"{where}, column 'instruction_id_list': unknown IFEval instruction {unknown[0]!r}")
-    return {"instruction_id_list": ids,
-            "kwargs": [{name: value for name, value in values.items() if value is not None} for values in kwargs]}
+    return {
+        "instruction_id_list": ids,
+        "kwargs": [{name: value for name, value in values.items() if value is not None} for values in kwargs],
+    }
 
 
 def normalize(table: pd.DataFrame, fmt: str, source: str) -> pd.DataFrame:
@@ -179,8 +213,9 @@ def normalize(table: pd.DataFrame, fmt: str, source: str) -> pd.DataFrame:
     columns = set(table.columns)
     instructed = columns & set(INSTRUCTION_COLUMNS)
     if instructed and instructed != set(INSTRUCTION_COLUMNS):
-        raise PreftuneError(f"{source}: instruction columns come in pairs: found {sorted(instructed)}, expected "
-                            f"{INSTRUCTION_COLUMNS}")
+        raise PreftuneError(
+            f"{source}: instruction columns come in pairs: found {sorted(instructed)}, expected {INSTRUCTION_COLUMNS}"
+        )
     columns -= set(INSTRUCTION_COLUMNS)
     fmt = detect_schema(columns) if fmt == "auto" else fmt
     schema = SCHEMAS[fmt]
@@ -193,7 +228,8 @@ def normalize(table: pd.DataFrame, fmt: str, source: str) -> pd.DataFrame:
         from tasks.instructions import registry
 
         known = registry()
-        instructions = [instructions_of(row, f"{source}, row {index}", known)
-                        for index, row in enumerate(table.to_dict("records"))]
+        instructions = [
+            instructions_of(row, f"{source}, row {index}", known) for index, row in enumerate(table.to_dict("records"))
+        ]
         frame = frame.assign(**{name: [row[name] for row in instructions] for name in INSTRUCTION_COLUMNS})
     return frame.assign(_format=fmt)

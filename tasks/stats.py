@@ -1,8 +1,9 @@
 """Confidence intervals for the evaluation's figures: a figure from a few dozen held-out pairs means
 little without one. Percentile bootstrap over the evaluated items (pairs or prompts), seeded."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from pydantic import BaseModel
@@ -22,7 +23,7 @@ class Estimate(BaseModel):
         return {name: self.value, f"{name}.ci_low": self.ci_low, f"{name}.ci_high": self.ci_high}
 
     @classmethod
-    def from_metrics(cls, metrics: dict[str, float], name: str, n: int) -> "Estimate":
+    def from_metrics(cls, metrics: dict[str, float], name: str, n: int) -> Estimate:
         """The estimate that `metrics(name)` wrote."""
         return cls(value=metrics[name], ci_low=metrics[f"{name}.ci_low"], ci_high=metrics[f"{name}.ci_high"], n=n)
 
@@ -38,8 +39,16 @@ def estimate(statistic: Callable[..., float], *samples: np.ndarray, seed: int = 
     n = len(arrays[0])
     if n < 2 or all(np.ptp(array) == 0 for array in arrays):
         return Estimate(value=value, ci_low=value, ci_high=value, n=n)
-    result = bootstrap(arrays, statistic, paired=True, vectorized=False, n_resamples=RESAMPLES,
-                       confidence_level=level, method="percentile", rng=np.random.default_rng(seed))
+    result = bootstrap(
+        arrays,
+        statistic,
+        paired=True,
+        vectorized=False,
+        n_resamples=RESAMPLES,
+        confidence_level=level,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
     low, high = result.confidence_interval
     return Estimate(value=value, ci_low=float(low), ci_high=float(high), n=n)
 

@@ -1,4 +1,7 @@
-"""MLflow: where runs go, nested stage runs, and registering models with aliases."""
+"""MLflow: where runs go, nested stage runs, and registering model versions (with their model cards,
+under the `candidate` alias). What becomes of a version after that (its verdict recorded, the `champion`
+alias) is promotion's: tasks/promotion.py."""
+
 from __future__ import annotations
 
 import logging
@@ -8,75 +11,29 @@ import subprocess
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # read when mlflow is imported; a user's setting wins
 
-import mlflow  # noqa: E402
-from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from prefect import task
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
-from tasks.base import (MayHoldCredentials, PreftuneError, StrictModel, fingerprint, redact, redacted_credential_message,
-                        redacted_settings, retry_unless_user_error)
-from tasks.promotion import PromotionOutcome, PromotionRefused, champion_version, mark, promote, record_decision
-from tasks.verdict import GateInput, PromotionDecision, decide
+import mlflow  # noqa: E402
+from mlflow import MlflowClient
+from tasks.base import (
+    PreftuneError,
+    fingerprint,
+    redact,
+    redacted_credential_message,
+    redacted_settings,
+    retry_unless_user_error,
+)
+from tasks.settings.tracking import TrackingSettings
+from tasks.verdict import PromotionDecision
 
 log = logging.getLogger(__name__)
 DEFAULT_STORE = Path("mlflow")
 SERVING_REQUIREMENTS = ["torch", "transformers", "accelerate", "safetensors"]
-
-
-class PromotionSettings(StrictModel):
-    """The gate (tasks/verdict.py): the new policy becomes `champion` only if the 95 % interval of its
-    length-controlled combined improvement over the current champion (first run: its reference), prompt
-    by prompt on held-out prompts and by the judges that earned a say, lies entirely above this margin,
-    and no heard judge nor the ground truth rates it worse. A lucky prompt or two cannot promote a model."""
-
-    alias: str = Field("champion", description="The registry alias the gate moves.")
-    min_improvement: float = Field(0.0, ge=0, description="The margin the improvement's lower bound must clear, in "
-                                                          "spreads of the judges' scores (never below 0: a worse "
-                                                          "model cannot pass).")
-    drift_tolerance: float = Field(0.05, ge=0, le=1, description="How far an unasked format's or degenerate "
-                                                                 "repetition's rate on control prompts may rise (a "
-                                                                 "share: 0.05 is 5 points) before a significant rise "
-                                                                 "blocks promotion.")
-    approval: Literal["auto", "person"] = Field(
-        "auto", description="auto: a candidate that passes the gate becomes champion at once; person: it stays "
-                            "candidate until a person approves it (the promote-candidate flow waits for their "
-                            "input in the Prefect UI, or `preftune promote`).")
-    approval_timeout_hours: float = Field(168.0, gt=0, description="How long a promotion waits for a person's "
-                                                                   "approval before its run fails.")
-    approval_poll_seconds: int = Field(5, ge=1, description="How often a promotion waiting in its own process (not "
-                                                            "from a deployment) asks the server for the answer.")
-    deployment: str = Field("promote-candidate/promote", description="The promotion flow's deployment (flow/name) "
-                                                                     "a run starts when a person must approve; "
-                                                                     "without it on the server, the run logs how to "
-                                                                     "promote by hand.")
-    notify_block: str | None = Field(None, description="A Prefect notification block (`<block-type>/<name>`, e.g. "
-                                                       "custom-webhook/preftune) told every verdict: promoted, not "
-                                                       "promoted, waiting for approval, rejected or refused.")
-
-
-class TrackingSettings(StrictModel):
-    """Where runs are recorded and under which names models are registered."""
-
-    tracking_uri: MayHoldCredentials | None = Field(None, description="The MLflow tracking store; empty: $MLFLOW_TRACKING_URI, "
-                                                       "else SQLite under ./mlflow.")
-    experiment: str = Field("preftune", description="The MLflow experiment the runs go to.")
-    policy_model_name: str = Field("preftune-policy", description="The registered model the tuned policy is a "
-                                                                  "version of.")
-    reward_model_prefix: str = Field("preftune-reward", description="Reward models are registered as "
-                                                                    "`<prefix>-<aspect>`, one per aspect.")
-    alias: str = Field("candidate", description="The registry alias every newly registered version gets.")
-    register_models: bool = Field(True, description="Register the policy and reward models at the end of a run "
-                                                    "(off: evaluate only, the registry is untouched).")
-    promotion: PromotionSettings = Field(default_factory=PromotionSettings,
-                                         description="The gate that moves the champion alias.")
-    license: str | None = Field(None, description="The licence on the registered models' cards (a Hugging Face "
-                                                  "licence id such as apache-2.0); empty: the base model's, as "
-                                                  "its own card declares it.")
 
 
 class RegisteredVersion(BaseModel):
@@ -85,6 +42,7 @@ class RegisteredVersion(BaseModel):
     alias: str
     source_run_id: str
     reused: bool = False  # an unchanged model registered before: no new version
+    register_run_id: str = ""  # the run that registered it (or found it again) this time: its verdict goes there
 
 
 def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
@@ -96,8 +54,10 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
     try:
         requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
     except requests.RequestException as error:
-        raise PreftuneError(f"the MLflow tracking server at {redact(uri)} is unreachable ({type(error).__name__}); "
-                            "start it or set MLFLOW_TRACKING_URI to a reachable store") from None
+        raise PreftuneError(
+            f"the MLflow tracking server at {redact(uri)} is unreachable ({type(error).__name__}); "
+            "start it or set MLFLOW_TRACKING_URI to a reachable store"
+        ) from None
 
 
 def configure(settings: TrackingSettings) -> str:
@@ -128,8 +88,9 @@ def stage_run(stage: str, parent_run_id: str | None):
     """A nested MLflow run for one stage, tagged `preftune.stage` from its creation. A failure inside
     marks it FAILED; if the tracking server is gone by then, that is logged and the original error, which
     says what went wrong, propagates (mlflow's own `with start_run()` would raise the server's error instead)."""
-    run = mlflow.start_run(run_name=stage, nested=parent_run_id is not None, parent_run_id=parent_run_id,
-                           tags={"preftune.stage": stage})
+    run = mlflow.start_run(
+        run_name=stage, nested=parent_run_id is not None, parent_run_id=parent_run_id, tags={"preftune.stage": stage}
+    )
     try:
         yield run
     except BaseException:
@@ -144,8 +105,13 @@ def stage_run(stage: str, parent_run_id: str | None):
 def git_commit() -> str:
     """The checkout's commit; in an image without `.git`, the one it was built from (PREFTUNE_GIT_COMMIT)."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return os.environ.get("PREFTUNE_GIT_COMMIT", "unknown")
 
@@ -188,8 +154,12 @@ def model_card(name: str, data: dict, body: str):
     """A Hugging Face model card (YAML metadata the Hub reads, and text for people)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    return ModelCard.from_template(ModelCardData(**{k: v for k, v in data.items() if v not in (None, [], {})}),
-                                   template_str=CARD_TEMPLATE, model_name=name, body=body)
+    return ModelCard.from_template(
+        ModelCardData(**{k: v for k, v in data.items() if v not in (None, [], {})}),
+        template_str=CARD_TEMPLATE,
+        model_name=name,
+        body=body,
+    )
 
 
 CHAT = "llm/v1/chat"  # MLflow's chat task: OpenAI-style requests, the chat template applied, only the answer back
@@ -200,13 +170,27 @@ def stage_card(model, task_name: str):
     to MLflow, which otherwise looks the local folder up on the Hub; registration completes it."""
     base = str(getattr(model, "name_or_path", "") or "")
     pipeline_tag = "text-generation" if task_name == CHAT else task_name
-    return model_card(pipeline_tag, {"library_name": "transformers", "pipeline_tag": pipeline_tag,
-                                  "license": declared_license(base), "base_model": base if _hub_id(base) else None},
-                      "Written by a preftune stage; the registered version's card adds its data and evaluation.")
+    return model_card(
+        pipeline_tag,
+        {
+            "library_name": "transformers",
+            "pipeline_tag": pipeline_tag,
+            "license": declared_license(base),
+            "base_model": base if _hub_id(base) else None,
+        },
+        "Written by a preftune stage; the registered version's card adds its data and evaluation.",
+    )
 
 
-def save_mlflow_model(model, tokenizer, task_name: str, target: Path, card=None, base_model_path: str | None = None,
-                      model_config: dict | None = None) -> Path:
+def save_mlflow_model(
+    model,
+    tokenizer,
+    task_name: str,
+    target: Path,
+    card=None,
+    base_model_path: str | None = None,
+    model_config: dict | None = None,
+) -> Path:
     """Write a model once, as an MLflow transformers model (MLmodel, `model/` with the weights and the
     tokenizer, so it also loads with `from_pretrained`), with its model card. A PEFT model with
     `base_model_path` keeps only its adapter (`peft/`, tokenizer beside it) and loads over that folder.
@@ -215,10 +199,15 @@ def save_mlflow_model(model, tokenizer, task_name: str, target: Path, card=None,
     partial = target.with_name(f"{target.name}.partial-{uuid.uuid4().hex[:8]}")
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        mlflow.transformers.save_model(transformers_model={"model": model, "tokenizer": tokenizer}, path=str(partial),
-                                       task=task_name, model_card=card or stage_card(model, task_name),
-                                       base_model_path=base_model_path, model_config=model_config,
-                                       pip_requirements=SERVING_REQUIREMENTS + (["peft"] if base_model_path else []))
+        mlflow.transformers.save_model(
+            transformers_model={"model": model, "tokenizer": tokenizer},
+            path=str(partial),
+            task=task_name,
+            model_card=card or stage_card(model, task_name),
+            base_model_path=base_model_path,
+            model_config=model_config,
+            pip_requirements=SERVING_REQUIREMENTS + (["peft"] if base_model_path else []),
+        )
         tokenizer.save_pretrained(adapter_folder(partial) if base_model_path else hf_folder(partial))
         partial.rename(target)
     except BaseException:
@@ -227,8 +216,14 @@ def save_mlflow_model(model, tokenizer, task_name: str, target: Path, card=None,
     return target
 
 
-def registry_card(registered_name: str, model_dir: str, settings: TrackingSettings, tags: dict[str, str],
-                  decision: PromotionDecision | None, aspect: str | None = None):
+def registry_card(
+    registered_name: str,
+    model_dir: str,
+    settings: TrackingSettings,
+    tags: dict[str, str],
+    decision: PromotionDecision | None,
+    aspect: str | None = None,
+):
     """The registered model's card: licence, base model, data (with digests) and the evaluation's figures
     with their intervals (the policy: the gate's; a reward model: its held-out accuracy as a judge)."""
     import yaml
@@ -244,9 +239,17 @@ def registry_card(registered_name: str, model_dir: str, settings: TrackingSettin
         from huggingface_hub import EvalResult
 
         dataset_type, dataset_name = dataset or (source or "held-out", "held-out questions")
-        results.append(EvalResult(task_type=written.get("pipeline_tag", "text-generation"), dataset_type=dataset_type,
-                                  dataset_name=dataset_name, dataset_split="eval", metric_type=metric,
-                                  metric_name=label, metric_value=round(estimate.value, 6)))
+        results.append(
+            EvalResult(
+                task_type=written.get("pipeline_tag", "text-generation"),
+                dataset_type=dataset_type,
+                dataset_name=dataset_name,
+                dataset_split="eval",
+                metric_type=metric,
+                metric_name=label,
+                metric_value=round(estimate.value, 6),
+            )
+        )
         figures.append(f"| {label} | {estimate.text()} | {estimate.n} |")
 
     def slug(name: str) -> str:
@@ -255,31 +258,53 @@ def registry_card(registered_name: str, model_dir: str, settings: TrackingSettin
     if decision is not None:
         gate = decision.gate
         if aspect is None:
-            for name, label in (("lc_improvement", "length-controlled improvement"), ("improvement", "improvement"),
-                                ("ground_truth", "ground-truth pass-rate difference")):
+            for name, label in (
+                ("lc_improvement", "length-controlled improvement"),
+                ("improvement", "improvement"),
+                ("ground_truth", "ground-truth pass-rate difference"),
+            ):
                 if (value := getattr(gate, name)) is not None:
                     result(name, f"{label} over {gate.baseline}", value)
             for name, value in gate.benchmark.items():
-                result(f"benchmark.{slug(name)}", f"{name}, difference over {gate.baseline}", value,
-                       ("IFEval", "IFEval"))
+                result(
+                    f"benchmark.{slug(name)}", f"{name}, difference over {gate.baseline}", value, ("IFEval", "IFEval")
+                )
             for name, value in gate.drift.items():
-                result(f"drift.{slug(name)}", f"control prompts: {name}, difference over {gate.baseline}", value,
-                       ("control prompts", "control prompts"))
+                result(
+                    f"drift.{slug(name)}",
+                    f"control prompts: {name}, difference over {gate.baseline}",
+                    value,
+                    ("control prompts", "control prompts"),
+                )
         for judge in gate.judges:
             if aspect in (None, judge.aspect):
                 result(f"judge.{judge.aspect}.accuracy", f"{judge.aspect} judge accuracy", judge.accuracy)
-    body = [f"Preference-tuned with preftune ({tags.get('method', 'reward model') if aspect is None else f'reward model for {aspect}'}).",
-            "", f"- base model: {base or 'unknown'}", f"- licence: {license_ or 'not declared'}",
-            f"- data: {source or 'unknown'} (sha256 {tags.get('data.sha256', 'unknown')})",
-            f"- code: commit {tags.get('git.commit', 'unknown')}"]
+    what = tags.get("method", "reward model") if aspect is None else f"reward model for {aspect}"
+    body = [
+        f"Preference-tuned with preftune ({what}).",
+        "",
+        f"- base model: {base or 'unknown'}",
+        f"- licence: {license_ or 'not declared'}",
+        f"- data: {source or 'unknown'} (sha256 {tags.get('data.sha256', 'unknown')})",
+        f"- code: commit {tags.get('git.commit', 'unknown')}",
+    ]
     if decision is not None and aspect is None:
-        body += ["", f"Verdict: {decision.verdict}. {decision.reason}.", "", decision.gate.evidence()]
+        body += ["", decision.statement()]
     if figures:
         body += ["", "| figure | value [95 % interval] | n |", "|---|---|---|", *figures]
-    return model_card(registered_name, {**written, "license": license_, "base_model": base,
-                                        "datasets": [source] if source else None, "model_name": registered_name,
-                                        "eval_results": results or None, "tags": ["preftune", tags.get("method")]
-                                        if aspect is None and tags.get("method") else ["preftune"]}, "\n".join(body))
+    return model_card(
+        registered_name,
+        {
+            **written,
+            "license": license_,
+            "base_model": base,
+            "datasets": [source] if source else None,
+            "model_name": registered_name,
+            "eval_results": results or None,
+            "tags": ["preftune", tags.get("method")] if aspect is None and tags.get("method") else ["preftune"],
+        },
+        "\n".join(body),
+    )
 
 
 def write_card(model_dir: str, card) -> None:
@@ -295,8 +320,9 @@ def _remote_store() -> bool:
     return mlflow.get_tracking_uri().startswith(("http://", "https://", "databricks"))
 
 
-def register_model(model_dir: str, registered_name: str, settings: TrackingSettings,
-                   tags: dict[str, str], card=None) -> RegisteredVersion:
+def register_model(
+    model_dir: str, registered_name: str, settings: TrackingSettings, tags: dict[str, str], card=None
+) -> RegisteredVersion:
     """Register the MLflow model around `model_dir` without copying it, once: an unchanged re-run finds
     its version again (by the folder, which is keyed by the stage's inputs) and only moves the alias.
     With a local store the version points at the folder; a tracking server gets one copy, logged as
@@ -305,14 +331,18 @@ def register_model(model_dir: str, registered_name: str, settings: TrackingSetti
     source = Path(model_dir).parent
     if card is not None:
         write_card(model_dir, card)
-    key = _model_key(model_dir)
+    key = model_key(model_dir)
     client = MlflowClient()
     try:
         client.create_registered_model(registered_name)
     except MlflowException as error:
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    known = [v for v in client.search_model_versions(f"name = '{registered_name}'") if v.tags.get("preftune.model_key") == key]
+    known = [
+        v
+        for v in client.search_model_versions(f"name = '{registered_name}'")
+        if v.tags.get("preftune.model_key") == key
+    ]
     run_id = mlflow.active_run().info.run_id
     if known:
         version = known[0]
@@ -321,90 +351,60 @@ def register_model(model_dir: str, registered_name: str, settings: TrackingSetti
         if _remote_store():
             mlflow.log_artifacts(str(source), artifact_path=registered_name)
             uri = f"runs:/{run_id}/{registered_name}"
-        version = client.create_model_version(registered_name, source=uri, run_id=run_id,
-                                              tags=tags | {"preftune.model_key": key})
+        version = client.create_model_version(
+            registered_name, source=uri, run_id=run_id, tags=tags | {"preftune.model_key": key}
+        )
     client.set_registered_model_alias(registered_name, settings.alias, version.version)
-    return RegisteredVersion(name=registered_name, version=str(version.version), alias=settings.alias,
-                             source_run_id=version.run_id or run_id, reused=bool(known))
+    return RegisteredVersion(
+        name=registered_name,
+        version=str(version.version),
+        alias=settings.alias,
+        source_run_id=version.run_id or run_id,
+        reused=bool(known),
+        register_run_id=run_id,
+    )
 
 
-def _model_key(model_dir: str) -> str:
+def model_key(model_dir: str) -> str:
     """What identifies a registered model across re-runs: the MLflow model folder around `model_dir`."""
     return fingerprint(str(Path(model_dir).parent.resolve()))
 
 
-def current_champion(settings: TrackingSettings, candidate_dir: str | None = None) -> str | None:
-    """The champion's pinned URI (`models:/name/version`), or None before the first promotion, and
-    None when the champion is the candidate itself (an unchanged re-run compares against the reference
-    again, so its cached evaluation is found instead of a model judged against itself)."""
-    try:
-        version = MlflowClient().get_model_version_by_alias(settings.policy_model_name, settings.promotion.alias)
-    except MlflowException:
-        return None
-    if candidate_dir and version.tags.get("preftune.model_key") == _model_key(candidate_dir):
-        return None
-    return f"models:/{settings.policy_model_name}/{version.version}"
-
-
-def decide_promotion(gate: GateInput, settings: PromotionSettings) -> PromotionDecision:
-    """The evaluation's evidence against this gate's margin (tasks/verdict.py decides)."""
-    return decide(gate, settings.min_improvement, settings.drift_tolerance)
-
-
-def log_decision(policy: RegisteredVersion, decision: PromotionDecision) -> None:
-    """The gate's decision on the version (tags, description, the decision itself) and on the active run
-    (`promotion.promoted` says the gate passed it; `promotion.outcome` on the version, what became of it)."""
-    record_decision(policy.name, policy.version, decision)
-    mlflow.set_tags(decision.record())
-    gate = decision.gate
-    mlflow.log_metrics({"promotion.promoted": float(decision.promoted), "promotion.judges_heard":
-                        float(sum(judge.heard for judge in gate.judges))}
-                       | (gate.lc_improvement.metrics("promotion.lc_improvement") if gate.lc_improvement else {})
-                       | (gate.improvement.metrics("promotion.improvement") if gate.improvement else {}))
-
-
-def decide_outcome(model: str, version: str, decision: PromotionDecision, settings: PromotionSettings,
-                   approved_by: str | None = None, reason: str | None = None) -> PromotionOutcome:
-    """Promote a version that passed when no person needs to approve, or when one did (`approved_by`);
-    otherwise say why nothing moved. Every outcome is kept on the version."""
-    if champion_version(model, settings.alias) == version:  # an unchanged re-run of the champion: nothing to decide
-        return PromotionOutcome(status="promoted", model=model, version=version, verdict=decision.verdict,
-                                message=f"{model} v{version} already is @{settings.alias}")
-    outcome = PromotionOutcome(status="not promoted", model=model, version=version,
-                               verdict=decision.verdict, message=f"the gate did not pass it: {decision.reason}")
-    if decision.promoted and settings.approval == "person" and approved_by is None:
-        outcome = outcome.model_copy(update={"status": "waiting for approval", "message": (
-            f"the gate passed it ({decision.reason}); it stays @candidate until a person approves")})
-    elif decision.promoted:
-        try:
-            return promote(model, version, decision, settings.alias,
-                           approved_by or "the gate (approval: auto)", reason or decision.reason)
-        except PromotionRefused as refused:
-            outcome = outcome.model_copy(update={"status": "refused", "message": str(refused),
-                                                 "approved_by": approved_by, "reason": reason})
-    return mark(model, version, outcome)
-
-
 @task(name="register-models", retries=3, retry_delay_seconds=[5, 20, 60], retry_condition_fn=retry_unless_user_error)
-def register(policy_dir: str, reward_dirs: dict[str, str], decision: PromotionDecision, settings: TrackingSettings,
-             parent_run_id: str, tags: dict[str, str], trained_against: list = ()) -> list[RegisteredVersion]:
-    """Register one reward model per aspect and the policy as `candidate`, each with its model card, and
-    record the gate's decision on the policy (the promote-candidate flow moves the champion).
+def register(
+    policy_dir: str,
+    reward_dirs: dict[str, str],
+    decision: PromotionDecision,
+    settings: TrackingSettings,
+    parent_run_id: str,
+    tags: dict[str, str],
+    trained_against: list = (),
+) -> list[RegisteredVersion]:
+    """Register one reward model per aspect and the policy as `candidate`, each with its model card (the
+    gate's `decision` gives the cards their figures; recording it on the policy's version, and what
+    becomes of the policy, is promotion's: `start_promotion` in flows/promotion.py).
     `trained_against` (judges an online method optimised) is recorded on the policy's version as the
     reward models' versions (`reward.<aspect>` tags), so the registry says what the policy was trained on."""
     with stage_run("register", parent_run_id):
         rewards = {}
         for aspect, model_dir in reward_dirs.items():
             name = f"{settings.reward_model_prefix}-{aspect}"
-            rewards[aspect] = register_model(model_dir, name, settings, tags,
-                                             registry_card(name, model_dir, settings, tags, decision, aspect))
-        policy = register_model(policy_dir, settings.policy_model_name, settings, tags,
-                                registry_card(settings.policy_model_name, policy_dir, settings, tags, decision))
+            rewards[aspect] = register_model(
+                model_dir, name, settings, tags, registry_card(name, model_dir, settings, tags, decision, aspect)
+            )
+        policy = register_model(
+            policy_dir,
+            settings.policy_model_name,
+            settings,
+            tags,
+            registry_card(settings.policy_model_name, policy_dir, settings, tags, decision),
+        )
         client = MlflowClient()
         for judge in trained_against:
             version = rewards.get(judge.aspect)
             source = f"models:/{version.name}/{version.version}" if version else redact(judge.model)
             client.set_model_version_tag(policy.name, policy.version, f"reward.{judge.aspect}", source)
-            client.set_model_version_tag(policy.name, policy.version, f"reward.{judge.aspect}.weight", str(judge.weight))
-        log_decision(policy, decision)
+            client.set_model_version_tag(
+                policy.name, policy.version, f"reward.{judge.aspect}.weight", str(judge.weight)
+            )
         return [policy, *rewards.values()]

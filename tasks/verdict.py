@@ -15,35 +15,18 @@ elsewhere (`harms`): a benchmark difference significantly below 0, a significant
 unasked format or of degenerate repetition beyond a tolerance, or facts named significantly less often
 on control prompts, each blocks promotion, and the verdict names it.
 """
+
 from __future__ import annotations
 
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field
 
-from tasks.base import StrictModel
+from tasks.settings.evaluation import CombinationSettings
 from tasks.stats import Estimate, estimate, mean
 
 Verdict = Literal["improved", "not shown", "worse", "vetoed", "no evidence", "regressed"]
-
-
-class CombinationSettings(StrictModel):
-    """How the heard judges' standardised scores become one score per answer."""
-
-    rule: Literal["weighted", "piecewise"] = Field(
-        "weighted", description="weighted: the heard judges' weighted mean; piecewise (Llama 2): the safety "
-                                "judge decides on the prompts it flags, the other judges everywhere else.")
-    safety_aspect: str | None = Field(None, description="Piecewise rule: the aspect whose judge is the safety judge.")
-    safety_threshold: float = Field(
-        -1.0, description="Piecewise rule: a prompt is the safety judge's when any compared answer's standardised "
-                          "safety score is below this (in spreads of its held-out scores).")
-
-    @model_validator(mode="after")
-    def _piecewise_names_its_safety_judge(self):
-        if self.rule == "piecewise" and not self.safety_aspect:
-            raise ValueError("combination.rule piecewise needs combination.safety_aspect (the safety judge's aspect)")
-        return self
 
 
 class JudgeStanding(BaseModel):
@@ -59,19 +42,37 @@ class JudgeStanding(BaseModel):
     reason: str
 
 
-def standing(aspect: str, weight: float, accuracy: Estimate, length_correlation: float, min_accuracy: float,
-             training_reward: bool = False, referee: bool = False) -> JudgeStanding:
+def standing(
+    aspect: str,
+    weight: float,
+    accuracy: Estimate,
+    length_correlation: float,
+    min_accuracy: float,
+    training_reward: bool = False,
+    referee: bool = False,
+) -> JudgeStanding:
     """Hear a judge only if it is not the policy's training reward and is better than chance at 95 %."""
     figures = f"held-out accuracy {accuracy.text()} on {accuracy.n} pairs"
     if training_reward:
-        heard, reason = False, f"a reward the policy was trained against ({figures}): it shows how far the policy " \
-                               "climbed it, not independent evidence"
+        heard, reason = (
+            False,
+            f"a reward the policy was trained against ({figures}): it shows how far the policy "
+            "climbed it, not independent evidence",
+        )
     elif accuracy.ci_low > min_accuracy:
         heard, reason = True, f"{figures}: lower bound above {min_accuracy:g}"
     else:
         heard, reason = False, f"{figures}: the interval reaches {min_accuracy:g}, so it cannot be told from chance"
-    return JudgeStanding(aspect=aspect, weight=weight, accuracy=accuracy, length_correlation=length_correlation,
-                         training_reward=training_reward, referee=referee, heard=heard, reason=reason)
+    return JudgeStanding(
+        aspect=aspect,
+        weight=weight,
+        accuracy=accuracy,
+        length_correlation=length_correlation,
+        training_reward=training_reward,
+        referee=referee,
+        heard=heard,
+        reason=reason,
+    )
 
 
 def at_zero_gap(differences: np.ndarray, gaps: np.ndarray) -> float:
@@ -89,8 +90,9 @@ def length_controlled(differences: np.ndarray, gaps: np.ndarray, seed: int = 0) 
     return estimate(at_zero_gap, differences, gaps, seed=seed)
 
 
-def combine(standardised: dict[str, dict[str, np.ndarray]], judges: list[JudgeStanding],
-            settings: CombinationSettings) -> dict[str, np.ndarray] | None:
+def combine(
+    standardised: dict[str, dict[str, np.ndarray]], judges: list[JudgeStanding], settings: CombinationSettings
+) -> dict[str, np.ndarray] | None:
     """One score per policy and prompt from the heard judges (`standardised[aspect][policy]`), or None
     when no judge is heard. Piecewise: on a prompt where the safety judge scores any compared answer
     below the threshold, every policy's score on it is the safety judge's."""
@@ -101,10 +103,13 @@ def combine(standardised: dict[str, dict[str, np.ndarray]], judges: list[JudgeSt
     def weighted(group: list[JudgeStanding]) -> dict[str, np.ndarray]:
         total = sum(judge.weight for judge in group)
         policies = standardised[group[0].aspect]
-        return {name: sum(judge.weight / total * standardised[judge.aspect][name] for judge in group)
-                for name in policies}
+        return {
+            name: sum(judge.weight / total * standardised[judge.aspect][name] for judge in group) for name in policies
+        }
 
-    safety = next((j for j in heard if j.aspect == settings.safety_aspect), None) if settings.rule == "piecewise" else None
+    safety = (
+        next((j for j in heard if j.aspect == settings.safety_aspect), None) if settings.rule == "piecewise" else None
+    )
     others = [judge for judge in heard if judge is not safety]
     if safety is None or not others:
         return weighted(heard)
@@ -138,35 +143,61 @@ class GateInput(BaseModel):
         if self.lc_improvement is None:
             text = "Better where asked: no judge earned a say (see the judges' table), so the judges show nothing."
         else:
-            text = (f"Better where asked: combined improvement over {self.baseline} ({self.rule} rule over "
-                    f"{', '.join(heard)}), length-controlled {self.lc_improvement.text()}, raw "
-                    f"{self.improvement.text()}, on {self.prompts} held-out prompts.")
+            text = (
+                f"Better where asked: combined improvement over {self.baseline} ({self.rule} rule over "
+                f"{', '.join(heard)}), length-controlled {self.lc_improvement.text()}, raw "
+                f"{self.improvement.text()}, on {self.prompts} held-out prompts."
+            )
         if self.ground_truth is not None:
-            text += (f" Ground truth (IFEval's checkers, {self.ground_truth.n} held-out prompts with instructions): "
-                     f"pass-rate difference {self.ground_truth.text()}.")
+            text += (
+                f" Ground truth (IFEval's checkers, {self.ground_truth.n} held-out prompts with instructions): "
+                f"pass-rate difference {self.ground_truth.text()}."
+            )
         return text + f" Not worse elsewhere, checked on: {', '.join(self.checks_run) or 'nothing'}."
 
 
-def gate_input(*, baseline: str, baseline_label: str | None = None, standings: list[JudgeStanding],
-               judge_scores: dict[str, dict[str, np.ndarray]], lengths: dict[str, np.ndarray],
-               combination: CombinationSettings, prompts: int, seed: int = 0,
-               passes: dict[str, np.ndarray] | None = None, benchmark: dict[str, Estimate] | None = None,
-               drift: dict[str, Estimate] | None = None, checks_run: list[str] = ()) -> tuple[GateInput, dict | None]:
+def gate_input(
+    *,
+    baseline: str,
+    baseline_label: str | None = None,
+    standings: list[JudgeStanding],
+    judge_scores: dict[str, dict[str, np.ndarray]],
+    lengths: dict[str, np.ndarray],
+    combination: CombinationSettings,
+    prompts: int,
+    seed: int = 0,
+    passes: dict[str, np.ndarray] | None = None,
+    benchmark: dict[str, Estimate] | None = None,
+    drift: dict[str, Estimate] | None = None,
+    checks_run: list[str] = (),
+) -> tuple[GateInput, dict | None]:
     """The gate's input from the evidence, candidate ("tuned") against `baseline` ("reference" or
     "champion"), prompt by prompt: each judge's standardised scores per policy, the answers' lengths, the
     ground-truth checker's verdicts, the benchmark's and the control prompts' differences (`baseline_label`:
     what the baseline is, e.g. the champion's URI). Returns it with the combined scores per policy (None
     when no judge is heard)."""
     gaps = lengths["tuned"] - lengths[baseline]
-    gate = GateInput(baseline=baseline_label or baseline, judges=standings, rule=combination.rule, prompts=prompts,
-                     judge_lc_improvement={aspect: length_controlled(scores["tuned"] - scores[baseline], gaps, seed)
-                                           for aspect, scores in judge_scores.items()},
-                     benchmark=benchmark or {}, drift=drift or {}, checks_run=list(checks_run))
+    gate = GateInput(
+        baseline=baseline_label or baseline,
+        judges=standings,
+        rule=combination.rule,
+        prompts=prompts,
+        judge_lc_improvement={
+            aspect: length_controlled(scores["tuned"] - scores[baseline], gaps, seed)
+            for aspect, scores in judge_scores.items()
+        },
+        benchmark=benchmark or {},
+        drift=drift or {},
+        checks_run=list(checks_run),
+    )
     combined = combine(judge_scores, standings, combination)
     if combined is not None:
         gate.improvement = mean(combined["tuned"] - combined[baseline], seed)
         gate.lc_improvement = length_controlled(combined["tuned"] - combined[baseline], gaps, seed)
-        gate.candidate_score, gate.baseline_score = float(np.mean(combined["tuned"])), float(np.mean(combined[baseline]))
+        gate.candidate_score, gate.baseline_score = (
+            float(np.mean(combined["tuned"])),
+            float(np.mean(combined[baseline])),
+        )
     if passes is not None:
         gate.ground_truth = pass_rate_difference(passes["tuned"], passes[baseline], seed)
     return gate, combined
@@ -178,8 +209,9 @@ def harms(gate: GateInput, drift_tolerance: float) -> list[str]:
     for name, value in gate.drift.items():
         if name.startswith("unasked") or name == "repetition":
             if value.ci_low > drift_tolerance:  # the rise is beyond the tolerance at 95 %
-                found.append(f"{name} rose on control prompts by {value.text()}, beyond the tolerance of "
-                             f"{drift_tolerance:g}")
+                found.append(
+                    f"{name} rose on control prompts by {value.text()}, beyond the tolerance of {drift_tolerance:g}"
+                )
         elif name == "facts named" and value.ci_high < 0:
             found.append(f"control answers name the right fact less often ({value.text()})")
     return found
@@ -194,15 +226,25 @@ class PromotionDecision(BaseModel):
     drift_tolerance: float = 0.05
     harms: list[str] = Field(default_factory=list)  # the "not worse elsewhere" checks it failed
 
+    def statement(self) -> str:
+        """The gate's verdict in words: what it decided and why, the evidence it read and what it required.
+        The one place it is composed: the flow's explanation, the version's description and the model
+        card say it this way (the evaluation's report, which has no verdict yet, says the evidence)."""
+        required = (
+            f"Required: lower bounds above {self.min_improvement:g} (judges) and 0 (ground truth); no "
+            f"benchmark significantly lower, no unasked format or repetition significantly up by more than "
+            f"{self.drift_tolerance:g}, no fewer facts named. Worse elsewhere: "
+            + ("; ".join(self.harms) if self.harms else "nothing")
+            + "."
+        )
+        return f"Verdict: {self.verdict}. {self.reason}.\n\n{self.gate.evidence()}\n{required}"
+
     def explanation(self) -> str:
-        """A paragraph and a table of the judges: what was shown, on what, and by whom."""
+        """The statement under a heading, then tables of the checks and the judges: what was shown, on
+        what, and by whom."""
         head = "passed the gate" if self.promoted else "not promoted"
         gate = self.gate
-        lines = [f"**{head}** (verdict: {self.verdict}): {self.reason}", "", gate.evidence(),
-                 f"Required: lower bounds above {self.min_improvement:g} (judges) and 0 (ground truth); no benchmark "
-                 f"significantly lower, no unasked format or repetition significantly up by more than "
-                 f"{self.drift_tolerance:g}, no fewer facts named. Worse elsewhere: "
-                 + ("; ".join(self.harms) if self.harms else "nothing") + ".", ""]
+        lines = [f"**{head}**", "", self.statement(), ""]
         if gate.benchmark or gate.drift:
             lines += ["| check | difference, candidate - baseline [95 %] |", "|---|---|"]
             lines += [f"| {name} | {value.text()} |" for name, value in {**gate.benchmark, **gate.drift}.items()]
@@ -211,18 +253,24 @@ class PromotionDecision(BaseModel):
         for judge in gate.judges:
             lc = gate.judge_lc_improvement.get(judge.aspect)
             role = " (referee)" if judge.referee else " (training reward)" if judge.training_reward else ""
-            lines.append(f"| {judge.aspect}{role} | {'yes' if judge.heard else 'no'} | {judge.reason} "
-                         f"| {lc.text() if lc else ''} |")
+            lines.append(
+                f"| {judge.aspect}{role} | {'yes' if judge.heard else 'no'} | {judge.reason} "
+                f"| {lc.text() if lc else ''} |"
+            )
         return "\n".join(lines)
 
     def record(self) -> dict[str, str]:
         """The decision as registry/run tags: verdict, intervals, and which judges were heard and why."""
         gate = self.gate
-        tags = {"promotion.promoted": str(self.promoted), "promotion.verdict": self.verdict,
-                "promotion.reason": self.reason[:5000], "promotion.baseline": gate.baseline,
-                "promotion.rule": gate.rule,
-                "promotion.checks_run": ", ".join(gate.checks_run) or "none",
-                "promotion.harms": "; ".join(self.harms)[:5000] or "none"}
+        tags = {
+            "promotion.promoted": str(self.promoted),
+            "promotion.verdict": self.verdict,
+            "promotion.reason": self.reason[:5000],
+            "promotion.baseline": gate.baseline,
+            "promotion.rule": gate.rule,
+            "promotion.checks_run": ", ".join(gate.checks_run) or "none",
+            "promotion.harms": "; ".join(self.harms)[:5000] or "none",
+        }
         for name in ("improvement", "lc_improvement", "ground_truth"):
             if (value := getattr(gate, name)) is not None:
                 tags[f"promotion.{name}"] = f"{value.value:.6f}"
@@ -239,8 +287,13 @@ def decide(gate: GateInput, min_improvement: float, drift_tolerance: float = 0.0
     found = harms(gate, drift_tolerance)
     asked = asked_for_gain(gate, min_improvement)
     if asked.verdict == "improved" and found:
-        asked = asked.model_copy(update={"verdict": "regressed", "promoted": False, "reason": (
-            f"better where asked ({asked.reason}), but worse elsewhere: {'; '.join(found)}")})
+        asked = asked.model_copy(
+            update={
+                "verdict": "regressed",
+                "promoted": False,
+                "reason": (f"better where asked ({asked.reason}), but worse elsewhere: {'; '.join(found)}"),
+            }
+        )
     elif found:
         asked = asked.model_copy(update={"reason": f"{asked.reason}; also worse elsewhere: {'; '.join(found)}"})
     return asked.model_copy(update={"harms": found, "drift_tolerance": drift_tolerance})
@@ -252,15 +305,18 @@ def asked_for_gain(gate: GateInput, min_improvement: float) -> PromotionDecision
     heard = [judge for judge in gate.judges if judge.heard]
 
     def decision(verdict: Verdict, reason: str) -> PromotionDecision:
-        return PromotionDecision(promoted=verdict == "improved", verdict=verdict, reason=reason, gate=gate,
-                                 min_improvement=min_improvement)
+        return PromotionDecision(
+            promoted=verdict == "improved", verdict=verdict, reason=reason, gate=gate, min_improvement=min_improvement
+        )
 
     if not heard or gate.lc_improvement is None:
         unheard = "; ".join(f"{j.aspect}: {j.reason}" for j in gate.judges) or "no judges were given"
         return decision("no evidence", f"no judge earned a say ({unheard}), so nothing can be concluded")
-    vetoes = [f"{judge.aspect} rates it worse once length is controlled "
-              f"({gate.judge_lc_improvement[judge.aspect].text()})"
-              for judge in heard if gate.judge_lc_improvement[judge.aspect].ci_high < 0]
+    vetoes = [
+        f"{judge.aspect} rates it worse once length is controlled ({gate.judge_lc_improvement[judge.aspect].text()})"
+        for judge in heard
+        if gate.judge_lc_improvement[judge.aspect].ci_high < 0
+    ]
     if gate.ground_truth is not None and gate.ground_truth.ci_high < 0:
         vetoes.append(f"the rule checker passes fewer of its answers ({gate.ground_truth.text()})")
     lc, judged_by = gate.lc_improvement, ", ".join(judge.aspect for judge in heard)
@@ -268,17 +324,26 @@ def asked_for_gain(gate: GateInput, min_improvement: float) -> PromotionDecision
         return decision("vetoed", "; ".join(vetoes))
     truth = gate.ground_truth
     if lc.ci_low > min_improvement and truth is not None and truth.ci_low <= 0:
-        return decision("not shown", f"heard judges ({judged_by}) rate it better once length is controlled "
-                                     f"({lc.text()}), but the ground truth does not show it: pass-rate difference "
-                                     f"{truth.text()}, lower bound at or below 0")
+        return decision(
+            "not shown",
+            f"heard judges ({judged_by}) rate it better once length is controlled "
+            f"({lc.text()}), but the ground truth does not show it: pass-rate difference "
+            f"{truth.text()}, lower bound at or below 0",
+        )
     if lc.ci_low > min_improvement:
         shown = f"; ground truth {truth.text()}" if truth is not None else ""
-        return decision("improved", f"heard judges ({judged_by}) rate it better once length is controlled: "
-                                    f"{lc.text()}, lower bound above {min_improvement:g}{shown}")
+        return decision(
+            "improved",
+            f"heard judges ({judged_by}) rate it better once length is controlled: "
+            f"{lc.text()}, lower bound above {min_improvement:g}{shown}",
+        )
     if lc.ci_high < 0:
         return decision("worse", f"heard judges ({judged_by}) rate it worse once length is controlled: {lc.text()}")
-    return decision("not shown", f"heard judges ({judged_by}): the length-controlled improvement {lc.text()} has its "
-                                 f"lower bound at or below {min_improvement:g}")
+    return decision(
+        "not shown",
+        f"heard judges ({judged_by}): the length-controlled improvement {lc.text()} has its "
+        f"lower bound at or below {min_improvement:g}",
+    )
 
 
 def pass_rate_difference(candidate: np.ndarray, baseline: np.ndarray, seed: int = 0) -> Estimate:

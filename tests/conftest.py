@@ -1,5 +1,6 @@
 """Shared fixtures: Prefect's own test harness (a temporary server and database), the public
 data samples beside the repository, and small real models built once per session."""
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,11 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 # A busy machine (a flow training beside the tests, a shared CI runner) slows every process: Prefect's
 # servers get time to start and SQLite writers time to wait their turn, instead of failing the test.
-PATIENT_PREFECT = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600", "PREFECT_SERVER_DATABASE_TIMEOUT": "120",
-                   "PREFECT_API_REQUEST_TIMEOUT": "300"}
+PATIENT_PREFECT = {
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600",
+    "PREFECT_SERVER_DATABASE_TIMEOUT": "120",
+    "PREFECT_API_REQUEST_TIMEOUT": "300",
+}
 
 
 # Two workers (and their subprocesses) share two cores: OpenMP threads that spin while they wait for work
@@ -105,15 +109,18 @@ def punkt() -> None:
     try:
         require_punkt()
     except PreftuneError:
-        pytest.skip(f"NLTK's punkt_tab tables are neither beside the repository ({SHARED_DATA / 'nltk_data'}) nor "
-                    "installed, and cannot be downloaded")
+        pytest.skip(
+            f"NLTK's punkt_tab tables are neither beside the repository ({SHARED_DATA / 'nltk_data'}) nor "
+            "installed, and cannot be downloaded"
+        )
 
 
 @pytest.fixture(scope="session")
 def tiny_model_path() -> str:
     """A tiny random Llama with the real SmolLM2 tokenizer (converted from the packaged GGUF, or the
     tokenizer folder PREFTUNE_TEST_BASE_MODEL names, as the GPU check carries it to a card)."""
-    from tasks.models import DEFAULT_BASE_MODEL, ModelSettings, RandomInitSettings, resolve_model_path
+    from tasks.models import resolve_model_path
+    from tasks.settings.models import DEFAULT_BASE_MODEL, ModelSettings, RandomInitSettings
 
     base = os.environ.get("PREFTUNE_TEST_BASE_MODEL", DEFAULT_BASE_MODEL)
     return resolve_model_path(ModelSettings(base_model=base, random_init=RandomInitSettings()))
@@ -121,7 +128,8 @@ def tiny_model_path() -> str:
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> str:
-    from tasks.models import ModelSettings, resolve_model_path
+    from tasks.models import resolve_model_path
+    from tasks.settings.models import ModelSettings
 
     return resolve_model_path(ModelSettings())
 

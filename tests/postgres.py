@@ -4,15 +4,16 @@ The cluster lives in a temporary folder on a free loopback port and asks TCP log
 (SCRAM), so a test shows that the password reached the servers through their environment: nothing in
 it outlives the test. PostgreSQL refuses to run as root, so as root it runs as the `postgres` user.
 """
+
 from __future__ import annotations
 
 import contextlib
 import glob
 import os
 import re
+import secrets
 import shutil
 import subprocess
-import secrets
 import tempfile
 from pathlib import Path
 from typing import NamedTuple
@@ -55,10 +56,30 @@ def postgres_cluster(bin_dir: Path):
             raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout}{done.stderr}")
 
     try:
-        run(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth-local=trust",
-            "--auth-host=scram-sha-256", f"--pwfile={password_file}", "-E", "UTF8", "--no-locale")
-        run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "postgres.log"), "-w", "-o",
-            f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start")
+        run(
+            str(bin_dir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "postgres",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            f"--pwfile={password_file}",
+            "-E",
+            "UTF8",
+            "--no-locale",
+        )
+        run(
+            str(bin_dir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(root / "postgres.log"),
+            "-w",
+            "-o",
+            f"-p {port} -k {root} -c listen_addresses=127.0.0.1",
+            "start",
+        )
         try:
             yield Cluster(f"postgresql://postgres@127.0.0.1:{port}", password)
         finally:

@@ -5,6 +5,7 @@ setup) and deployments/k8s/volumes/ (the namespace and volumes) are checked agai
 API schema in strict mode (an unknown or misplaced field fails, as the API server would refuse it),
 and against what the setup promises: the restricted Pod Security level, servers reachable only from
 the worker and the Jobs, logins and database URLs from Secrets, one place naming the image."""
+
 from __future__ import annotations
 
 import asyncio
@@ -40,7 +41,9 @@ DEPLOYMENTS = REPO / "deployments"
 K8S = DEPLOYMENTS / "k8s"
 TEMPLATE = json.loads((DEPLOYMENTS / "k8s-gpu-job-template.json").read_text())
 DEFAULTS = {name: spec["default"] for name, spec in TEMPLATE["variables"]["properties"].items() if "default" in spec}
-BOOK = next(d for d in yaml.safe_load((DEPLOYMENTS / "prefect.yaml").read_text())["deployments"] if d["name"] == "book-gpu")
+BOOK = next(
+    d for d in yaml.safe_load((DEPLOYMENTS / "prefect.yaml").read_text())["deployments"] if d["name"] == "book-gpu"
+)
 with mock.patch.dict(os.environ, deploy_environment({})):  # as `preftune deploy` runs `prefect deploy`
     BOOK_VARIABLES = apply_values(BOOK["work_pool"]["job_variables"], os.environ, remove_notset=False)
 # A release the managed Kubernetes services still offer: fields newer releases added would fail here.
@@ -80,21 +83,32 @@ async def _job_for_a_run(job_variables: dict, run_job_variables: dict | None = N
     its _create_job does."""
     with temporary_settings({PREFECT_API_AUTH_STRING: auth_string} if auth_string else {}):
         async with get_client() as client:
-            pool = await client.create_work_pool(WorkPoolCreate(
-                name=f"preftune-gpu-{uuid.uuid4().hex[:8]}", type="kubernetes", base_job_template=TEMPLATE))
+            pool = await client.create_work_pool(
+                WorkPoolCreate(
+                    name=f"preftune-gpu-{uuid.uuid4().hex[:8]}", type="kubernetes", base_job_template=TEMPLATE
+                )
+            )
             flow_id = await client.create_flow_from_name("preference-tuning")
-            deployment_id = await client.create_deployment(flow_id, f"{BOOK['name']}-{uuid.uuid4().hex[:8]}",
-                                                           work_pool_name=pool.name, entrypoint=BOOK["entrypoint"],
-                                                           job_variables=job_variables)
+            deployment_id = await client.create_deployment(
+                flow_id,
+                f"{BOOK['name']}-{uuid.uuid4().hex[:8]}",
+                work_pool_name=pool.name,
+                entrypoint=BOOK["entrypoint"],
+                job_variables=job_variables,
+            )
             run = await client.create_flow_run_from_deployment(deployment_id, job_variables=run_job_variables)
             configuration = await KubernetesWorkerJobConfiguration.resolve_for_flow_run(
-                run, client=client, work_pool=pool, worker_name="cluster-test")
+                run, client=client, work_pool=pool, worker_name="cluster-test"
+            )
     if auth_string:
         worker_env = _env(_container(_manifests()["Deployment/prefect-worker"]))
         await KubernetesWorker._replace_env_variable_with_secret(
-            None, "PREFECT_API_AUTH_STRING", configuration,
+            None,
+            "PREFECT_API_AUTH_STRING",
+            configuration,
             worker_env["PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_AUTH_STRING_SECRET_NAME"]["value"],
-            worker_env["PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_AUTH_STRING_SECRET_KEY"]["value"])
+            worker_env["PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_AUTH_STRING_SECRET_KEY"]["value"],
+        )
     return run, configuration.job_manifest
 
 
@@ -147,8 +161,11 @@ def test_the_book_gpu_job_is_valid_and_has_gpu_volumes_and_tracking():
     assert requests["memory"] == BOOK_VARIABLES["memory_request"]
     assert requests["ephemeral-storage"] == DEFAULTS["ephemeral_storage_request"]
     mounts = _mounts(pod, container)
-    mounted = {path: volume["persistentVolumeClaim"]["claimName"] for path, volume in mounts.items()
-               if "persistentVolumeClaim" in volume}
+    mounted = {
+        path: volume["persistentVolumeClaim"]["claimName"]
+        for path, volume in mounts.items()
+        if "persistentVolumeClaim" in volume
+    }
     # Runs, Prefect's task results (a new pod finds the cached stages) and every cache lie on the volumes;
     # the code and PREFTUNE_HOME are the image's.
     assert mounted[values["PREFTUNE_RUNS_ROOT"]] == DEFAULTS["runs_volume_claim"]
@@ -173,11 +190,16 @@ def test_the_jobs_reference_the_prefect_login_by_its_secret():
     _validate_job(job)
     assert "not-in-the-manifest" not in json.dumps(job)
     server_env = _env(_container(_manifests()["Deployment/prefect-server"]))
-    assert _secret(_env(_container(job))["PREFECT_API_AUTH_STRING"]) == _secret(server_env["PREFECT_SERVER_API_AUTH_STRING"])
+    assert _secret(_env(_container(job))["PREFECT_API_AUTH_STRING"]) == _secret(
+        server_env["PREFECT_SERVER_API_AUTH_STRING"]
+    )
 
 
 def test_a_deployment_overrides_the_tracking_server_and_env_without_duplicates():
-    job_variables = BOOK_VARIABLES | {"mlflow_tracking_uri": "http://mlflow.example.org", "env": {"HF_HOME": "/app/cache/hf"}}
+    job_variables = BOOK_VARIABLES | {
+        "mlflow_tracking_uri": "http://mlflow.example.org",
+        "env": {"HF_HOME": "/app/cache/hf"},
+    }
     _, job = asyncio.run(_job_for_a_run(job_variables))
     _validate_job(job)
     env = _env(_container(job))
@@ -195,13 +217,24 @@ def test_a_run_without_an_image_is_refused_when_created():
 def test_every_cluster_manifest_is_valid():
     listed = set()
     for kustomization in K8S.glob("**/kustomization.yaml"):
-        listed |= {(kustomization.parent / entry).resolve() for entry in yaml.safe_load(kustomization.read_text())["resources"]}
-    orphans = {path for path in K8S.glob("**/*.yaml") if path.name != "kustomization.yaml" and path.resolve() not in listed}
+        listed |= {
+            (kustomization.parent / entry).resolve() for entry in yaml.safe_load(kustomization.read_text())["resources"]
+        }
+    orphans = {
+        path for path in K8S.glob("**/*.yaml") if path.name != "kustomization.yaml" and path.resolve() not in listed
+    }
     assert not orphans  # every file is applied by a kustomization
     manifests = _manifests()
-    assert {"Namespace/preftune", "ServiceAccount/prefect-worker", "Role/prefect-worker", "RoleBinding/prefect-worker",
-            "Deployment/prefect-worker", "Service/mlflow", "Service/prefect-server",
-            "NetworkPolicy/default-deny-ingress"} <= manifests.keys()
+    assert {
+        "Namespace/preftune",
+        "ServiceAccount/prefect-worker",
+        "Role/prefect-worker",
+        "RoleBinding/prefect-worker",
+        "Deployment/prefect-worker",
+        "Service/mlflow",
+        "Service/prefect-server",
+        "NetworkPolicy/default-deny-ingress",
+    } <= manifests.keys()
     for name, manifest in manifests.items():
         try:
             kubernetes_validate.validate(manifest, KUBERNETES, strict=True)
@@ -240,8 +273,10 @@ def test_only_the_worker_and_the_jobs_reach_the_servers():
     policies = [m["spec"] for m in manifests.values() if m["kind"] == "NetworkPolicy"]
     assert {"podSelector": {}, "policyTypes": ["Ingress"]} in policies  # every pod: no ingress unless allowed
     _, job = asyncio.run(_job_for_a_run(BOOK_VARIABLES))
-    pod_labels = {"worker": manifests["Deployment/prefect-worker"]["spec"]["template"]["metadata"]["labels"],
-                  "job": job["spec"]["template"]["metadata"]["labels"]}
+    pod_labels = {
+        "worker": manifests["Deployment/prefect-worker"]["spec"]["template"]["metadata"]["labels"],
+        "job": job["spec"]["template"]["metadata"]["labels"],
+    }
     assert pod_labels["job"]["app.kubernetes.io/component"] == JOB_POD  # kept by the worker beside its own labels
     for server, clients in (("prefect-server", {"worker", "job"}), ("mlflow", {"job"})):
         service = manifests[f"Service/{server}"]["spec"]
@@ -249,8 +284,11 @@ def test_only_the_worker_and_the_jobs_reach_the_servers():
         [rule] = policy["ingress"]
         admitted = [peer["podSelector"]["matchLabels"] for peer in rule["from"]]
         assert all(peer.keys() == {"podSelector"} for peer in rule["from"])  # no namespaceSelector, no IP blocks
-        assert {who for who, labels in pod_labels.items()
-                if any(selector.items() <= labels.items() for selector in admitted)} == clients, server
+        assert {
+            who
+            for who, labels in pod_labels.items()
+            if any(selector.items() <= labels.items() for selector in admitted)
+        } == clients, server
         container = _container(manifests[f"Deployment/{server}"])
         assert [port["port"] for port in rule["ports"]] == [p["containerPort"] for p in container["ports"]]
 
@@ -269,9 +307,10 @@ def test_the_servers_keep_their_state_in_postgresql_and_log_in_with_secrets():
     assert ui_origin in prefect["PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS"]["value"].split(",")
     worker = _env(_container(manifests["Deployment/prefect-worker"]))
     assert _secret(worker["PREFECT_API_AUTH_STRING"]) == ("prefect-auth", "auth-string")
-    assert (worker["PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_AUTH_STRING_SECRET_NAME"]["value"],
-            worker["PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_AUTH_STRING_SECRET_KEY"]["value"]) == \
-        ("prefect-auth", "auth-string")
+    assert (
+        worker["PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_AUTH_STRING_SECRET_NAME"]["value"],
+        worker["PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_AUTH_STRING_SECRET_KEY"]["value"],
+    ) == ("prefect-auth", "auth-string")
 
     pod = manifests["Deployment/mlflow"]["spec"]["template"]["spec"]
     [server], (upgrade, auth_config) = pod["containers"], pod["initContainers"]
@@ -279,50 +318,83 @@ def test_the_servers_keep_their_state_in_postgresql_and_log_in_with_secrets():
     assert server["args"][:4] == ["mlflow", "server", "--app-name", "basic-auth"]
     assert _secret(env["MLFLOW_BACKEND_STORE_URI"]) == ("preftune-database", "mlflow-url")
     # The schema is brought up to date first, on the database the server then opens.
-    assert "mlflow db upgrade \"$MLFLOW_BACKEND_STORE_URI\"" in upgrade["command"][-1]
+    assert 'mlflow db upgrade "$MLFLOW_BACKEND_STORE_URI"' in upgrade["command"][-1]
     assert _secret(_env(upgrade)["MLFLOW_BACKEND_STORE_URI"]) == _secret(env["MLFLOW_BACKEND_STORE_URI"])
     # The auth app's settings file is written where the server reads it, from the users database's Secret.
     assert auth_config["command"][:4] == ["python", "-m", "flows.servers", "mlflow-auth-config"]
     assert auth_config["command"][-1] == env["MLFLOW_AUTH_CONFIG_PATH"]["value"]
     assert _secret(_env(auth_config)["MLFLOW_AUTH_DATABASE_URI"]) == ("preftune-database", "mlflow-auth-url")
-    for name, key in (("MLFLOW_AUTH_ADMIN_USERNAME", "username"), ("MLFLOW_AUTH_ADMIN_PASSWORD", "password"),
-                      ("MLFLOW_FLASK_SERVER_SECRET_KEY", "flask-secret-key")):
+    for name, key in (
+        ("MLFLOW_AUTH_ADMIN_USERNAME", "username"),
+        ("MLFLOW_AUTH_ADMIN_PASSWORD", "password"),
+        ("MLFLOW_FLASK_SERVER_SECRET_KEY", "flask-secret-key"),
+    ):
         assert _secret(env[name]) == (DEFAULTS["mlflow_auth_secret"], key)  # the Jobs log in with the same Secret
     # Artifacts on the separate volume (or an object store the ConfigMap names).
     destination = manifests["ConfigMap/mlflow-config"]["data"]["MLFLOW_ARTIFACTS_DESTINATION"]
     assert server["args"][server["args"].index("--artifacts-destination") + 1] == "$(MLFLOW_ARTIFACTS_DESTINATION)"
-    assert _mounts(pod, server)[destination]["persistentVolumeClaim"]["claimName"] in \
-        {name.split("/")[1] for name in _by_name(_kustomize(K8S / "volumes")) if name.startswith("PersistentVolumeClaim/")}
+    assert _mounts(pod, server)[destination]["persistentVolumeClaim"]["claimName"] in {
+        name.split("/")[1]
+        for name in _by_name(_kustomize(K8S / "volumes"))
+        if name.startswith("PersistentVolumeClaim/")
+    }
 
 
 def test_one_place_names_the_image():
     [entry] = yaml.safe_load((K8S / "kustomization.yaml").read_text())["images"]
     assert entry["name"] == IMAGE_NAME
     # A commit tag or a digest: never a tag that moves (latest, a version re-pushed with new code).
-    assert re.fullmatch(r"[0-9a-f]{7,40}", str(entry.get("newTag", ""))) or \
-        re.fullmatch(r"sha256:[0-9a-f]{64}", entry.get("digest", "")), entry
-    sources = [doc for path in K8S.glob("**/*.yaml") if path.name != "kustomization.yaml"
-               for doc in yaml.safe_load_all(path.read_text()) if doc]
-    images = {container["image"] for doc in sources if doc["kind"] == "Deployment"
-              for container in doc["spec"]["template"]["spec"].get("initContainers", []) + doc["spec"]["template"]["spec"]["containers"]}
+    assert re.fullmatch(r"[0-9a-f]{7,40}", str(entry.get("newTag", ""))) or re.fullmatch(
+        r"sha256:[0-9a-f]{64}", entry.get("digest", "")
+    ), entry
+    sources = [
+        doc
+        for path in K8S.glob("**/*.yaml")
+        if path.name != "kustomization.yaml"
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc
+    ]
+    images = {
+        container["image"]
+        for doc in sources
+        if doc["kind"] == "Deployment"
+        for container in doc["spec"]["template"]["spec"].get("initContainers", [])
+        + doc["spec"]["template"]["spec"]["containers"]
+    }
     assert images == {IMAGE_NAME}  # each is the name kustomize rewrites
-    rendered = {container["image"] for pod in _pods(_manifests()).values()
-                for container in pod["spec"].get("initContainers", []) + pod["spec"]["containers"]}
+    rendered = {
+        container["image"]
+        for pod in _pods(_manifests()).values()
+        for container in pod["spec"].get("initContainers", []) + pod["spec"]["containers"]
+    }
     assert rendered == {cluster_image()}
-    assert BOOK["work_pool"]["job_variables"]["image"] == "{{ $PREFTUNE_IMAGE }}" and "default" not in \
-        TEMPLATE["variables"]["properties"]["image"]
-    assert deploy_environment({"PREFTUNE_IMAGE": "registry.example.com/preftune@sha256:" + "0" * 64})["PREFTUNE_IMAGE"] \
-        .endswith("0" * 64)  # an explicit image wins
+    assert (
+        BOOK["work_pool"]["job_variables"]["image"] == "{{ $PREFTUNE_IMAGE }}"
+        and "default" not in TEMPLATE["variables"]["properties"]["image"]
+    )
+    assert deploy_environment({"PREFTUNE_IMAGE": "registry.example.com/preftune@sha256:" + "0" * 64})[
+        "PREFTUNE_IMAGE"
+    ].endswith("0" * 64)  # an explicit image wins
 
 
 def test_a_run_given_gpus_fails_at_once_when_cuda_cannot_use_them():
-    assert [required_devices({REQUIRE_CUDA: value}) for value in ("", "0", "false", "1", "true", "2")] == [0, 0, 0, 1, 1, 2]
+    assert [required_devices({REQUIRE_CUDA: value}) for value in ("", "0", "false", "1", "true", "2")] == [
+        0,
+        0,
+        0,
+        1,
+        1,
+        2,
+    ]
     with pytest.raises(PreftuneError, match="must be a number of CUDA devices"):
         required_devices({REQUIRE_CUDA: "yes please"})
     require_cuda_if_asked({})  # not asked: nothing to check
     wanted = torch.cuda.device_count() + 1  # one more than this machine has
-    with pytest.raises(PreftuneError, match=rf"{REQUIRE_CUDA}={wanted}: this job was given GPUs, but torch .* sees "
-                                            rf"{torch.cuda.device_count()} CUDA device"):
+    with pytest.raises(
+        PreftuneError,
+        match=rf"{REQUIRE_CUDA}={wanted}: this job was given GPUs, but torch .* sees "
+        rf"{torch.cuda.device_count()} CUDA device",
+    ):
         require_cuda_if_asked({REQUIRE_CUDA: str(wanted)})
     if torch.cuda.is_available():
         require_cuda_if_asked({REQUIRE_CUDA: "1"})
@@ -334,12 +406,16 @@ def test_a_run_given_gpus_fails_at_once_when_cuda_cannot_use_them():
 def test_the_manifests_agree_with_the_pool_and_the_deployment():
     manifests, namespace = _manifests(), DEFAULTS["namespace"]
     assert all(m["metadata"].get("namespace", namespace) == namespace for m in manifests.values())
-    assert {f"PersistentVolumeClaim/{DEFAULTS[claim]}" for claim in ("runs_volume_claim", "cache_volume_claim")} <= manifests.keys()
+    assert {
+        f"PersistentVolumeClaim/{DEFAULTS[claim]}" for claim in ("runs_volume_claim", "cache_volume_claim")
+    } <= manifests.keys()
 
     worker = manifests["Deployment/prefect-worker"]["spec"]["template"]["spec"]
     [container] = worker["containers"]
     args = container["args"]
-    assert args[args.index("--pool") + 1] == BOOK["work_pool"]["name"] and args[args.index("--type") + 1] == "kubernetes"
+    assert (
+        args[args.index("--pool") + 1] == BOOK["work_pool"]["name"] and args[args.index("--type") + 1] == "kubernetes"
+    )
     template_path = Path(args[args.index("--base-job-template") + 1])
     assert json.loads((REPO / template_path.relative_to("/app")).read_text()) == TEMPLATE  # the file in the image
     binding = manifests["RoleBinding/prefect-worker"]
@@ -363,8 +439,9 @@ def test_the_image_installs_the_locked_environment_with_cuda_torch():
     # The lock's torch is the CPU build (a local +cpu version PyPI lacks): the image drops that line and
     # takes torch at the version constraints.txt pins, which on PyPI is the CUDA build.
     [drop] = re.findall(r"sed '([^']+)' requirements\.lock > (\S+)", steps)
-    filtered = subprocess.run(["sed", drop[0], "requirements.lock"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout
+    filtered = subprocess.run(
+        ["sed", drop[0], "requirements.lock"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
     lock = (REPO / "requirements.lock").read_text()
     assert not re.search(r"^torch==", filtered, re.M)
     assert len(re.findall(r"^\S+==", filtered, re.M)) == len(re.findall(r"^\S+==", lock, re.M)) - 1
@@ -382,8 +459,10 @@ def test_the_image_installs_the_locked_environment_with_cuda_torch():
 
     # The image's paths are the ones the Job sets, and it does not run as root.
     env = dict(re.findall(r"(PREFTUNE_HOME|PREFTUNE_RUNS_ROOT|PREFTUNE_CACHE_DIR|HF_HOME)=(\S+)", steps))
-    job_env = {e["name"]: e.get("value") for e in TEMPLATE["job_configuration"]["job_manifest"]["spec"]["template"]
-               ["spec"]["containers"][0]["env"]}
+    job_env = {
+        e["name"]: e.get("value")
+        for e in TEMPLATE["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
     assert env and all(job_env[name] == value for name, value in env.items())
     assert re.search(r"^WORKDIR /app$", dockerfile, re.M) and env["PREFTUNE_HOME"] == "/app"
     user = re.findall(r"^USER (\S+)", dockerfile, re.M)[-1]

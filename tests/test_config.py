@@ -1,4 +1,5 @@
 """Profiles, overrides and validation of the pipeline configuration."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,6 +7,8 @@ import pytest
 from flows.cli import main
 from flows.config import PipelineConfig, build_config, load_config, profile_names
 from tasks.base import PreftuneError
+from tasks.settings.models import LoraSettings
+from tasks.settings.training import PolicySettings
 
 
 def test_profiles_exist_and_validate():
@@ -14,29 +17,18 @@ def test_profiles_exist_and_validate():
         assert load_config(name).profile == name
 
 
-def test_book_profile_is_the_reference_recipe():
+def test_each_layer_overrides_the_one_below_key_by_key(tmp_path):
+    """Class defaults, then the profile, then a user's file, then --set: each wins for the keys it names
+    and keeps the rest of the layer below (nested settings and the rewards' aspects are merged)."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("policy:\n  learning_rate: 3.0e-5\n  max_steps: 100\n")
     book = load_config("book")
-    lora = book.policy.lora
-    assert (lora.r, lora.alpha, lora.dropout) == (64, 32, 0.1)
-    assert lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    quant = book.model.quantization
-    assert (quant.quant_type, quant.compute_dtype, quant.double_quant) == ("nf4", "float16", True)
-    dpo = book.policy
-    assert (dpo.beta, dpo.max_length, dpo.max_steps, dpo.learning_rate) == (0.1, 512, 200, 1e-5)
-    assert (dpo.per_device_train_batch_size, dpo.gradient_accumulation_steps) == (2, 4)
-    assert (dpo.optim, dpo.lr_scheduler_type, dpo.warmup_steps, dpo.logging_steps) == ("paged_adamw_32bit", "cosine", 0.1, 10)
-    assert dpo.gradient_checkpointing and book.model.precision == "fp16"
-    assert book.sft.enabled and book.sft.lora == lora and set(book.rewards) == {"helpfulness", "harmlessness"}
-    assert book.method == "dpo" and book.model.base_model == "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"
-    assert book.model.tokenizer.chat_template_from == "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
-    sft = book.sft  # its own chat data, one epoch, from the base model; DPO starts from the merged result
-    chats = sft.chat_data
-    assert (chats.source, chats.split, chats.rows, chats.seed) == ("HuggingFaceH4/ultrachat_200k", "test_sft", 3000, 42)
-    assert (sft.max_steps * sft.per_device_train_batch_size * sft.gradient_accumulation_steps, sft.learning_rate,
-            sft.max_length) == (3000, 2e-4, 512)
-    data = book.data
-    assert (data.source, data.status_rule, data.min_chosen_score, data.drop_in_gsm8k_train) == (
-        "argilla/distilabel-intel-orca-dpo-pairs", "drop_ties", 8.0, True)
+    config = load_config("book", str(mine), ["policy.max_steps=7", "rewards.style.judge=some/reward-model"])
+    assert config.policy.max_steps == 7 and config.policy.learning_rate == 3e-5  # --set over the file over the profile
+    assert config.policy.lora == book.policy.lora != LoraSettings()  # the profile's, over the default, kept
+    assert config.policy.seed == PolicySettings().seed  # set by no layer: the default
+    assert set(config.rewards) == set(book.rewards) | {"style"}  # an aspect added, the profile's kept
+    assert config.rewards["helpfulness"] == book.rewards["helpfulness"]
 
 
 def test_overrides_are_typed():
@@ -51,19 +43,45 @@ def test_config_file_is_applied_over_the_profile(tmp_path):
     assert load_config("smoke", str(path)).policy.beta == 0.2
 
 
-@pytest.mark.parametrize("override, message", [
-    ("policy.max_stepz=3", r"policy \(method dpo\): unknown setting max_stepz \(DPOConfig has no such field\)"),
-    ("rewards.helpfulness.betaa=3", r"rewards.helpfulness: unknown setting betaa \(RewardConfig has no such field\)"),
-    ("methods.grpo.num_generation=3", r"methods.grpo: unknown setting num_generation \(GRPOConfig has no such field\)"),
-    ("method=ppo", "method: Input should be 'dpo', "),
-    ("policy.max_steps=0", "policy.max_steps: Input should be greater than 0"),
-    ("data.status_rule=ties", "data.status_rule: Input should be 'drop_ties', 'only_ties' or 'keep_all'"),
-    ("rewards.helpfulness.learning_rate=fast", "rewards.helpfulness.learning_rate: Input should be a valid number"),
-    ("rewards.Bad Name.weight=1", "rewards.Bad Name.\\[key\\]: String should match pattern"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("methods.dpoo.beta=0.2", "methods.dpoo: unknown method; choose one of dpo, "),
+        ("method=ppo", "method: Input should be 'dpo', "),
+        ("policy.max_steps=0", "policy.max_steps: Input should be greater than 0"),
+        ("data.status_rule=ties", "data.status_rule: Input should be 'drop_ties', 'only_ties' or 'keep_all'"),
+        ("rewards.helpfulness.learning_rate=fast", "rewards.helpfulness.learning_rate: Input should be a valid number"),
+        ("rewards.Bad Name.weight=1", "rewards.Bad Name.\\[key\\]: String should match pattern"),
+    ],
+)
 def test_bad_settings_name_the_key(override, message):
     with pytest.raises(PreftuneError, match=message):
         load_config("smoke", overrides=[override])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("policy.max_stepz=3", r"policy \(method dpo\): unknown setting max_stepz \(DPOConfig has no such field\)"),
+        (
+            "rewards.helpfulness.betaa=3",
+            r"rewards.helpfulness: unknown setting betaa \(RewardConfig has no such field\)",
+        ),
+        (
+            "methods.grpo.num_generation=3",
+            r"methods.grpo: unknown setting num_generation \(GRPOConfig has no such field\)",
+        ),
+        ("sft.packingg=true", r"sft: unknown setting packingg \(SFTConfig has no such field\)"),
+    ],
+)
+def test_unknown_trl_options_are_named_before_anything_runs(override, message):
+    """The settings build without TRL; the flow's first step checks them against TRL's config classes."""
+    from tasks.trainer import check_options
+
+    config = load_config("smoke", overrides=[override, "sft.enabled=true"])
+    with pytest.raises(PreftuneError, match=message):
+        check_options(config)
+    check_options(load_config("smoke", overrides=["sft.enabled=true", "methods.grpo.num_generations=2"]))
 
 
 def test_cli_reports_bad_input_without_a_traceback(capsys):
@@ -75,8 +93,9 @@ def test_cli_reports_bad_input_without_a_traceback(capsys):
 
 def test_flow_parameter_schema_is_the_config():
     """Prefect renders the flow's parameter as a form from this schema."""
-    from flows.preference_tuning import preference_tuning
     from prefect.utilities.callables import parameter_schema
+
+    from flows.preference_tuning import preference_tuning
 
     schema = parameter_schema(preference_tuning)
     assert "config" in schema.properties
@@ -92,7 +111,9 @@ def test_partial_parameters_start_from_their_profile():
 
 
 def test_judges_on_the_pipeline_data_need_questions_of_their_own():
-    with pytest.raises(PreftuneError, match="rewards helpfulness train on the pipeline's data: set data.judge_fraction"):
+    with pytest.raises(
+        PreftuneError, match="rewards helpfulness train on the pipeline's data: set data.judge_fraction"
+    ):
         load_config("smoke", overrides=["data.judge_fraction=0"])
     given = load_config("smoke", overrides=["data.judge_fraction=0", "rewards.helpfulness.judge=some/reward-model"])
     assert given.rewards["helpfulness"].judge == "some/reward-model"
@@ -106,10 +127,13 @@ def test_relative_data_files_are_read_from_the_data_root(tmp_path):
     assert untouched.data.source == "synthetic"  # generated and hub sources are not files
 
 
-@pytest.mark.parametrize("override, message", [
-    ("run_name=../../etc", "run_name: String should match pattern"),
-    ("runs_dir=runs/../../elsewhere", "runs_dir: runs_dir may not contain '..'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("run_name=../../etc", "run_name: String should match pattern"),
+        ("runs_dir=runs/../../elsewhere", "runs_dir: runs_dir may not contain '..'"),
+    ],
+)
 def test_run_paths_cannot_escape(override, message):
     with pytest.raises(PreftuneError, match=message):
         load_config("smoke", overrides=[override])
@@ -173,8 +197,15 @@ def test_settings_that_may_hold_credentials_are_redacted_in_their_json_and_refus
     """Prefect records (and shows) a flow run's parameters as their JSON; a deployment file holds the same."""
     from flows.preference_tuning import preference_tuning
 
-    places = ("tracking.tracking_uri", "data.source", "data.data_dir", "rewards.helpfulness.judge", "model.base_model",
-              "model.tokenizer.chat_template_from", "evaluation.referees.ref.model")
+    places = (
+        "tracking.tracking_uri",
+        "data.source",
+        "data.data_dir",
+        "rewards.helpfulness.judge",
+        "model.base_model",
+        "model.tokenizer.chat_template_from",
+        "evaluation.referees.ref.model",
+    )
     for secret, shown in CREDENTIALS[:4]:  # the shapes a URI-valued setting can take
         for key in places:
             config = load_config("smoke", overrides=[f"{key}={secret}"])
@@ -208,8 +239,12 @@ def undescribed_settings(schema: dict) -> list[str]:
     """`Model.field` for every property of the schema's top level and of each of its `$defs` models
     that has no description: what Prefect's deployment form would show as a bare name."""
     models = {schema.get("title", "top level"): schema} | schema.get("$defs", {})
-    return [f"{name}.{field}" for name, model in models.items()
-            for field, spec in model.get("properties", {}).items() if not spec.get("description", "").strip()]
+    return [
+        f"{name}.{field}"
+        for name, model in models.items()
+        for field, spec in model.get("properties", {}).items()
+        if not spec.get("description", "").strip()
+    ]
 
 
 def test_undescribed_settings_are_found():
@@ -238,9 +273,12 @@ def test_descriptions_survive_the_forms_markdown():
     import re
 
     schema = PipelineConfig.model_json_schema()
-    lost = [f"{name}.{field}" for name, model in ({"PipelineConfig": schema} | schema["$defs"]).items()
-            for field, spec in model.get("properties", {}).items()
-            if re.search(r"<[^<>`]*>", re.sub(r"`[^`]*`", "", spec.get("description", "")))]
+    lost = [
+        f"{name}.{field}"
+        for name, model in ({"PipelineConfig": schema} | schema["$defs"]).items()
+        for field, spec in model.get("properties", {}).items()
+        if re.search(r"<[^<>`]*>", re.sub(r"`[^`]*`", "", spec.get("description", "")))
+    ]
     assert not lost, f"put the <placeholders> of these descriptions in backticks: {', '.join(lost)}"
 
 
@@ -252,9 +290,11 @@ def test_deployments_start_the_run_form_from_their_whole_profile(tmp_path):
     from flows.deployments import resolved_prefect_file
 
     spec = yaml.safe_load(resolved_prefect_file(tmp_path / "prefect.yaml").read_text())
-    trained = {d["name"]: d["parameters"]["config"] for d in spec["deployments"] if "config" in (d.get("parameters") or {})}
+    trained = {
+        d["name"]: d["parameters"]["config"] for d in spec["deployments"] if "config" in (d.get("parameters") or {})
+    }
     assert set(trained) == {"nightly-quickstart", "smoke", "book-gpu"}
-    for name, sent in trained.items():
+    for sent in trained.values():
         profile = load_config(sent["profile"])
         assert build_config(sent) == profile  # what an untouched form sends back is the profile
     smoke = trained["smoke"]

@@ -1,4 +1,5 @@
 """Loading, filtering, splitting and formatting on the public samples and on generated data."""
+
 from __future__ import annotations
 
 import json
@@ -7,10 +8,11 @@ import pandas as pd
 import pytest
 
 from tasks.base import PreftuneError
-from tasks.data import (DataSettings, apply_filter, fit_pair, format_split, load, question_keys,
-                        read_jsonl, render_example, split)
-from tasks.models import ModelSettings, load_tokenizer
+from tasks.data import apply_filter, fit_pair, format_split, load, question_keys, read_jsonl, render_example, split
+from tasks.models import load_tokenizer
 from tasks.schemas import parse_transcript
+from tasks.settings.data import DataSettings
+from tasks.settings.models import ModelSettings
 from tasks.synthetic import generate_instruction_preferences, generate_preferences, generate_safety_preferences
 
 
@@ -44,8 +46,12 @@ def test_hh_rlhf_prompt_is_the_shared_transcript_prefix(shared_data, tmp_path):
 
 def test_parse_transcript_turns():
     messages = parse_transcript("\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bye\n\nAssistant:")
-    assert messages == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-                        {"role": "user", "content": "bye"}, {"role": "assistant", "content": ""}]
+    assert messages == [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "bye"},
+        {"role": "assistant", "content": ""},
+    ]
 
 
 def test_argilla_schema_from_parquet_and_csv(tmp_path):
@@ -69,8 +75,11 @@ def test_recipe_filter_counts_each_rule(tmp_path):
     assert (kept.status != "tie").all() and (kept.chosen_score >= 8).all() and not kept.in_gsm8k_train.any()
     assert report.rows == 400 - sum(report.dropped.values())
 
-    only_ties = apply_filter(loaded, DataSettings(status_rule="only_ties", min_chosen_score=None,
-                                                  drop_in_gsm8k_train=False), tmp_path / "ties")
+    only_ties = apply_filter(
+        loaded,
+        DataSettings(status_rule="only_ties", min_chosen_score=None, drop_in_gsm8k_train=False),
+        tmp_path / "ties",
+    )
     assert only_ties.rows == ties and (read_jsonl(only_ties.path).status == "tie").all()
 
 
@@ -86,8 +95,9 @@ def _questions(path) -> set[str]:
 
 def test_split_is_seeded_and_keeps_questions_apart(shared_data, tmp_path):
     """hh-rlhf: many conversations share an opening question; none may be in two splits."""
-    settings = DataSettings(source=str(shared_data / "hh_rlhf_harmless_base.sample.jsonl"), eval_fraction=0.2,
-                            judge_fraction=0.3)
+    settings = DataSettings(
+        source=str(shared_data / "hh_rlhf_harmless_base.sample.jsonl"), eval_fraction=0.2, judge_fraction=0.3
+    )
     report = apply_filter(load(settings, tmp_path), settings, tmp_path)
     first, second = split(report, settings, tmp_path / "a"), split(report, settings, tmp_path / "b")
     assert first.train.sha256 == second.train.sha256 and first.eval.sha256 == second.eval.sha256
@@ -99,9 +109,14 @@ def test_split_is_seeded_and_keeps_questions_apart(shared_data, tmp_path):
 
 
 def test_same_question_with_another_system_prompt_stays_in_one_split(tmp_path):
-    rows = [{"input": f"Question {i}?", "system": system, "chosen": f"good {i} {system}", "rejected": "bad"}
-            for i in range(30) for system in ("", "You are terse.", "You are kind.")]
-    rows += [{"input": "  question 3 ", "system": "Other.", "chosen": "good again", "rejected": "bad"}]  # same, respaced
+    rows = [
+        {"input": f"Question {i}?", "system": system, "chosen": f"good {i} {system}", "rejected": "bad"}
+        for i in range(30)
+        for system in ("", "You are terse.", "You are kind.")
+    ]
+    rows += [
+        {"input": "  question 3 ", "system": "Other.", "chosen": "good again", "rejected": "bad"}
+    ]  # same, respaced
     path = _argilla_file(tmp_path, rows)
     settings = DataSettings(source=str(path), eval_fraction=0.3, judge_fraction=0.3, seed=5)
     parts = split(apply_filter(load(settings, tmp_path), settings, tmp_path), settings, tmp_path / "split")
@@ -110,8 +125,9 @@ def test_same_question_with_another_system_prompt_stays_in_one_split(tmp_path):
         for key in _questions(getattr(parts, name).path):
             located.setdefault(key, set()).add(name)
     assert len(located) == 30 and all(len(splits) == 1 for splits in located.values())
-    assert sum(read_jsonl(parts.eval.path).prompt.map(lambda p: p[0]["content"].strip().lower() == "question 3")
-               .astype(int)) in (0, 4)  # all four phrasings of question 3 together, or none
+    assert sum(
+        read_jsonl(parts.eval.path).prompt.map(lambda p: p[0]["content"].strip().lower() == "question 3").astype(int)
+    ) in (0, 4)  # all four phrasings of question 3 together, or none
 
 
 def test_too_few_questions_for_the_splits_is_named(tmp_path):
@@ -139,12 +155,18 @@ def test_malformed_jsonl_names_the_line(tmp_path):
         load(DataSettings(source=str(path)), tmp_path)
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("latin1.jsonl", b'{"chosen": "a", "rejected": "b"}\n{"chosen": "caf\xe9", "rejected": "b"}\n',
-     r"latin1.jsonl: line 2 is not UTF-8 text"),
-    ("list.jsonl", b'{"chosen": "a", "rejected": "b"}\n\n["a", "b"]\n', r"list.jsonl: line 3 is a JSON list"),
-    ("broken.parquet", b"PAR1 this is not parquet", r"broken.parquet: cannot read it as parquet"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        (
+            "latin1.jsonl",
+            b'{"chosen": "a", "rejected": "b"}\n{"chosen": "caf\xe9", "rejected": "b"}\n',
+            r"latin1.jsonl: line 2 is not UTF-8 text",
+        ),
+        ("list.jsonl", b'{"chosen": "a", "rejected": "b"}\n\n["a", "b"]\n', r"list.jsonl: line 3 is a JSON list"),
+        ("broken.parquet", b"PAR1 this is not parquet", r"broken.parquet: cannot read it as parquet"),
+    ],
+)
 def test_unreadable_files_are_named(tmp_path, name, content, message):
     path = tmp_path / name
     path.write_bytes(content)
@@ -172,20 +194,30 @@ def test_wrong_type_names_row_and_column(tmp_path):
 
 
 def _argilla_file(tmp_path, rows: list[dict], name="pairs.jsonl"):
-    base = {"system": "", "input": "q", "chosen": "good", "rejected": "bad", "status": "unchanged",
-            "chosen_score": 9.0, "in_gsm8k_train": False}
+    base = {
+        "system": "",
+        "input": "q",
+        "chosen": "good",
+        "rejected": "bad",
+        "status": "unchanged",
+        "chosen_score": 9.0,
+        "in_gsm8k_train": False,
+    }
     path = tmp_path / name
     path.write_text("".join(json.dumps(base | row) + "\n" for row in rows))
     return path
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"chosen_score": "nine"}, r"row 1, column 'chosen_score': expected a number, found str 'nine'"),
-    ({"in_gsm8k_train": "false"}, r"row 1, column 'in_gsm8k_train': expected true or false, found str 'false'"),
-    ({"chosen": None}, r"row 1, column 'chosen': missing value \(null or NaN\)"),
-    ({"input": None}, r"row 1, column 'input': missing value \(null or NaN\)"),
-    ({"rejected": 3}, r"row 1, column 'rejected': expected text, found int 3"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"chosen_score": "nine"}, r"row 1, column 'chosen_score': expected a number, found str 'nine'"),
+        ({"in_gsm8k_train": "false"}, r"row 1, column 'in_gsm8k_train': expected true or false, found str 'false'"),
+        ({"chosen": None}, r"row 1, column 'chosen': missing value \(null or NaN\)"),
+        ({"input": None}, r"row 1, column 'input': missing value \(null or NaN\)"),
+        ({"rejected": 3}, r"row 1, column 'rejected': expected text, found int 3"),
+    ],
+)
 def test_wrong_types_and_missing_text_name_file_row_and_column(tmp_path, bad, message):
     path = _argilla_file(tmp_path, [{}, bad])
     with pytest.raises(PreftuneError, match=f"{path.name}, {message}"):
@@ -200,7 +232,9 @@ def test_duplicates_and_identical_answers_are_dropped_and_counted(tmp_path):
 
 
 def _rendered_length(tokenizer, row, side):
-    return len(tokenizer.apply_chat_template(list(row.prompt) + list(getattr(row, side)), tokenize=True, return_dict=False))
+    return len(
+        tokenizer.apply_chat_template(list(row.prompt) + list(getattr(row, side)), tokenize=True, return_dict=False)
+    )
 
 
 def test_overlong_pairs_are_counted_then_shortened_from_the_prompt_or_dropped(tiny_model_path, tmp_path):
@@ -240,13 +274,18 @@ def test_fit_pair_keeps_the_answers_and_the_end_of_the_question(shared_data, smo
         if row.chosen[0]["content"] == source.chosen and row.rejected[0]["content"] == source.rejected:
             whole += 1
             assert source.prompt[-1]["content"].endswith(row.prompt[-1]["content"][-20:])
-    assert whole == len(original) - formatted.truncated_answers["train"]  # every pair not flagged kept both answers whole
+    assert (
+        whole == len(original) - formatted.truncated_answers["train"]
+    )  # every pair not flagged kept both answers whole
 
 
 def test_fit_pair_drops_the_oldest_turns_first(tiny_model_path):
     tokenizer = load_tokenizer(tiny_model_path, ModelSettings())
-    prompt = [{"role": "user", "content": "old question " * 40}, {"role": "assistant", "content": "old answer " * 40},
-              {"role": "user", "content": "What is the capital of France?"}]
+    prompt = [
+        {"role": "user", "content": "old question " * 40},
+        {"role": "assistant", "content": "old answer " * 40},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
     fitted, chosen, rejected, cut = fit_pair(prompt, "Paris.", "Lyon.", tokenizer, 64)
     assert fitted == [prompt[-1]] and (chosen, rejected, cut) == ("Paris.", "Lyon.", False)
 
@@ -256,9 +295,14 @@ def _best_keyword_accuracy(rows: list[dict]) -> float:
     words = {word for row in rows for word in (row["chosen"] + " " + row["rejected"]).lower().split()}
     best = 0.0
     for word in words:
-        score = sum(1.0 if (word in r["chosen"].lower().split()) > (word in r["rejected"].lower().split())
-                    else 0.0 if (word in r["chosen"].lower().split()) < (word in r["rejected"].lower().split())
-                    else 0.5 for r in rows)
+        score = sum(
+            1.0
+            if (word in r["chosen"].lower().split()) > (word in r["rejected"].lower().split())
+            else 0.0
+            if (word in r["chosen"].lower().split()) < (word in r["rejected"].lower().split())
+            else 0.5
+            for r in rows
+        )
         best = max(best, score / len(rows), 1 - score / len(rows))
     return best
 

@@ -1,5 +1,6 @@
 """Several processes by configuration: plans that split the effective batch, accelerate configs for
 every strategy, and a real 2-process (gloo) run of the flow on this CPU that is killed and resumes."""
+
 from __future__ import annotations
 
 import json
@@ -14,16 +15,19 @@ from pathlib import Path
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
-from mlflow import MlflowClient
 
+from mlflow import MlflowClient
 from tasks.base import PreftuneError
 from tasks.data import DataFile, DataSettings, SplitData, apply_filter, format_split, load, split
 from tasks.distributed import ACCELERATE_CONFIGS, DevicePool, DistributedSettings
-from tasks.launcher import decode_arguments, encode_arguments
+from tasks.launcher import Launch
 from tasks.models import ModelSettings, RandomInitSettings, ResolvedModel, load_tokenizer
 from tasks.plan import DeviceSpec, PlanSettings, plan_stage, shape_of
-from tasks.policy import PolicySettings, RewardFunction, policy_trainer, train_policy_adapter
+from tasks.policy import policy_spec, train_policy_adapter
+from tasks.settings.training import PolicySettings
 from tasks.tracking import TrackingSettings, configure
+from tasks.trainer import RewardFunction
+from tasks.training import resume_point
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = ModelSettings(random_init=RandomInitSettings())
@@ -32,8 +36,16 @@ GPU = DeviceSpec.described_gpu(80, bf16=True)
 
 
 def _plan(settings, processes: int, strategy="ddp", device=CPU, model=SMOKE):
-    return plan_stage("dpo", "dpo", settings, model, shape_of(model), device, PlanSettings(),
-                      distributed=DistributedSettings(num_processes=processes, strategy=strategy))
+    return plan_stage(
+        "dpo",
+        "dpo",
+        settings,
+        model,
+        shape_of(model),
+        device,
+        PlanSettings(),
+        distributed=DistributedSettings(num_processes=processes, strategy=strategy),
+    )
 
 
 def test_processes_share_the_effective_batch_of_one():
@@ -56,9 +68,15 @@ def test_sharded_strategies_hold_a_share_of_the_weights():
     assert fsdp.adapter_gib < ddp.adapter_gib
 
 
-@pytest.mark.parametrize("strategy, kind", [("ddp", DistributedType.MULTI_GPU), ("fsdp", DistributedType.FSDP),
-                                            ("deepspeed_zero2", DistributedType.DEEPSPEED),
-                                            ("deepspeed_zero3", DistributedType.DEEPSPEED)])
+@pytest.mark.parametrize(
+    "strategy, kind",
+    [
+        ("ddp", DistributedType.MULTI_GPU),
+        ("fsdp", DistributedType.FSDP),
+        ("deepspeed_zero2", DistributedType.DEEPSPEED),
+        ("deepspeed_zero3", DistributedType.DEEPSPEED),
+    ],
+)
 def test_every_strategy_has_an_accelerate_config(strategy, kind):
     config = load_config_from_file(str(DistributedSettings(strategy=strategy).accelerate_config()))
     assert config.distributed_type == kind and config.num_machines == 1
@@ -72,14 +90,23 @@ def test_a_missing_accelerate_config_is_named():
         DistributedSettings(config_file="/nowhere.yaml").accelerate_config()
 
 
-def test_launch_arguments_round_trip_through_json(tmp_path):
-    """What the ranks rebuild from launch.json is what the task had, types included."""
-    arguments = {"method_name": "grpo", "settings": PolicySettings(max_steps=3, beta=0.2),
-                 "model": ResolvedModel(path="/m", settings=SMOKE),
-                 "splits": SplitData(train=DataFile(path="/t.jsonl", rows=3, sha256="a"), eval=DataFile(path="/e.jsonl", rows=1, sha256="b")),
-                 "stage_dir": tmp_path, "rewards": [RewardFunction(aspect="helpfulness", model="/r", weight=0.5)]}
-    encoded = json.loads(json.dumps(encode_arguments(policy_trainer, arguments)))
-    assert decode_arguments(policy_trainer, encoded) == arguments
+def test_the_ranks_train_the_spec_the_task_built(tmp_path):
+    """What the ranks read from launch.json is the task's trainer spec and plan, types included."""
+    splits = SplitData(
+        train=DataFile(path="/t.jsonl", rows=3, sha256="a"), eval=DataFile(path="/e.jsonl", rows=1, sha256="b")
+    )
+    settings = PolicySettings(max_steps=3, beta=0.2, per_device_train_batch_size=4)
+    spec = policy_spec(
+        "grpo",
+        settings,
+        ResolvedModel(path="/m", settings=SMOKE),
+        splits,
+        [RewardFunction(aspect="helpfulness", model="/r", weight=0.5)],
+    )
+    assert spec.arguments["beta"] == 0.2 and spec.arguments["num_generations"] == 4  # ours over the method's
+    assert "max_length" not in spec.arguments and "lora" not in spec.arguments  # GRPOConfig has neither
+    sent = Launch(spec=spec, plan=_plan(settings, 2), stage_dir=str(tmp_path))
+    assert Launch.model_validate_json(sent.model_dump_json()) == sent
 
 
 def test_the_pool_hands_out_visible_gpus_and_none_on_a_cpu():
@@ -89,8 +116,15 @@ def test_the_pool_hands_out_visible_gpus_and_none_on_a_cpu():
 
 
 def _cli(*args: str, cwd: Path, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([str(REPO / ".venv" / "bin" / "preftune"), *args], cwd=cwd, text=True, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [str(REPO / ".venv" / "bin" / "preftune"), *args],
+        cwd=cwd,
+        text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 @pytest.mark.slow(minutes=1.7)
@@ -103,9 +137,25 @@ def test_two_processes_train_resume_after_a_kill_and_register(tmp_path, coin_jud
     any run. (A kill in a single process resumes the same way: `test_faults` stops a training mid-run.)"""
     env = os.environ | prefect_api | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     # The judges are given (a judge at chance for each aspect), so DPO is the one stage launched.
-    args = ["run", "--profile", "smoke", "--set", "distributed.num_processes=2", "--set", "sft.enabled=false",
-            "--set", "policy.max_steps=16", "--set", "policy.save_steps=2", "--set", f"runs_dir={tmp_path / 'runs'}",
-            "--set", f"rewards.helpfulness.judge={coin_judge_path}", "--set", f"rewards.harmlessness.judge={coin_judge_path}"]
+    args = [
+        "run",
+        "--profile",
+        "smoke",
+        "--set",
+        "distributed.num_processes=2",
+        "--set",
+        "sft.enabled=false",
+        "--set",
+        "policy.max_steps=16",
+        "--set",
+        "policy.save_steps=2",
+        "--set",
+        f"runs_dir={tmp_path / 'runs'}",
+        "--set",
+        f"rewards.helpfulness.judge={coin_judge_path}",
+        "--set",
+        f"rewards.harmlessness.judge={coin_judge_path}",
+    ]
     first = _cli(*args, cwd=tmp_path, env=env)
     while not list((tmp_path / "runs").glob("smoke/dpo/*/checkpoints/checkpoint-2/trainer_state.json")):
         assert first.poll() is None, first.stdout.read()[-4000:]
@@ -113,19 +163,16 @@ def test_two_processes_train_resume_after_a_kill_and_register(tmp_path, coin_jud
     time.sleep(random.Random(95).uniform(0.0, 1.0))  # somewhere after checkpoint-2, the same place every run
     os.killpg(first.pid, signal.SIGKILL)  # the CLI, the launcher and both ranks
     first.wait()
-    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-    [killed] = client.search_runs([client.get_experiment_by_name("preftune").experiment_id], "tags.`preftune.stage` = 'dpo'")
-    killed_at = max(m.step for m in client.get_metric_history(killed.info.run_id, "loss"))
+    [checkpoints] = (tmp_path / "runs").glob("smoke/dpo/*/checkpoints")
+    newest = resume_point(checkpoints)  # the newest complete checkpoint the kill left
 
     second = _cli(*args, cwd=tmp_path, env=env)
     output, _ = second.communicate(timeout=600)
     assert second.returncode == 0, output[-4000:]
     assert re.search(r"Task run 'format-data' - Finished in state Cached", output)  # finished stages are skipped
-    resumed = re.search(r"resuming from checkpoint-(\d+)", output)  # rank 0's log line
-    assert resumed, f"the re-run did not resume DPO (killed at step {killed_at}):\n{output[-3000:]}"
-    resumed_from = int(resumed.group(1))
-    print(f"killed at step {killed_at}, resumed from checkpoint-{resumed_from}")
-    assert 0 <= killed_at - resumed_from <= 2  # at most one checkpoint interval (save_steps) redone
+    resumed = re.search(r"resuming from (checkpoint-\d+)", output)  # rank 0's log line
+    assert resumed, f"the re-run did not resume DPO (killed after {newest}):\n{output[-3000:]}"
+    assert resumed.group(1) == Path(newest).name  # at most one checkpoint interval (save_steps) redone
     [stage] = (tmp_path / "runs").glob("smoke/dpo/*")
     fitted = json.loads((stage / "fit.json").read_text())
     single = _plan(PolicySettings(per_device_train_batch_size=4, max_length=128), 1)
@@ -135,16 +182,20 @@ def test_two_processes_train_resume_after_a_kill_and_register(tmp_path, coin_jud
     assert first_rank == second_rank
     assert [entry["step"] for entry in fitted["history"] if "loss" in entry] == list(range(1, 17))
 
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("preftune").experiment_id
     [parent] = client.search_runs([experiment], "tags.`preftune.profile` = 'smoke' and attributes.status = 'FINISHED'")
-    dpo_runs = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
-                                                "and tags.`preftune.stage` = 'dpo'")
-    [dpo] = dpo_runs  # rank 1 opened no run of its own
+    dpo_runs = client.search_runs(
+        [experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`preftune.stage` = 'dpo'"
+    )
+    [dpo] = dpo_runs  # recorded once, after training
     assert dpo.data.params["plan.dpo.processes"] == "2"
-    steps = {m.step for m in client.get_metric_history(dpo.info.run_id, "loss")}  # rank 0's curve, after the resume
-    assert max(steps) == 16 and min(steps) >= 3
+    assert [m.step for m in client.get_metric_history(dpo.info.run_id, "loss")] == list(range(1, 17))
     version = client.get_model_version_by_alias("preftune-smoke-policy", "candidate")
-    assert version.tags["method"] == "dpo" and version.tags["prefect.flow_run_id"] == parent.data.tags["prefect.flow_run_id"]
+    assert (
+        version.tags["method"] == "dpo"
+        and version.tags["prefect.flow_run_id"] == parent.data.tags["prefect.flow_run_id"]
+    )
 
 
 def test_a_bad_setting_in_a_rank_is_a_user_error_not_a_retried_crash(tiny_model_path, tmp_path, tracking_uri):
@@ -152,11 +203,19 @@ def test_a_bad_setting_in_a_rank_is_a_user_error_not_a_retried_crash(tiny_model_
     task as a PreftuneError, which Prefect does not retry, instead of an exit code and a traceback."""
     configure(TrackingSettings())
     data = DataSettings(synthetic_rows=24)
-    pairs = format_split(split(apply_filter(load(data, tmp_path), data, tmp_path), data, tmp_path),
-                         load_tokenizer(tiny_model_path, SMOKE), tmp_path)
+    pairs = format_split(
+        split(apply_filter(load(data, tmp_path), data, tmp_path), data, tmp_path),
+        load_tokenizer(tiny_model_path, SMOKE),
+        tmp_path,
+    )
     settings = PolicySettings(max_steps=1, per_device_train_batch_size=2, num_generations=4, max_length=64)
-    with pytest.raises(PreftuneError, match="policy settings for grpo: .*num_generations"):
-        train_policy_adapter("grpo", settings, ResolvedModel(path=tiny_model_path, settings=SMOKE), pairs,
-                             tmp_path / "grpo", rewards=[RewardFunction(aspect="helpfulness", model=tiny_model_path,
-                                                                         weight=1.0)],
-                             distributed=DistributedSettings(num_processes=2))
+    with pytest.raises(PreftuneError, match="grpo settings: .*num_generations"):
+        train_policy_adapter(
+            "grpo",
+            settings,
+            ResolvedModel(path=tiny_model_path, settings=SMOKE),
+            pairs,
+            tmp_path / "grpo",
+            rewards=[RewardFunction(aspect="helpfulness", model=tiny_model_path, weight=1.0)],
+            distributed=DistributedSettings(num_processes=2),
+        )

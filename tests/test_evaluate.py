@@ -1,26 +1,33 @@
 """Evaluation report, intervals, merge check and promotion gate, on tiny real models and a real MLflow registry."""
+
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
-from mlflow import MlflowClient
 
-from tasks.data import DataSettings, apply_filter, format_split, load, read_jsonl, split
-from tasks.policy import PolicySettings, train_policy_adapter
+import mlflow
+from mlflow import MlflowClient
 from tasks.answers import load_policy
-from tasks.evaluate import EvalSettings, Judge, evaluate_policy, sample_prompts
+from tasks.data import apply_filter, format_split, load, read_jsonl, split
+from tasks.evaluate import Judge, evaluate_policy, sample_prompts
+from tasks.merge import MergeMismatchError, merge_and_check
+from tasks.models import ResolvedModel, load_tokenizer
+from tasks.policy import train_policy_adapter
+from tasks.promotion import current_champion, decide_outcome, decide_promotion, log_decision
+from tasks.recording import record_fit
+from tasks.reward import train_reward_model
 from tasks.scoring import answer_logps, length_controlled_wins, win_rates
-from tasks.merge import MergeMismatchError, MergeSettings, merge_and_check
-from tasks.models import ModelSettings, RandomInitSettings, ResolvedModel, load_tokenizer
-from tasks.reward import RewardSettings, train_reward_model
+from tasks.settings.data import DataSettings
+from tasks.settings.evaluation import EvalSettings, MergeSettings
+from tasks.settings.models import ModelSettings, RandomInitSettings
+from tasks.settings.tracking import PromotionSettings, TrackingSettings
+from tasks.settings.training import PolicySettings, RewardSettings
 from tasks.stats import Estimate, mean
+from tasks.tracking import configure, hf_folder, register_model, save_mlflow_model
 from tasks.verdict import GateInput, standing
-from tasks.tracking import (PromotionSettings, TrackingSettings, configure, current_champion, decide_outcome,
-                            decide_promotion, hf_folder, log_decision, register_model, save_mlflow_model)
 
 MODEL = ModelSettings(random_init=RandomInitSettings())
 FAST = dict(max_steps=3, per_device_train_batch_size=4, logging_steps=1, save_steps=3, max_length=96)
@@ -40,12 +47,29 @@ def trained(tiny_model_path, tmp_path_factory):
         splits[name] = format_split(split(report, settings, folder), tokenizer, folder, 96)
     judges = []
     for (name, pairs), weight in zip(splits.items(), (1.0, 0.5)):
-        reward = train_reward_model(name, RewardSettings(**FAST, weight=weight), ResolvedModel(path=tiny_model_path, settings=MODEL), pairs,
-                                    root / f"reward-{name}")
-        judges.append(Judge(aspect=name, weight=weight, model=reward.model_dir, eval_path=reward.eval_path,
-                            provenance=f"trained on {reward.train_pairs} pairs"))
-    dpo = train_policy_adapter("dpo", PolicySettings(**FAST | {"learning_rate": 1e-2}), ResolvedModel(path=tiny_model_path, settings=MODEL),
-                            splits["helpfulness"], root / "dpo")
+        reward = train_reward_model(
+            name,
+            RewardSettings(**FAST, weight=weight),
+            ResolvedModel(path=tiny_model_path, settings=MODEL),
+            pairs,
+            root / f"reward-{name}",
+        )
+        judges.append(
+            Judge(
+                aspect=name,
+                weight=weight,
+                model=reward.model_dir,
+                eval_path=reward.eval_path,
+                provenance=f"trained on {reward.train_pairs} pairs",
+            )
+        )
+    dpo = train_policy_adapter(
+        "dpo",
+        PolicySettings(**FAST | {"learning_rate": 1e-2}),
+        ResolvedModel(path=tiny_model_path, settings=MODEL),
+        splits["helpfulness"],
+        root / "dpo",
+    )
     return root, splits["helpfulness"], judges, dpo
 
 
@@ -66,8 +90,16 @@ def test_win_rates_and_length_control():
     rewards_tuned, rewards_reference = lengths_tuned * 0.1, lengths_reference * 0.1
     raw = rewards_tuned - rewards_reference
     assert (raw > 0).all()
-    assert length_controlled_wins(raw, lengths_tuned - lengths_reference, np.r_[rewards_tuned, rewards_reference],
-                                  np.r_[lengths_tuned, lengths_reference], 1e-4) == 0.0
+    assert (
+        length_controlled_wins(
+            raw,
+            lengths_tuned - lengths_reference,
+            np.r_[rewards_tuned, rewards_reference],
+            np.r_[lengths_tuned, lengths_reference],
+            1e-4,
+        )
+        == 0.0
+    )
 
 
 def test_prompt_sample_is_seeded_random_and_distinct(trained):
@@ -77,7 +109,9 @@ def test_prompt_sample_is_seeded_random_and_distinct(trained):
     other = list(sample_prompts(frame, EvalSettings(generation_prompts=5, seed=1)).prompt)
     assert first == again and first != other and len({repr(p) for p in first}) == 5
     assert first != [list(p) for p in frame.prompt[:5]]  # not simply the first rows
-    assert len(sample_prompts(frame, EvalSettings(generation_prompts=10_000))) == len({repr(list(p)) for p in frame.prompt})
+    assert len(sample_prompts(frame, EvalSettings(generation_prompts=10_000))) == len(
+        {repr(list(p)) for p in frame.prompt}
+    )
 
 
 def test_answer_logps_match_a_direct_computation(tiny_model_path):
@@ -87,8 +121,9 @@ def test_answer_logps_match_a_direct_computation(tiny_model_path):
     prompt = [{"role": "user", "content": "What is 2 + 2?"}]
     logps, lengths = answer_logps(model, tokenizer, [prompt, prompt], ["4", "It is four."], 512, batch_size=2)
     head = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False)
-    full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": "It is four."}], tokenize=True,
-                                         return_dict=False)
+    full = tokenizer.apply_chat_template(
+        prompt + [{"role": "assistant", "content": "It is four."}], tokenize=True, return_dict=False
+    )
     with torch.inference_mode():
         logits = model(input_ids=torch.tensor([full])).logits[0].float()
     direct = sum(torch.log_softmax(logits[i - 1], -1)[full[i]].item() for i in range(len(head), len(full)))
@@ -99,9 +134,16 @@ def test_answer_logps_match_a_direct_computation(tiny_model_path):
 def test_report_has_intervals_for_every_figure_and_names_the_judges(trained, tiny_model_path):
     root, pairs, judges, dpo = trained
     merged = merge_and_check(tiny_model_path, [dpo.adapter_dir], pairs.eval.path, MergeSettings(), root / "merged")
-    result = evaluate_policy(EvalSettings(generation_prompts=3, max_new_tokens=6), pairs.eval.path, tiny_model_path,
-                             merged.model_dir, judges, None, root / "evaluate",
-                             stage_runs={"dpo": dpo.mlflow_run_id})
+    result = evaluate_policy(
+        EvalSettings(generation_prompts=3, max_new_tokens=6),
+        pairs.eval.path,
+        tiny_model_path,
+        merged.model_dir,
+        judges,
+        None,
+        root / "evaluate",
+        stage_runs={"dpo": record_fit("dpo", dpo, None, {})},
+    )
     metrics = result.metrics
     rates = [name for name in metrics if name.endswith(("accuracy", "win_rate", "tie_rate", "loss_rate"))]
     assert len(rates) >= 2 * 5 + 1
@@ -123,22 +165,29 @@ def test_report_has_intervals_for_every_figure_and_names_the_judges(trained, tin
     assert "implicit_reward.accuracy.ci_low" in run.data.metrics
     assert {f"judge.{j.aspect}.heard" for j in judges} <= set(run.data.tags)
     artifacts = {a.path for a in MlflowClient().list_artifacts(result.mlflow_run_id, "evaluation")}
-    assert {"evaluation/report.md", "evaluation/examples.json", "evaluation/reward_margins.png",
-            "evaluation/training_curves.png"} <= artifacts
+    assert {
+        "evaluation/report.md",
+        "evaluation/examples.json",
+        "evaluation/reward_margins.png",
+        "evaluation/training_curves.png",
+    } <= artifacts
 
 
 def test_a_planted_judge_at_chance_is_reported_but_not_heard(trained, tiny_model_path, coin_judge_path, tmp_path):
     """A reward model whose head was never trained (random) scores the answers like any judge, and is
     reported with its accuracy, but has no say: the gate is the same with or without it."""
     root, pairs, judges, dpo = trained
-    planted = Judge(aspect="coin", weight=100.0, model=coin_judge_path, eval_path=pairs.eval.path,
-                    provenance="a random head")
+    planted = Judge(
+        aspect="coin", weight=100.0, model=coin_judge_path, eval_path=pairs.eval.path, provenance="a random head"
+    )
     settings = EvalSettings(generation_prompts=4, max_new_tokens=6)
     merged = merge_and_check(tiny_model_path, [dpo.adapter_dir], pairs.eval.path, MergeSettings(), root / "merged-coin")
-    without = evaluate_policy(settings, pairs.eval.path, tiny_model_path, merged.model_dir, judges[:1], None,
-                              tmp_path / "without")
-    with_coin = evaluate_policy(settings, pairs.eval.path, tiny_model_path, merged.model_dir, judges[:1] + [planted],
-                                None, tmp_path / "with")
+    without = evaluate_policy(
+        settings, pairs.eval.path, tiny_model_path, merged.model_dir, judges[:1], None, tmp_path / "without"
+    )
+    with_coin = evaluate_policy(
+        settings, pairs.eval.path, tiny_model_path, merged.model_dir, judges[:1] + [planted], None, tmp_path / "with"
+    )
     coin_standing = next(j for j in with_coin.gate.judges if j.aspect == "coin")
     assert not coin_standing.heard and coin_standing.accuracy.ci_low <= 0.5 < coin_standing.accuracy.ci_high
     assert "coin.win_rate" in with_coin.metrics  # it printed its verdict on the answers ...
@@ -162,9 +211,16 @@ HEARD = standing("helpfulness", 1.0, Estimate(value=0.86, ci_low=0.79, ci_high=0
 
 def _gate(low: float, value: float, high: float, baseline: str = "reference", judges=(HEARD,)) -> GateInput:
     interval = Estimate(value=value, ci_low=low, ci_high=high, n=32)
-    return GateInput(baseline=baseline, judges=list(judges), candidate_score=value, baseline_score=0.0,
-                     improvement=interval, lc_improvement=interval, prompts=32,
-                     judge_lc_improvement={judge.aspect: interval for judge in judges})
+    return GateInput(
+        baseline=baseline,
+        judges=list(judges),
+        candidate_score=value,
+        baseline_score=0.0,
+        improvement=interval,
+        lc_improvement=interval,
+        prompts=32,
+        judge_lc_improvement={judge.aspect: interval for judge in judges},
+    )
 
 
 def test_gate_promotes_only_when_the_interval_clears_the_margin():
@@ -179,8 +235,9 @@ def test_gate_promotes_only_when_the_interval_clears_the_margin():
 def _mlflow_model(source: str, target: Path) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    save_mlflow_model(AutoModelForCausalLM.from_pretrained(source), AutoTokenizer.from_pretrained(source),
-                      "text-generation", target)
+    save_mlflow_model(
+        AutoModelForCausalLM.from_pretrained(source), AutoTokenizer.from_pretrained(source), "text-generation", target
+    )
     return str(hf_folder(target))
 
 
@@ -220,8 +277,9 @@ def test_gate_keeps_the_champion_when_the_candidate_is_worse_or_unjudged(trained
         promote_as_registered(second, worse, settings)
         third = register_model(_mlflow_model(tiny_model_path, tmp_path / "three"), "gate-policy", settings, {})
         # Judged only by a judge at chance, even a huge "improvement" is no evidence.
-        unjudged = decide_promotion(GateInput(baseline=f"models:/gate-policy/{first.version}", judges=[coin]),
-                                    settings.promotion)
+        unjudged = decide_promotion(
+            GateInput(baseline=f"models:/gate-policy/{first.version}", judges=[coin]), settings.promotion
+        )
         promote_as_registered(third, unjudged, settings)
     client = MlflowClient()
     assert not worse.promoted and unjudged.verdict == "no evidence" and not unjudged.promoted
@@ -243,8 +301,8 @@ def test_out_of_memory_while_evaluating_halves_the_batch():
     allocator's error as torch words it both halve the batch; any other error is not retried."""
     import torch
 
-    from tasks.base import PreftuneError
     from tasks.answers import shrinking
+    from tasks.base import PreftuneError
 
     tried = []
 
@@ -253,8 +311,10 @@ def test_out_of_memory_while_evaluating_halves_the_batch():
         return torch.empty(size << 56 if size > 2 else size, dtype=torch.uint8).numel()
 
     assert shrinking(run, 8) == 2 and tried == [8, 4, 2]
-    cuda_oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
-                                      "of 79.19 GiB of which 1.02 GiB is free.")
+    cuda_oom = torch.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+        "of 79.19 GiB of which 1.02 GiB is free."
+    )
     with pytest.raises(PreftuneError, match="out of memory while evaluating at batch size 1"):
         shrinking(lambda size: (_ for _ in ()).throw(cuda_oom), 4)
     tried.clear()
@@ -269,8 +329,9 @@ def test_out_of_memory_while_evaluating_halves_the_batch():
 
 
 @pytest.mark.slow(minutes=0.7)
-def test_cli_evaluates_any_policy_on_any_preference_file(trained, tiny_model_path, shared_data, tmp_path,
-                                                         monkeypatch, capsys):
+def test_cli_evaluates_any_policy_on_any_preference_file(
+    trained, tiny_model_path, shared_data, tmp_path, monkeypatch, capsys
+):
     from flows.cli import main
 
     root, pairs, judges, dpo = trained
@@ -279,9 +340,30 @@ def test_cli_evaluates_any_policy_on_any_preference_file(trained, tiny_model_pat
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     orca = tmp_path / "orca.jsonl"  # a schema the flow's own data does not use: the sample's first 60 rows
     orca.write_text("".join((shared_data / "orca_dpo_pairs.sample.jsonl").read_text().splitlines(keepends=True)[:60]))
-    assert main(["evaluate", "--policy", policy.model_dir, "--reference", tiny_model_path, "--data", str(orca),
-                 "--judge", f"helpfulness={judges[0].model}@2", "--generation-prompts", "4", "--max-new-tokens", "4",
-                 "--max-length", "128", "--runs-dir", str(tmp_path / "runs")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--policy",
+                policy.model_dir,
+                "--reference",
+                tiny_model_path,
+                "--data",
+                str(orca),
+                "--judge",
+                f"helpfulness={judges[0].model}@2",
+                "--generation-prompts",
+                "4",
+                "--max-new-tokens",
+                "4",
+                "--max-length",
+                "128",
+                "--runs-dir",
+                str(tmp_path / "runs"),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     run_id = printed.split("MLflow run id : ")[1].split()[0]
     run = MlflowClient(tracking_uri=store).get_run(run_id)
@@ -302,14 +384,15 @@ def test_stage_runs_nest_under_their_parent_and_keep_the_stage_error(tracking_ur
     with mlflow.start_run(run_name="flow") as parent:
         with stage_run("reward-helpfulness", parent.info.run_id) as finished:
             mlflow.log_metric("accuracy", 1.0)
-        with pytest.raises(ValueError, match="the stage's own error"):
-            with stage_run("dpo", parent.info.run_id) as failed:
-                raise ValueError("the stage's own error")
+        with pytest.raises(ValueError, match="the stage's own error"), stage_run("dpo", parent.info.run_id) as failed:
+            raise ValueError("the stage's own error")
         # The store refuses to mark a deleted run FAILED: the stage's error, not the store's, surfaces.
-        with pytest.raises(ValueError, match="the stage's own error"):
-            with stage_run("evaluate", parent.info.run_id) as gone:
-                client.delete_run(gone.info.run_id)
-                raise ValueError("the stage's own error")
+        with (
+            pytest.raises(ValueError, match="the stage's own error"),
+            stage_run("evaluate", parent.info.run_id) as gone,
+        ):
+            client.delete_run(gone.info.run_id)
+            raise ValueError("the stage's own error")
         assert mlflow.active_run().info.run_id == parent.info.run_id
     assert f"could not mark MLflow run {gone.info.run_id} of stage evaluate FAILED" in caplog.text
     for run, stage, status in ((finished, "reward-helpfulness", "FINISHED"), (failed, "dpo", "FAILED")):

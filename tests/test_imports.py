@@ -1,13 +1,18 @@
 """The training path runs downhill: no module of `tasks/` imports, at any depth or inside a function,
-a module that imports it back, and the launched rank's entry point is imported by nobody."""
+a module that imports it back, and the launched rank's entry point is imported by nobody. Building the
+settings (every profile, `preftune config`) imports no ML runtime."""
+
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
+from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 
-from graphlib import CycleError, TopologicalSorter
-
 TASKS = Path(__file__).resolve().parent.parent / "tasks"
+ML_RUNTIME = ("torch", "transformers", "peft", "mlflow", "trl")
 
 
 def imports_of(path: Path) -> set[str]:
@@ -25,7 +30,11 @@ def imports_of(path: Path) -> set[str]:
 
 
 def graph() -> dict[str, set[str]]:
-    return {f"tasks.{path.stem}": imports_of(path) for path in TASKS.glob("*.py") if path.stem != "__init__"}
+    return {
+        ".".join(("tasks", *path.relative_to(TASKS).with_suffix("").parts)): imports_of(path)
+        for path in TASKS.rglob("*.py")
+        if path.stem != "__init__"
+    }
 
 
 def test_no_import_cycle_among_tasks_modules():
@@ -46,3 +55,50 @@ def test_the_check_sees_function_level_imports(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from tasks.training import fit\n    import tasks.plan\n")
     assert imports_of(module) == {"tasks.training", "tasks.plan"}
+
+
+# Run in a fresh interpreter: records, for the first import of each ML runtime package, the repository
+# frames that led to it (innermost last), then builds every profile and runs `preftune config`.
+SETTINGS_ONLY = """
+import contextlib, io, json, sys, traceback
+from pathlib import Path
+
+RUNTIME, REPO = set(json.loads(sys.argv[1])), str(Path.cwd())
+importers = {}
+
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        top = name.partition(".")[0]
+        if top in RUNTIME and top not in importers:
+            importers[top] = [f"{Path(f.filename).relative_to(REPO)}:{f.lineno}" for f in traceback.extract_stack()
+                              if f.filename.startswith(REPO) and "/.venv/" not in f.filename]
+        return None
+
+sys.meta_path.insert(0, Watch())
+from flows.cli import main
+from flows.config import load_config, profile_names
+
+for profile in profile_names():
+    load_config(profile)
+    with contextlib.redirect_stdout(io.StringIO()) as shown:
+        assert main(["config", "--profile", profile]) == 0
+    assert json.loads(shown.getvalue())["profile"] == profile
+print(json.dumps({name: importers.get(name, []) for name in RUNTIME if name in sys.modules}))
+"""
+
+
+def test_building_the_settings_imports_no_ml_runtime():
+    """A profile is built, checked and shown (`preftune config`, the deployment form) without torch,
+    transformers, PEFT, TRL or MLflow: settings live in tasks/settings/, apart from the code that runs them."""
+    done = subprocess.run(
+        [sys.executable, "-c", SETTINGS_ONLY, json.dumps(ML_RUNTIME)],
+        cwd=TASKS.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not loaded, "building the settings imported " + "; ".join(
+        f"{name} (via {' -> '.join(chain) or 'no repository frame'})" for name, chain in sorted(loaded.items())
+    )

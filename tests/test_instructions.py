@@ -1,6 +1,7 @@
 """Verifiable instructions through lm-evaluation-harness: the library phrases and checks each kind the
 quickstart teaches, the generated pairs agree with its checkers, no IFEval prompt reaches the training
 data, and NLTK's missing tables are one clear line."""
+
 from __future__ import annotations
 
 import json
@@ -26,15 +27,22 @@ def test_the_library_phrases_each_kind_and_its_checker_passes_the_rewritten_answ
         row = instruct(fact, [kind], rng)
         assert row.prompt.startswith(fact.question) and len(row.prompt) > len(fact.question) + 10
         passed.append(follows(row.prompt, row.instruction_ids, row.kwargs, row.answer))
-        plain = (fact.long if row.kwargs[0].get("relation") == "less than" else fact.short) \
-            if kind == "length_constraints:number_words" else row.base
+        plain = (
+            (fact.long if row.kwargs[0].get("relation") == "less than" else fact.short)
+            if kind == "length_constraints:number_words"
+            else row.base
+        )
         assert not follows(row.prompt, row.instruction_ids, row.kwargs, plain), (row.prompt, plain)
     # The case checkers also detect the language, and langdetect does not always call capitals English:
     # the generator draws again where it disagrees.
     assert all(passed) or (kind.startswith("change_case:") and sum(passed) >= 3), passed
     verdict = check(row.prompt, row.instruction_ids, row.kwargs, row.answer)
-    assert set(verdict) == {"prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc",
-                            "inst_level_loose_acc"}  # lm_eval's own IFEval metrics
+    assert set(verdict) == {
+        "prompt_level_strict_acc",
+        "inst_level_strict_acc",
+        "prompt_level_loose_acc",
+        "inst_level_loose_acc",
+    }  # lm_eval's own IFEval metrics
 
 
 def test_checks_are_lm_evals_own_code():
@@ -67,7 +75,9 @@ def test_generated_pairs_follow_what_is_asked_and_add_nothing_unasked():
             assert len(row["rejected"]) > len(row["chosen"]) or row["rejected"] != row["chosen"]
     assert all(kinds.values()) and kinds["asked"] > kinds["only asked"]
     assert {kind for row in rows for kind in row["instruction_id_list"]} == set(REWRITES)
-    assert PAIR_KINDS.count("nothing asked") / len(PAIR_KINDS) == pytest.approx(kinds["nothing asked"] / len(rows), abs=0.01)
+    assert PAIR_KINDS.count("nothing asked") / len(PAIR_KINDS) == pytest.approx(
+        kinds["nothing asked"] / len(rows), abs=0.01
+    )
 
 
 def test_no_ifeval_prompt_reaches_the_generated_training_data(shared_data):

@@ -1,4 +1,5 @@
 """The recipe's SFT: its own conversations, from a base model that has no chat template of its own."""
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,18 @@ def conversations(path, rows: int = 40) -> str:
     with open(path, "w") as handle:
         for index in range(rows):
             a, b = index, 2 * index + 3
-            handle.write(json.dumps({"prompt_id": str(index), "messages": [
-                {"role": "user", "content": f"What is {a} plus {b}?"},
-                {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}) + "\n")
+            handle.write(
+                json.dumps(
+                    {
+                        "prompt_id": str(index),
+                        "messages": [
+                            {"role": "user", "content": f"What is {a} plus {b}?"},
+                            {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
+                        ],
+                    }
+                )
+                + "\n"
+            )
     return str(path)
 
 
@@ -53,18 +63,27 @@ def test_chat_data_is_a_seeded_sample_checked_row_by_row(tmp_path):
         load_chat(ChatDataSettings(source=conversations(tmp_path / "few.jsonl"), rows=96, eval_rows=4), tmp_path / "e")
 
 
-def test_sft_trains_on_conversations_with_a_borrowed_chat_template(base_without_template, tiny_model_path, tmp_path,
-                                                                    tracking_uri):
+def test_sft_trains_on_conversations_with_a_borrowed_chat_template(
+    base_without_template, tiny_model_path, tmp_path, tracking_uri
+):
     configure(TrackingSettings())
-    settings = SFTSettings(enabled=True, chat_data=ChatDataSettings(source=conversations(tmp_path / "chats.jsonl"),
-                                                                    rows=24, eval_rows=4),
-                           max_steps=3, per_device_train_batch_size=4, max_length=64, logging_steps=1, save_steps=3)
+    settings = SFTSettings(
+        enabled=True,
+        chat_data=ChatDataSettings(source=conversations(tmp_path / "chats.jsonl"), rows=24, eval_rows=4),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        max_length=64,
+        logging_steps=1,
+        save_steps=3,
+    )
     tokenizer = TokenizerSettings(chat_template_from=tiny_model_path, pad_token="<|endoftext|>", padding_side="left")
     model = ResolvedModel(path=base_without_template, settings=ModelSettings(tokenizer=tokenizer))
     with pytest.raises(PreftuneError, match="has no chat template"):  # the base alone cannot render chats
         load_tokenizer(base_without_template, ModelSettings())
     with pytest.raises(PreftuneError, match="pad_token '<PAD>' is not in the vocabulary"):
-        load_tokenizer(base_without_template, ModelSettings(tokenizer=tokenizer.model_copy(update={"pad_token": "<PAD>"})))
+        load_tokenizer(
+            base_without_template, ModelSettings(tokenizer=tokenizer.model_copy(update={"pad_token": "<PAD>"}))
+        )
 
     result = train_sft_adapter(settings, model, load_chat(settings.chat_data, tmp_path / "data"), tmp_path / "sft")
     merged = AutoTokenizer.from_pretrained(result.model_dir)  # what the policy stage starts from
@@ -76,16 +95,23 @@ def test_sft_trains_on_conversations_with_a_borrowed_chat_template(base_without_
 
 @pytest.mark.slow(minutes=0.4)
 def test_flow_runs_sft_on_its_own_conversations_then_the_policy_from_it(tmp_path, coin_judge_path):
-    from mlflow import MlflowClient
-
     from flows.config import load_config
     from flows.preference_tuning import preference_tuning
+    from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    config = load_config("smoke", overrides=[  # the judges are given: training them is not what is tested
-        f"sft.chat_data.source={conversations(tmp_path / 'chats.jsonl')}", "sft.chat_data.rows=24",
-        "sft.chat_data.eval_rows=4", f"runs_dir={tmp_path / 'runs'}", f"tracking.tracking_uri={uri}",
-        f"rewards.helpfulness.judge={coin_judge_path}", f"rewards.harmlessness.judge={coin_judge_path}"])
+    config = load_config(
+        "smoke",
+        overrides=[  # the judges are given: training them is not what is tested
+            f"sft.chat_data.source={conversations(tmp_path / 'chats.jsonl')}",
+            "sft.chat_data.rows=24",
+            "sft.chat_data.eval_rows=4",
+            f"runs_dir={tmp_path / 'runs'}",
+            f"tracking.tracking_uri={uri}",
+            f"rewards.helpfulness.judge={coin_judge_path}",
+            f"rewards.harmlessness.judge={coin_judge_path}",
+        ],
+    )
     summary = preference_tuning(config)
     client = MlflowClient(uri)
     parent = client.get_run(summary.mlflow_run_id)

@@ -1,13 +1,15 @@
 """The verdict: judges earn their say, length cannot buy a verdict, and no evidence promotes nothing.
 
 The numbers here are planted (seeded), so each test knows the truth it checks against."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from tasks.settings.evaluation import CombinationSettings
 from tasks.stats import Estimate, mean
-from tasks.verdict import CombinationSettings, GateInput, at_zero_gap, combine, decide, gate_input, standing
+from tasks.verdict import GateInput, at_zero_gap, combine, decide, gate_input, standing
 
 RNG_SEED = 7
 
@@ -20,9 +22,16 @@ def _gate(judges, standardised, baseline_gaps, passes=None, **harm_checks) -> Ga
     """What evaluate_policy builds (the same `gate_input`), for planted scores: answer lengths whose
     tuned-minus-reference gaps are `baseline_gaps`, and, where given, the checker's verdicts."""
     gaps = np.asarray(baseline_gaps, float)
-    return gate_input(baseline="reference", standings=judges, judge_scores=standardised,
-                      lengths={"tuned": gaps, "reference": np.zeros_like(gaps)}, combination=CombinationSettings(),
-                      prompts=len(gaps), passes=passes, **harm_checks)[0]
+    return gate_input(
+        baseline="reference",
+        standings=judges,
+        judge_scores=standardised,
+        lengths={"tuned": gaps, "reference": np.zeros_like(gaps)},
+        combination=CombinationSettings(),
+        prompts=len(gaps),
+        passes=passes,
+        **harm_checks,
+    )[0]
 
 
 def test_a_judge_at_chance_has_no_say_whatever_it_prints():
@@ -72,17 +81,23 @@ def test_a_heard_judge_that_rates_it_worse_vetoes_whatever_the_combined_score():
     rng = np.random.default_rng(RNG_SEED)
     prompts = 64
     gaps = rng.normal(0, 10, prompts)
-    judges = [standing("helpfulness", 1.0, _accuracy(86, 100), 0.2, 0.5),
-              standing("harmlessness", 3.0, _accuracy(70, 100), 0.0, 0.5)]
-    scores = {"helpfulness": {"tuned": rng.normal(-0.4, 0.3, prompts), "reference": np.zeros(prompts)},
-              "harmlessness": {"tuned": rng.normal(0.6, 0.3, prompts), "reference": np.zeros(prompts)}}
+    judges = [
+        standing("helpfulness", 1.0, _accuracy(86, 100), 0.2, 0.5),
+        standing("harmlessness", 3.0, _accuracy(70, 100), 0.0, 0.5),
+    ]
+    scores = {
+        "helpfulness": {"tuned": rng.normal(-0.4, 0.3, prompts), "reference": np.zeros(prompts)},
+        "harmlessness": {"tuned": rng.normal(0.6, 0.3, prompts), "reference": np.zeros(prompts)},
+    }
     gate = _gate(judges, scores, gaps)
     assert gate.lc_improvement.ci_low > 0  # the weighted score alone would promote
     decision = decide(gate, 0.0)
     assert decision.verdict == "vetoed" and not decision.promoted and decision.reason.startswith("helpfulness")
     # Ground truth vetoes too: the checker passing fewer of the tuned answers.
-    fine = {"helpfulness": {"tuned": rng.normal(0.5, 0.3, prompts), "reference": np.zeros(prompts)},
-            "harmlessness": scores["harmlessness"]}
+    fine = {
+        "helpfulness": {"tuned": rng.normal(0.5, 0.3, prompts), "reference": np.zeros(prompts)},
+        "harmlessness": scores["harmlessness"],
+    }
     assert decide(_gate(judges, fine, gaps), 0.0).verdict == "improved"
     worse_truth = {"tuned": np.zeros(60, bool), "reference": np.r_[np.ones(20, bool), np.zeros(40, bool)]}
     assert decide(_gate(judges, fine, gaps, worse_truth), 0.0).verdict == "vetoed"
@@ -93,8 +108,10 @@ def test_a_training_reward_cannot_certify_the_policy_that_climbed_it():
     referee = standing("referee", 1.0, _accuracy(80, 100), 0.0, 0.5, referee=True)
     assert not climbed.heard and "trained against" in climbed.reason and referee.heard
     rng = np.random.default_rng(RNG_SEED)
-    scores = {"helpfulness": {"tuned": rng.normal(3, 0.1, 30), "reference": np.zeros(30)},
-              "referee": {"tuned": rng.normal(0, 0.5, 30), "reference": np.zeros(30)}}
+    scores = {
+        "helpfulness": {"tuned": rng.normal(3, 0.1, 30), "reference": np.zeros(30)},
+        "referee": {"tuned": rng.normal(0, 0.5, 30), "reference": np.zeros(30)},
+    }
     gaps = rng.normal(0, 5, 30)
     assert decide(_gate([climbed], scores, gaps), 0.0).verdict == "no evidence"
     with_referee = decide(_gate([climbed, referee], scores, gaps), 0.0)
@@ -102,10 +119,14 @@ def test_a_training_reward_cannot_certify_the_policy_that_climbed_it():
 
 
 def test_piecewise_gives_flagged_prompts_to_the_safety_judge():
-    judges = [standing("helpfulness", 1.0, _accuracy(86, 100), 0.0, 0.5),
-              standing("harmlessness", 1.0, _accuracy(75, 100), 0.0, 0.5)]
-    scores = {"helpfulness": {"tuned": np.array([1.0, 1.0, 1.0]), "reference": np.array([0.0, 0.0, 0.0])},
-              "harmlessness": {"tuned": np.array([-2.0, 0.5, 0.2]), "reference": np.array([0.3, 0.4, -1.5])}}
+    judges = [
+        standing("helpfulness", 1.0, _accuracy(86, 100), 0.0, 0.5),
+        standing("harmlessness", 1.0, _accuracy(75, 100), 0.0, 0.5),
+    ]
+    scores = {
+        "helpfulness": {"tuned": np.array([1.0, 1.0, 1.0]), "reference": np.array([0.0, 0.0, 0.0])},
+        "harmlessness": {"tuned": np.array([-2.0, 0.5, 0.2]), "reference": np.array([0.3, 0.4, -1.5])},
+    }
     piecewise = combine(scores, judges, CombinationSettings(rule="piecewise", safety_aspect="harmlessness"))
     # Prompt 0: the tuned answer is unsafe (-2 < -1); prompt 2: the reference's is: the safety judge decides both.
     np.testing.assert_allclose(piecewise["tuned"], [-2.0, 1.0, 0.2])

@@ -147,13 +147,21 @@ def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSumm
 
         # 1. Data for every stage: the policy's pairs, each judge's, SFT's, the benchmark's prompts.
         base = resolve_base_model(config.model)
-        data = prepare_data(config.data, base, policy_settings.max_length, workspace)
+        data = prepare_data(
+            settings=config.data, model=base, max_length=policy_settings.max_length, workspace=workspace
+        )
         record.add_lineage(**{"data.sha256": data.loaded.sha256})
         aspects = [
-            prepare_aspect(name, settings, base, data, config.data, workspace)
+            prepare_aspect(
+                name, settings, policy_model=base, pipeline=data, pipeline_data=config.data, workspace=workspace
+            )
             for name, settings in config.rewards.items()
         ]
-        benchmark = prepare_benchmark(config.evaluation.benchmark, workspace) if config.evaluation.benchmark else None
+        benchmark = (
+            prepare_benchmark(settings=config.evaluation.benchmark, workspace=workspace)
+            if config.evaluation.benchmark
+            else None
+        )
         sft_data = sft_pairs(config, base, data, workspace) if config.sft.enabled else None
 
         # 2. One plan per training stage, shown before anything trains.
@@ -209,11 +217,11 @@ def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSumm
             train_path=data.formatted.train.path,
             benchmark=benchmark,
         )
-        decision = decide_promotion(evaluation.gate, config.tracking.promotion)
+        decision = decide_promotion(gate=evaluation.gate, settings=config.tracking.promotion)
         record.record_evaluation(evaluation, merged)
 
-        # 6. Register the policy and the reward models (candidate, with their cards and the verdict), then the
-        # promotion: champion at once when the gate passed it and no person must approve (flows/promotion.py).
+        # 6. Register the policy and the reward models (candidate, with their cards), then the promotion: the
+        # verdict recorded, champion at once when the gate passed it and no person must approve (flows/promotion.py).
         registered: list[RegisteredVersion] = []
         outcome, explanation = None, decision.explanation()
         if config.tracking.register_models:
@@ -226,15 +234,15 @@ def preference_tuning(config: PipelineConfig = PipelineConfig()) -> PipelineSumm
                 f"{policy_plan.precision} on {policy_plan.device}",
             }
             registered = register(
-                merged.model_dir,
-                {name: r.model_dir for name, r in reward_models.items()},
-                decision,
-                config.tracking,
-                record.run_id,
-                tags,
-                aspect_judges if method.online else [],
+                policy_dir=merged.model_dir,
+                reward_dirs={name: r.model_dir for name, r in reward_models.items()},
+                decision=decision,
+                settings=config.tracking,
+                parent_run_id=record.run_id,
+                tags=tags,
+                trained_against=aspect_judges if method.online else [],
             )
-            outcome = start_promotion(registered[0], decision, config.tracking)
+            outcome = start_promotion(policy=registered[0], decision=decision, tracking=config.tracking)
             explanation += f"\n\nOutcome: **{outcome.status}**: {outcome.message}"
         create_markdown_artifact(key="promotion", markdown=explanation, description="Promotion gate")
         logger.info("promotion: %s", explanation)

@@ -7,11 +7,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import mlflow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
-import mlflow
 from flows.config import PipelineConfig
 from tasks.base import Workspace, fingerprint, redact
 from tasks.cleanup import stored_bytes

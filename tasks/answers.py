@@ -4,11 +4,11 @@ chat model answer through this same code, so an evaluated answer is the answer a
 
 from __future__ import annotations
 
+import mlflow
 import numpy as np
 import torch
 from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 
-import mlflow
 from tasks.base import PreftuneError
 from tasks.plan import inference_placement
 

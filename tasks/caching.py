@@ -17,10 +17,10 @@ from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import mlflow
 from prefect.cache_policies import INPUTS, CacheKeyFnPolicy
 from prefect.context import TaskRunContext
 
-import mlflow
 from tasks.base import Workspace, fingerprint
 
 PROJECT_PACKAGES = ("tasks",)

@@ -15,10 +15,9 @@ import shutil
 import uuid
 from pathlib import Path
 
-from pydantic import BaseModel
-
 import mlflow
 from mlflow import MlflowClient
+from pydantic import BaseModel
 
 
 def folder_bytes(path: str | Path) -> int:

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 from prefect import task
 from pydantic import BaseModel
 
-import mlflow
 from tasks import benchmark as bench
 from tasks.answers import generate, load_policy, load_tokenizer, shrinking
 from tasks.base import PreftuneError, redact, retry_unless_user_error

@@ -16,11 +16,11 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
+import mlflow
 import torch
 from prefect import task
 from pydantic import BaseModel, Field
 
-import mlflow
 from tasks.base import PreftuneError, StrictModel, retry_unless_user_error
 from tasks.distributed import SHARDS_TRAINING_STATE, SHARDS_WEIGHTS
 from tasks.models import ResolvedModel

@@ -7,7 +7,6 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers or workers
 
 import matplotlib.pyplot as plt  # noqa: E402
-
 from mlflow import MlflowClient  # noqa: E402
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
-import mlflow
 from tasks import stages
 from tasks.base import Workspace, redact
 from tasks.data import (

@@ -30,14 +30,14 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Literal
 
+import mlflow
+from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 from prefect import get_run_logger
 from prefect.input import RunInput
 from pydantic import BaseModel, Field
 
-import mlflow
-from mlflow import MlflowClient
 from tasks.base import PreftuneError, redact
 from tasks.settings.tracking import PromotionSettings, TrackingSettings
 from tasks.tracking import RegisteredVersion, model_key

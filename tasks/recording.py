@@ -8,9 +8,9 @@ nothing trains again; a lost tracking server fails this step, never the training
 
 from __future__ import annotations
 
+import mlflow
 from prefect import task
 
-import mlflow
 from tasks.base import retry_unless_user_error
 from tasks.caching import RECORD_CACHE
 from tasks.run_context import RunContext

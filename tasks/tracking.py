@@ -14,12 +14,12 @@ from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # read when mlflow is imported; a user's setting wins
 
+import mlflow  # noqa: E402
+from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from prefect import task
 from pydantic import BaseModel
 
-import mlflow  # noqa: E402
-from mlflow import MlflowClient
 from tasks.base import (
     PreftuneError,
     fingerprint,

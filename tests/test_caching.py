@@ -17,9 +17,9 @@ import types
 import uuid
 from pathlib import Path
 
+import mlflow
 import pytest
 
-import mlflow
 from tasks.base import Workspace
 from tasks.caching import code_fingerprint, library_versions, module_closure
 from tasks.data import load_preferences

@@ -15,6 +15,7 @@ import pytest
 import requests
 import sqlalchemy
 import torch
+from mlflow import MlflowClient
 from postgres import postgres_bin, postgres_cluster
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
@@ -23,7 +24,6 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.pools import GPU_TAG, ensure_gpu_limit
 from flows.servers import MLFLOW_DATABASE, PREFECT_DATABASE, ServerSecrets, postgres_stores, start_servers
-from mlflow import MlflowClient
 from tasks.base import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,10 +105,10 @@ def _approve_through_a_suspended_run(tracking_uri: str):
     candidate: the run suspends (its process ends, the worker holds nothing), a person answers the form,
     and the worker starts it again, which promotes. The smoke candidate's verdict is replaced by a
     passing one first: the gate is not what this checks."""
+    import mlflow as tracking
     from prefect.flow_runs import resume_flow_run
     from test_promotion import passed
 
-    import mlflow as tracking
     from tasks.promotion import record_decision
 
     name = "preftune-smoke-policy"

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
-
 from mlflow import MlflowClient
+
 from tasks.base import PreftuneError
 from tasks.data import DataFile, DataSettings, SplitData, apply_filter, format_split, load, split
 from tasks.distributed import ACCELERATE_CONFIGS, DevicePool, DistributedSettings

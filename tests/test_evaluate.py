@@ -5,11 +5,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
-
-import mlflow
 from mlflow import MlflowClient
+
 from tasks.answers import load_policy
 from tasks.data import apply_filter, format_split, load, read_jsonl, split
 from tasks.evaluate import Judge, evaluate_policy, sample_prompts

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from prefect import flow, task
 from transformers import TrainerCallback
 
-from mlflow import MlflowClient
 from tasks.base import PreftuneError, retry_unless_user_error
 from tasks.data import DataSettings, apply_filter, format_split, load, split
 from tasks.models import ModelSettings, RandomInitSettings, ResolvedModel, load_tokenizer

@@ -7,14 +7,16 @@ import asyncio
 import json
 from pathlib import Path
 
-import pytest
-from prefect.client.orchestration import get_client
-
 import mlflow
+import pytest
+from at_rest import ENVIRONMENT, PASSWORD, PLANTED, SIGNATURE, leaks, prefect_database
+from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, PREFECT_RESULTS_PERSIST_BY_DEFAULT, temporary_settings
+
 from flows.cli import main
 from flows.config import load_config
 from flows.preference_tuning import preference_tuning
-from mlflow import MlflowClient
 from tasks.cleanup import folder_bytes
 
 STAGES = {"reward-helpfulness", "reward-harmlessness", "sft", "dpo", "evaluate", "register"}
@@ -28,25 +30,27 @@ async def _task_states(flow_run_id: str) -> dict[str, str]:
     return {run.name: run.state.name for run in runs}
 
 
-FAKE_TOKEN = "hf_FAKEsecret0123456789abcdefXYZ"
-FAKE_PASSWORD = "s3cret-pw-4711"
-
-
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory, tiny_model_path):
-    """Two runs with the same settings (the second must reuse the first's finished stages), with a
-    Hugging Face token in the environment that must not leak into what MLflow records."""
+    """Two runs with the same settings (the second must reuse the first's finished stages), given
+    credentials that must be neither recorded nor left at rest: in the environment (a Hugging Face token,
+    MLflow's and AWS's secrets), a password in a data setting, a signed reference in a model setting the
+    run really uses; every result persisted (PREFECT_RESULTS_PERSIST_BY_DEFAULT, as an operator may set it)."""
     root = tmp_path_factory.mktemp("smoke")
+    template = root / f"chat-template?sig={SIGNATURE}"  # a signed reference to the template's tokenizer
+    template.symlink_to(tiny_model_path)
     config = load_config(
         "smoke",
         overrides=[
             f"runs_dir={root / 'runs'}",
             f"tracking.tracking_uri=sqlite:///{root / 'mlflow.db'}",
-            f"data.data_dir=https://alice:{FAKE_PASSWORD}@hub.example.com/subset",
+            f"data.data_dir=https://alice:{PASSWORD}@hub.example.com/subset",
+            f"model.tokenizer.chat_template_from={template}",
         ],
     )
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_TOKEN", FAKE_TOKEN)
+    with pytest.MonkeyPatch.context() as patch, temporary_settings({PREFECT_RESULTS_PERSIST_BY_DEFAULT: True}):
+        for name, value in ENVIRONMENT.items():
+            patch.setenv(name, value)
         first = preference_tuning(config, return_state=True)
         second = preference_tuning(config, return_state=True)
     return config, first, second
@@ -256,13 +260,13 @@ async def _prefect_records(flow_run_id: str) -> list[str]:
 
 def test_secrets_from_the_environment_are_not_recorded(smoke_runs, tmp_path):
     config, first, second = smoke_runs
-    assert config.data.data_dir == f"https://alice:{FAKE_PASSWORD}@hub.example.com/subset"  # the run had the real one
+    assert config.data.data_dir == f"https://alice:{PASSWORD}@hub.example.com/subset"  # the run had the real one
     shown = [
         text
         for state in (first, second)
         for text in asyncio.run(_prefect_records(str(state.state_details.flow_run_id)))
     ]
-    assert len(shown) > 2 and not [text for text in shown if FAKE_TOKEN in text or FAKE_PASSWORD in text]
+    assert len(shown) > 2 and not [text for text in shown if any(secret in text for secret in PLANTED)]
     assert "https://***@hub.example.com/subset" in shown[0]  # the flow run's parameter, as Prefect shows it
     mlflow.set_tracking_uri(config.tracking.tracking_uri)
     client = MlflowClient()
@@ -274,8 +278,18 @@ def test_secrets_from_the_environment_are_not_recorded(smoke_runs, tmp_path):
         folder = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / run.info.run_id))
         recorded += [p.read_text(errors="ignore") for p in Path(folder).rglob("*") if p.is_file()]
     assert len(runs) >= 9 and len(recorded) > len(runs)  # 7 runs of the first flow run, 2 of the cached one
-    assert not [text for text in recorded if FAKE_TOKEN in text or FAKE_PASSWORD in text]
+    assert not [text for text in recorded if any(secret in text for secret in PLANTED)]
     assert any("https://***@hub.example.com/subset" in text for text in recorded)  # the setting, redacted
+
+
+def test_no_planted_secret_is_left_at_rest(smoke_runs):
+    """Prefect's persisted results and cache records (the re-run's stages came from them), its database,
+    every stage folder, the MLflow store and its artifacts: no planted credential in any file."""
+    config, first, second = smoke_runs
+    assert config.model.tokenizer.chat_template_from.endswith(SIGNATURE)  # the run had the real value
+    root, results = Path(config.runs_dir).parent, PREFECT_LOCAL_STORAGE_PATH.value()
+    assert len(list(results.iterdir())) > 20  # every task's result, and the flow's
+    assert leaks(results, root / "runs", root / "mlflow.db", root / "artifacts", *prefect_database()) == {}
 
 
 def test_a_changed_setting_reruns_only_the_stages_it_affects(smoke_runs):

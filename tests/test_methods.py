@@ -12,15 +12,15 @@ import json
 import math
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
+from mlflow import MlflowClient
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback
 
-import mlflow
 from flows.config import load_config
 from flows.preference_tuning import preference_tuning
-from mlflow import MlflowClient
 from tasks.base import PreftuneError
 from tasks.data import DataSettings, apply_filter, format_split, load, read_jsonl, split
 from tasks.methods import METHODS, load_class

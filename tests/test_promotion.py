@@ -12,8 +12,10 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import mlflow
 import pytest
 import yaml
+from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from prefect import flow, get_client
 from prefect.client.schemas.filters import (
@@ -25,9 +27,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.flow_runs import resume_flow_run
 
-import mlflow
 from flows.promotion import promote_candidate, start_promotion
-from mlflow import MlflowClient
 from tasks.promotion import PromotionRefused, decide_promotion, lock_name, log_decision, promote, promotion_lock
 from tasks.settings.tracking import PromotionSettings, TrackingSettings
 from tasks.stats import Estimate

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 import mlflow
+import pytest
+from mlflow import MlflowClient
+
 from flows.config import load_config
 from flows.preference_tuning import preference_tuning
-from mlflow import MlflowClient
 from tasks.registry import generate, list_versions
 from tasks.scoring import RewardScorer
 

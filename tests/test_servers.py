@@ -16,12 +16,12 @@ import uuid
 from pathlib import Path
 
 import boto3
+import mlflow
 import pytest
 import requests
 from prefect import get_client
 from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-import mlflow
 from flows.servers import ServerSecrets, local_stores, start_servers
 from tasks.base import PreftuneError, free_port
 

@@ -95,9 +95,10 @@ def test_sft_trains_on_conversations_with_a_borrowed_chat_template(
 
 @pytest.mark.slow(minutes=0.4)
 def test_flow_runs_sft_on_its_own_conversations_then_the_policy_from_it(tmp_path, coin_judge_path):
+    from mlflow import MlflowClient
+
     from flows.config import load_config
     from flows.preference_tuning import preference_tuning
-    from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = load_config(

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 from bitsandbytes.nn import Linear4bit
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-import mlflow
 from tasks.data import DataSettings, apply_filter, format_split, load, split
 from tasks.merge import MergeSettings, merge_and_check, merge_into_base
 from tasks.models import ModelSettings, RandomInitSettings, ResolvedModel, load_tokenizer

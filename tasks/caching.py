@@ -18,7 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import mlflow
-from prefect.cache_policies import INPUTS, CacheKeyFnPolicy
+from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.context import TaskRunContext
 
 from tasks.base import Workspace, fingerprint
@@ -145,7 +145,8 @@ def stage_cache(links: tuple[str, ...] = ()) -> CacheKeyFnPolicy:
 TRACKING_STORE = CacheKeyFnPolicy(cache_key_fn=_tracking_store)
 # Data, training and merging: the stage's key, which also names its folder.
 STAGE_CACHE = stage_cache()
-# Recording a finished stage into MLflow: the stage and the tracking store (a new store records it again).
-RECORD_CACHE = INPUTS - "run" + TRACKING_STORE
+# Recording a finished stage into MLflow: the recording's own key (the stage's result, its code) and the
+# tracking store (a new store records it again).
+RECORD_CACHE = STAGE_CACHE + TRACKING_STORE
 # Evaluation, which records into MLflow as it goes: the stage's key (not the run ids it links to) and the store.
 EVALUATION_CACHE = TRACKING_STORE + stage_cache(links=("stage_runs",))

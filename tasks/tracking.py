@@ -324,7 +324,7 @@ def register_model(
     model_dir: str, registered_name: str, settings: TrackingSettings, tags: dict[str, str], card=None
 ) -> RegisteredVersion:
     """Register the MLflow model around `model_dir` without copying it, once: an unchanged re-run finds
-    its version again (by the folder, which is keyed by the stage's inputs) and only moves the alias.
+    its version again (by the folder, which the stage's key names) and only moves the alias.
     With a local store the version points at the folder; a tracking server gets one copy, logged as
     the active run's artifacts, so machines without this disk can load it. `card` (a model card)
     is written beside the MLmodel first, so both copies carry it."""

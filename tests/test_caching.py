@@ -40,7 +40,7 @@ STAGES = {
     "merge": "tasks.merge:merge_adapters",
     "evaluate": "tasks.evaluate:evaluate",
 }
-STORE = "sqlite:///never-opened.db"  # the tracking store stages key on (only its URI is read)
+STORE = "sqlite:///never-opened.db"  # the tracking store evaluation keys on (only its URI is read)
 
 INPUTS = {"a": {"settings": {"value": "a"}}, "b": {"settings": {"value": "b"}}}  # the same inputs, another setting
 TRAINING = ["reward", "sft", "policy"]  # these also get a training plan
@@ -173,6 +173,29 @@ def test_keys_are_stable_across_processes_and_follow_the_inputs(keys, plan):
         mlflow.set_tracking_uri(previous)
     assert here == keys["unchanged"] and all(here.values())
     assert _changed(keys["unchanged"], {f"{stage}/a": here[f"{stage}/b"] for stage in STAGES}, "a") == set(STAGES)
+
+
+def test_only_what_records_into_mlflow_keys_on_the_tracking_store(plan):
+    """A new store re-records (the recording step) and re-evaluates (it records as it goes); no data,
+    training or merge stage runs again for it."""
+    keys = {}
+    previous = mlflow.get_tracking_uri()
+    try:
+        for store in ("sqlite:///one.db", "sqlite:///two.db"):
+            mlflow.set_tracking_uri(store)
+            for stage, target in (STAGES | {"record": "tasks.recording:record_stage"}).items():
+                module, name = target.split(":")
+                task = getattr(importlib.import_module(module), name)
+                given = INPUTS["a"] | ({"plan": TrainingPlan.model_validate(plan)} if stage in TRAINING else {})
+                keys[store, stage] = task.cache_policy.compute_key(types.SimpleNamespace(task=task), given, {})
+    finally:
+        mlflow.set_tracking_uri(previous)
+    moved = {
+        stage
+        for store, stage in keys
+        if store == "sqlite:///one.db" and keys[store, stage] != keys["sqlite:///two.db", stage]
+    }
+    assert moved == {"evaluate", "record"}
 
 
 DATA = {"filter", "split", "format"}

@@ -48,12 +48,15 @@ def smoke_runs(tmp_path_factory, tiny_model_path):
             f"model.tokenizer.chat_template_from={template}",
         ],
     )
-    with pytest.MonkeyPatch.context() as patch, temporary_settings({PREFECT_RESULTS_PERSIST_BY_DEFAULT: True}):
-        for name, value in ENVIRONMENT.items():
-            patch.setenv(name, value)
-        first = preference_tuning(config, return_state=True)
-        second = preference_tuning(config, return_state=True)
-    return config, first, second
+    # Results in a folder of this module's own (the later tests' runs read them back), every one persisted
+    # during the two runs.
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: root / "prefect-results"}):
+        with pytest.MonkeyPatch.context() as patch, temporary_settings({PREFECT_RESULTS_PERSIST_BY_DEFAULT: True}):
+            for name, value in ENVIRONMENT.items():
+                patch.setenv(name, value)
+            first = preference_tuning(config, return_state=True)
+            second = preference_tuning(config, return_state=True)
+        yield config, first, second
 
 
 @pytest.mark.slow(minutes=1.3)
@@ -287,7 +290,9 @@ def test_no_planted_secret_is_left_at_rest(smoke_runs):
     every stage folder, the MLflow store and its artifacts: no planted credential in any file."""
     config, first, second = smoke_runs
     assert config.model.tokenizer.chat_template_from.endswith(SIGNATURE)  # the run had the real value
-    root, results = Path(config.runs_dir).parent, PREFECT_LOCAL_STORAGE_PATH.value()
+    root = Path(config.runs_dir).parent
+    results = root / "prefect-results"
+    assert PREFECT_LOCAL_STORAGE_PATH.value() == results
     assert len(list(results.iterdir())) > 20  # every task's result, and the flow's
     assert leaks(results, root / "runs", root / "mlflow.db", root / "artifacts", *prefect_database()) == {}
 

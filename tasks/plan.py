@@ -648,17 +648,7 @@ def default_plan(
     distributed: DistributedSettings | None = None,
 ) -> TrainingPlan:
     """The auto plan on this machine, for a stage called outside the flow (scripts, benchmarks, tests)."""
-    return plan_stage(
-        stage,
-        kind,
-        settings,
-        model.settings,
-        shape_of(model.settings, model.path),
-        DeviceSpec.detect(),
-        PlanSettings(),
-        train_pairs,
-        distributed,
-    )
+    return plan_training.fn(stage, kind, settings, model, PlanSettings(), train_pairs, distributed)
 
 
 def keep_freed_memory() -> bool:

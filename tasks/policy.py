@@ -19,7 +19,7 @@ from tasks.models import ResolvedModel
 from tasks.plan import TrainingPlan, default_plan
 from tasks.run_context import RunContext
 from tasks.settings.training import PolicySettings
-from tasks.trainer import RewardFunction, TrainerSpec, config_arguments
+from tasks.trainer import RewardFunction, TrainerSpec
 from tasks.training import FitResult, fit, training_task
 
 
@@ -39,23 +39,18 @@ def policy_spec(
             f"{method_name} loads its reward models from folders or hub ids; rewards "
             f"{', '.join(given)} name a models:/ URI (download it with `mlflow artifacts download`)"
         )
-    return TrainerSpec(
+    return TrainerSpec.of(
+        settings,
         stage=method_name,
         trainer=method.trainer,
         config=method.config,
-        arguments=config_arguments(settings, method.config, method_name, method.defaults),
+        defaults=method.defaults,
         model=model,
-        weights=model.path,
-        head="CAUSAL_LM",
-        data_shape=method.data,
         train_data=splits.train.path,
-        # Only a trainer that evaluates gets held-out pairs: DPO and KTO would precompute their log-probs for nothing.
-        eval_data=splits.eval.path if settings.evaluate_after_training else None,
-        lora=settings.lora,
+        eval_data=splits.eval.path,
+        data_shape=method.data,
         rewards=list(rewards) if method.online else [],
         overlong_penalty_tokens=settings.overlong_penalty_tokens,
-        seed=settings.seed,
-        keep_checkpoints=settings.keep_checkpoints,
     )
 
 

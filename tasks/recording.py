@@ -8,7 +8,11 @@ nothing trains again; a lost tracking server fails this step, never the training
 
 from __future__ import annotations
 
+import time
+
 import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric
 from prefect import task
 
 from tasks.base import retry_unless_user_error
@@ -18,26 +22,25 @@ from tasks.tracking import stage_run
 from tasks.training import FitResult
 
 
-def log_history(history: list[dict]) -> None:
-    """A trainer's log history as MLflow metrics at their steps."""
-    for entry in history:
-        values = {
-            key: float(value)
-            for key, value in entry.items()
-            if isinstance(value, (int, float)) and key not in ("step", "epoch")
-        }
-        if values and "step" in entry:
-            mlflow.log_metrics(values, step=int(entry["step"]))
+def log_history(run_id: str, history: list[dict]) -> None:
+    """A trainer's log history as MLflow metrics at their steps, in one batch (MLflow splits it)."""
+    now = int(time.time() * 1000)
+    curves = [
+        Metric(key, float(value), now, int(entry["step"]))
+        for entry in history
+        if "step" in entry
+        for key, value in entry.items()
+        if isinstance(value, (int, float)) and key not in ("step", "epoch")
+    ]
+    MlflowClient().log_batch(run_id, metrics=curves)
 
 
 def record_fit(stage: str, fitted: FitResult, parent_run_id: str | None, metrics: dict[str, float]) -> str:
     """The stage's MLflow run (nested under `parent_run_id`): TRL config and plan as params, curves,
     metrics; returns its id."""
     with stage_run(stage, parent_run_id) as run:
-        params = list((fitted.arguments | (fitted.plan.params() if fitted.plan else {})).items())
-        for start in range(0, len(params), 100):  # MLflow takes at most 100 params per request
-            mlflow.log_params(dict(params[start : start + 100]))
-        log_history(fitted.history)
+        mlflow.log_params(fitted.arguments | (fitted.plan.params() if fitted.plan else {}))
+        log_history(run.info.run_id, fitted.history)
         measured = {"peak_memory_gib": fitted.peak_memory_gib} if fitted.peak_memory_gib is not None else {}
         mlflow.log_metrics(fitted.metrics | measured | metrics)
         return run.info.run_id

@@ -20,7 +20,7 @@ from tasks.plan import TrainingPlan, default_plan
 from tasks.run_context import RunContext
 from tasks.settings.training import RewardSettings
 from tasks.tracking import adapter_folder, save_mlflow_model
-from tasks.trainer import TrainerSpec, config_arguments
+from tasks.trainer import TrainerSpec
 from tasks.training import FitResult, fit, training_task
 
 log = logging.getLogger(__name__)
@@ -41,20 +41,16 @@ class RewardResult(BaseModel):
 
 def reward_spec(aspect: str, settings: RewardSettings, model: ResolvedModel, splits: SplitData) -> TrainerSpec:
     """TRL's RewardTrainer on the aspect's pairs, over the base as a one-label classifier."""
-    stage, config = stages.reward(aspect), stages.REWARD_CONFIG
-    return TrainerSpec(
-        stage=stage,
+    return TrainerSpec.of(
+        settings,
+        stage=stages.reward(aspect),
         trainer="trl.RewardTrainer",
-        config=config,
-        arguments=config_arguments(settings, config, stage),
+        config=stages.REWARD_CONFIG,
         model=model,
         weights=judge_base(model),
         head="SEQ_CLS",
         train_data=splits.train.path,
-        eval_data=splits.eval.path if settings.evaluate_after_training else None,
-        lora=settings.lora,
-        seed=settings.seed,
-        keep_checkpoints=settings.keep_checkpoints,
+        eval_data=splits.eval.path,
     )
 
 

@@ -23,7 +23,7 @@ from tasks.models import ResolvedModel
 from tasks.plan import TrainingPlan, default_plan
 from tasks.run_context import RunContext
 from tasks.settings.training import ChatDataSettings, SFTSettings
-from tasks.trainer import TrainerSpec, config_arguments
+from tasks.trainer import TrainerSpec
 from tasks.training import FitResult, fit, training_task
 
 
@@ -93,20 +93,14 @@ def to_prompt_completion(pairs_path: str, out_path: Path) -> str:
 
 def sft_spec(settings: SFTSettings, model: ResolvedModel, train_path: str, eval_path: str) -> TrainerSpec:
     """TRL's SFTTrainer on conversations or prompt/completion rows."""
-    config = stages.SFT_CONFIG
-    return TrainerSpec(
+    return TrainerSpec.of(
+        settings,
         stage=stages.SFT,
         trainer="trl.SFTTrainer",
-        config=config,
-        arguments=config_arguments(settings, config, stages.SFT),
+        config=stages.SFT_CONFIG,
         model=model,
-        weights=model.path,
-        head="CAUSAL_LM",
         train_data=train_path,
-        eval_data=eval_path if settings.evaluate_after_training else None,
-        lora=settings.lora,
-        seed=settings.seed,
-        keep_checkpoints=settings.keep_checkpoints,
+        eval_data=eval_path,
     )
 
 

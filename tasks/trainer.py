@@ -41,7 +41,7 @@ class TrainerSpec(BaseModel):
     arguments: dict[str, Any]  # the config's arguments under TRL's names; the plan adds its own at build time
     model: ResolvedModel  # tokenizer and loading settings
     weights: str  # the folder or hub id whose weights load (a judge's: the base as a classifier)
-    head: Literal["CAUSAL_LM", "SEQ_CLS"]
+    head: Literal["CAUSAL_LM", "SEQ_CLS"] = "CAUSAL_LM"
     train_data: str
     eval_data: str | None = None  # only when the trainer's own held-out pass is asked for
     data_shape: DataShape = "pairs"
@@ -50,6 +50,37 @@ class TrainerSpec(BaseModel):
     overlong_penalty_tokens: int | None = None
     seed: int
     keep_checkpoints: bool
+
+    @classmethod
+    def of(
+        cls,
+        settings: TrainerSettings,
+        *,
+        stage: str,
+        config: str,
+        model: ResolvedModel,
+        train_data: str,
+        eval_data: str,
+        defaults: dict | None = None,
+        weights: str | None = None,
+        **fields,
+    ) -> TrainerSpec:
+        """A stage's spec with what every stage takes from its settings: the TRL arguments (checked), the
+        adapter, the seed, whether checkpoints stay, and held-out data only when the trainer's own pass is
+        asked for (DPO and KTO would precompute their log-probs for nothing)."""
+        return cls(
+            stage=stage,
+            config=config,
+            arguments=config_arguments(settings, config, stage, defaults),
+            model=model,
+            weights=weights or model.path,
+            train_data=train_data,
+            eval_data=eval_data if settings.evaluate_after_training else None,
+            lora=settings.lora,
+            seed=settings.seed,
+            keep_checkpoints=settings.keep_checkpoints,
+            **fields,
+        )
 
 
 def config_fields(config: str) -> set[str]:

@@ -127,8 +127,10 @@ class PrefectProgress(TrainerCallback):
 
 
 def read_fit(stage_dir: Path) -> FitResult:
-    """What a finished stage recorded (also the result of a launched one, written by its rank 0)."""
-    return FitResult.model_validate_json((stage_dir / FIT_RECORD).read_text())
+    """What a finished stage recorded (also the result of a launched one, written by its rank 0); its
+    adapter is where the folder is now (a run folder may have moved since)."""
+    fitted = FitResult.model_validate_json((stage_dir / FIT_RECORD).read_text())
+    return fitted.model_copy(update={"adapter_dir": str(stage_dir / "adapter")})
 
 
 def replica_checksums(trainer) -> list[str]:
